@@ -1,0 +1,33 @@
+"""The job's config tree: one typed section per component, loaded from `launch/configs/*.toml`.
+
+Each section's dataclass lives with the component that owns it; this module only composes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trainer.config_io import ConfigError
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Where a run writes and how it is seeded."""
+
+    name: str = "run"
+    """Run name; outputs go to `<output_root>/<name>`."""
+    output_root: str = "runs"
+    """Folder that holds one sub-folder per run (checkpoints, TensorBoard events, results, config)."""
+    seed: int = 42
+    """Seed for model init, data order and negative sampling."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"run.name must be a non-empty folder name, got {self.name!r}")
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """Every section a job may read; each entry point uses the ones it needs."""
+
+    run: RunConfig = field(default_factory=RunConfig)
