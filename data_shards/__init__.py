@@ -1,1 +1,5 @@
-"""data_shards package."""
+"""data_shards: raw logs -> validated, k-cored, chronological sequence and item-text WebDataset shards."""
+
+from data_shards.io import DataError, SkipStats
+
+__all__ = ["DataError", "SkipStats"]
