@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from modules.config import LossConfig, ModelConfig
+from sharding.config import ShardingConfig
 from trainer.config_io import ConfigError
 
 
@@ -31,3 +33,6 @@ class JobConfig:
     """Every section a job may read; each entry point uses the ones it needs."""
 
     run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
