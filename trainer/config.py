@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 
 from modules.config import LossConfig, ModelConfig
 from sharding.config import ShardingConfig
+from trainer.checkpoint import CheckpointConfig
 from trainer.config_io import ConfigError
+from trainer.monitor import MetricsConfig
+from trainer.train_config import EvalConfig, TrainConfig
 
 
 @dataclass(kw_only=True)
@@ -36,3 +39,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)

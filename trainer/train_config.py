@@ -1,0 +1,67 @@
+"""Config sections of the HSTU training loop ([train]) and its evaluation ([eval])."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trainer.config_io import ConfigError
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation of the dense (data-parallel) part and the length of training."""
+
+    epochs: int = 100
+    """Upper bound on epochs; early stopping on validation usually ends the run first."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total (0: no limit). Handy for smoke runs and tests."""
+    batch_size: int = 128
+    """Sequences per rank per step."""
+    lr: float = 1e-3
+    """AdamW learning rate of the dense parameters (HSTU layers, projections, position embeddings)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    """Linear warm-up of the dense learning rate."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Dense learning-rate schedule after warm-up (cosine decays to 10% over the run's step budget)."""
+    grad_clip: float = 1.0
+    """Clip the dense gradient norm to this value (0: no clipping). Fused sparse updates are not clipped."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("train.epochs must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError("train.batch_size must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError("train.lr must be > 0")
+        if self.max_steps < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("train.max_steps, train.warmup_steps and train.grad_clip must be >= 0")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Full-catalog evaluation: when, how big, which metrics, and early stopping."""
+
+    every_epochs: int = 1
+    """Evaluate on the validation split every this many epochs (and after the last epoch)."""
+    batch_size: int = 256
+    """Users per rank per evaluation batch."""
+    ks: list[int] = field(default_factory=lambda: [10, 50, 200])
+    """Cut-offs for HR@K and NDCG@K."""
+    metric: str = "ndcg@10"
+    """Validation metric that picks the best epoch and drives early stopping."""
+    patience: int = 10
+    """Stop after this many evaluations without improvement (0: never stop early)."""
+
+    def __post_init__(self) -> None:
+        if self.every_epochs < 1 or self.batch_size < 1:
+            raise ConfigError("eval.every_epochs and eval.batch_size must be >= 1")
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError("eval.ks must list cut-offs >= 1")
+        known = {"mrr"} | {f"{m}@{k}" for m in ("hr", "ndcg") for k in self.ks}
+        if self.metric not in known:
+            raise ConfigError(f"eval.metric={self.metric!r} is not one of {sorted(known)}")
+        if self.patience < 0:
+            raise ConfigError("eval.patience must be >= 0")
