@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from modules.config import LossConfig, ModelConfig
 from sharding.config import ShardingConfig
+from trainer.blair_config import BlairConfig, EmbedConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.config_io import ConfigError
 from trainer.monitor import MetricsConfig
@@ -43,3 +44,5 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    blair: BlairConfig = field(default_factory=BlairConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
