@@ -1,0 +1,130 @@
+"""Turn a plain GenerativeRecommender into a DistributedModelParallel with row-wise item tables.
+
+The ID table trains with a fused optimizer inside backward; the text table gets SGD with learning rate 0
+and never receives a gradient (its rows are detached in modules/item_embedding.py), so it stays
+bit-identical. `local_rows` exposes this rank's contiguous row block of a table for loading frozen text
+vectors and for scoring the catalog shard by shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from modules.item_embedding import ID_TABLE, TEXT_TABLE, ItemEmbedding
+from sharding.config import CPU_FUSED_OPTIMIZERS, ShardingConfig
+from sharding.planner import default_topology, make_plan, sharders
+
+
+def _optimizer(config: ShardingConfig) -> tuple[type[torch.optim.Optimizer], dict]:
+    from torchrec.optim import SGD, Adagrad, Adam, PartialRowWiseAdam
+
+    lr, eps, wd = config.learning_rate, config.eps, config.weight_decay
+    return {
+        "exact_rowwise_adagrad": (RowWiseAdagrad, {"lr": lr, "eps": eps, "weight_decay": wd}),
+        "exact_adagrad": (Adagrad, {"lr": lr, "eps": eps, "weight_decay": wd}),
+        "exact_sgd": (SGD, {"lr": lr}),
+        "adam": (Adam, {"lr": lr, "eps": eps, "weight_decay": wd}),
+        "partial_rowwise_adam": (PartialRowWiseAdam, {"lr": lr, "eps": eps, "weight_decay": wd}),
+    }[config.optimizer]
+
+
+def _item_embedding(model: nn.Module) -> ItemEmbedding:
+    found = [m for m in model.modules() if isinstance(m, ItemEmbedding)]
+    if len(found) != 1:
+        raise ValueError(f"shard_model: expected exactly one ItemEmbedding in the model, found {len(found)}")
+    return found[0]
+
+
+def shard_model(
+    model: nn.Module,
+    config: ShardingConfig,
+    *,
+    device: torch.device,
+    pg: dist.ProcessGroup | None = None,
+    plan: ShardingPlan | None = None,
+    batch_tokens: int | None = None,
+) -> DistributedModelParallel:
+    """DMP over `model`: item tables sharded per plan with fused optimizers; dense parts data-parallel.
+
+    Call after `dist.init_process_group`; the model may live on `meta`. On CPU only
+    exact_rowwise_adagrad, exact_adagrad and exact_sgd are available (FBGEMM's CPU TBE).
+    """
+    if device.type == "cpu" and config.optimizer not in CPU_FUSED_OPTIMIZERS:
+        raise ValueError(
+            f"sharding.optimizer={config.optimizer!r} has no CPU kernel in FBGEMM; on CPU use one of "
+            f"{', '.join(CPU_FUSED_OPTIMIZERS)}"
+        )
+    pg = pg or dist.group.WORLD
+    items = _item_embedding(model)
+    opt_cls, opt_kwargs = _optimizer(config)
+    apply_optimizer_in_backward(opt_cls, items.id_collection.parameters(), opt_kwargs)
+    if items.text_collection is not None:
+        from torchrec.optim import SGD
+
+        # The text table has requires_grad=False (no backward hook possible); tell the sharder directly
+        # to give its TBE stateless SGD at lr 0, so it holds no optimizer state and could never move.
+        for param in items.text_collection.parameters():
+            param._optimizer_classes = [SGD]
+            param._optimizer_kwargs = [{"lr": 0.0}]
+    if plan is None:
+        world = dist.get_world_size(pg)
+        local = int(torch.cuda.device_count()) if device.type == "cuda" else world
+        topology = default_topology(config, device, world, min(local, world) or world)
+        plan = make_plan(model, config, topology=topology, pg=pg, batch_tokens=batch_tokens)
+    return DistributedModelParallel(
+        module=model, device=device, plan=plan, sharders=sharders(), env=ShardingEnv.from_process_group(pg)
+    )
+
+
+@dataclass
+class LocalRows:
+    """This rank's contiguous block of a table: ids [start, start + weight.shape[0])."""
+
+    start: int
+    weight: Tensor
+
+
+def local_rows(model: nn.Module, table: str) -> LocalRows:
+    """A writable view of this rank's rows of `table` (ID_TABLE or TEXT_TABLE); unsharded: all rows.
+
+    Row-wise sharding gives each rank one contiguous block; other sharding types are refused because a
+    rank would then hold whole rows of no contiguous id range.
+    """
+    if table not in (ID_TABLE, TEXT_TABLE):
+        raise ValueError(f"local_rows: table must be {ID_TABLE!r} or {TEXT_TABLE!r}, got {table!r}")
+    for name, value in model.state_dict(keep_vars=True).items():
+        if not name.endswith(f"embeddings.{table}.weight"):
+            continue
+        if isinstance(value, torch.distributed._shard.sharded_tensor.ShardedTensor):
+            shards = value.local_shards()
+            if len(shards) != 1 or shards[0].metadata.shard_offsets[1] != 0:
+                raise ValueError(
+                    f"local_rows: {table} is not row-wise sharded here ({len(shards)} local shards); "
+                    "set sharding.sharding_type='row_wise' to score the catalog shard by shard"
+                )
+            shard = shards[0]
+            if shard.tensor.shape[1] != value.size(1):
+                raise ValueError(f"local_rows: {table} local shard has partial columns; use row_wise")
+            return LocalRows(start=int(shard.metadata.shard_offsets[0]), weight=shard.tensor)
+        return LocalRows(start=0, weight=value.data if isinstance(value, nn.Parameter) else value)
+    raise ValueError(f"local_rows: no table {table!r} in the model (fusion='none' has no text table)")
+
+
+@torch.no_grad()
+def local_item_vectors(model: nn.Module) -> tuple[int, Tensor]:
+    """(start, fused vectors [n, d]) of the item ids this rank holds, for catalog scoring."""
+    items = _item_embedding(model)
+    id_rows = local_rows(model, ID_TABLE)
+    text = local_rows(model, TEXT_TABLE).weight if items.text_collection is not None else None
+    if text is not None and local_rows(model, TEXT_TABLE).start != id_rows.start:
+        raise ValueError("local_item_vectors: ID and text tables are sharded over different row ranges")
+    ids = torch.arange(id_rows.start, id_rows.start + id_rows.weight.shape[0], device=id_rows.weight.device)
+    return id_rows.start, items.fuse(id_rows.weight.float(), text, ids)
