@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data_shards.config import DataConfig
 from modules.config import LossConfig, ModelConfig
 from sharding.config import ShardingConfig
 from trainer.blair_config import BlairConfig, EmbedConfig
@@ -37,6 +38,7 @@ class JobConfig:
     """Every section a job may read; each entry point uses the ones it needs."""
 
     run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
