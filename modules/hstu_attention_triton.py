@@ -1,0 +1,542 @@
+"""Fused Triton HSTU attention over jagged sequences: forward and backward, no padded N x N tensor.
+
+Same math as `modules.hstu_attention.hstu_attention` (see /tmp/CONTRACT.md and that module's docstring):
+out[i] = sum_{j <= i, same sequence} SiLU(alpha * <q_i, k_j> + rab(i, j)) / den * v_j, with
+rab(i, j) = pos_weights[(j - i) + max_seq_len - 1] + time_weights[bucket(tq_i - t_j)] computed in-kernel
+from the timestamps. Inputs bf16/fp16/fp32, accumulation fp32.
+
+Tiling (grid = (blocks, heads, sequences); each program reads its sequence's start/length from offsets):
+- forward: one program per query block; loops over key blocks j <= i of the same sequence (off-diagonal
+  blocks unmasked, the diagonal block masked), acc += SiLU(s) / den @ v in fp32.
+- backward dk/dv: one program per key block; loops over query blocks i >= j, recomputes s, accumulates
+  dv += p^T do and dk += ds^T q; the bias gradients are reduced per tile before touching memory
+  (position: diagonal sums through `tl.gather`; time: one masked tile sum per bucket present in the tile),
+  then added to fp32 buffers with a few atomics per tile.
+- backward dq: one program per query block, loops over key blocks like the forward (no atomics).
+Import cost: triton + torch only (no fbgemm/torchrec), so the GPU machine can run it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+TIME_BUCKET_DIVISOR = 0.301
+"""bucket(dt) = floor(ln(max(|dt|, 1)) / 0.301), as in the reference research code."""
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET_BLOCK = 16
+"""Block size under TRITON_INTERPRET=1 (CPU tests): small, so short sequences still span several blocks."""
+
+
+def _patch_interpreter_index() -> None:
+    """Triton 3.6's interpreter calls int() on shape-(1,) numpy arrays, an error since NumPy 2.4.
+
+    That breaks every `range(0, runtime_value)` loop under TRITON_INTERPRET=1. Make `__index__` take the
+    single element instead; compiled (GPU) kernels are unaffected.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_hstu_patched", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._hstu_patched = True
+    interpreter._patch_lang_tensor = patched
+
+
+if _INTERPRET:
+    _patch_interpreter_index()
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rab(POS_W, TIME_W, ii, jj, tq, tk, max_seq_len, num_buckets):
+    """Relative bias for broadcastable query rows ii / key cols jj; returns (bias fp32, bucket int32)."""
+    pos_idx = jj - ii + (max_seq_len - 1)
+    pos_idx = tl.minimum(tl.maximum(pos_idx, 0), 2 * max_seq_len - 2)
+    dt = tl.abs(tq - tk)
+    dt = tl.maximum(dt, 1).to(tl.float32)
+    bucket = (tl.log(dt) / 0.301).to(tl.int32)
+    bucket = tl.minimum(tl.maximum(bucket, 0), num_buckets)
+    bias = tl.load(POS_W + pos_idx).to(tl.float32) + tl.load(TIME_W + bucket).to(tl.float32)
+    return bias, bucket
+
+
+@triton.jit
+def _seq_info(OFFSETS, b, DEN_IS_LEN: tl.constexpr, inv_den_const):
+    seq_start = tl.load(OFFSETS + b).to(tl.int64)
+    seq_len = (tl.load(OFFSETS + b + 1) - seq_start).to(tl.int32)
+    if DEN_IS_LEN:  # noqa: SIM108 (constexpr branch)
+        inv_den = 1.0 / tl.maximum(seq_len, 1).to(tl.float32)
+    else:
+        inv_den = inv_den_const
+    return seq_start, seq_len, inv_den
+
+
+@triton.jit
+def _load_query_times(TS, seq_start, offs_m, seq_len):
+    """tq_i: timestamp of position i + 1 of the same sequence, t_i at the last position."""
+    nxt = tl.where(offs_m + 1 < seq_len, offs_m + 1, offs_m)
+    return tl.load(TS + seq_start + nxt, mask=offs_m < seq_len, other=0)
+
+
+@triton.jit
+def _hstu_fwd_kernel(
+    Q, K, V, OUT, OFFSETS, TS, POS_W, TIME_W,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    alpha, inv_den_const, max_seq_len, num_buckets, len_key,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest work first
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    seq_start, seq_len, inv_den = _seq_info(OFFSETS, b, DEN_IS_LEN, inv_den_const)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seq_len:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seq_len
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = (seq_start + offs_m)[:, None]
+    q = tl.load(
+        Q + rows * stride_qt + h * stride_qh + offs_dqk[None, :],
+        mask=mask_m[:, None] & (offs_dqk < DQK)[None, :],
+        other=0.0,
+    )
+    tq = _load_query_times(TS, seq_start, offs_m, seq_len)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    # Off-diagonal key blocks: every key j < m0 <= i is valid; rows i >= seq_len are never stored.
+    for n0 in range(0, m0, BLOCK_N):
+        offs_n = n0 + offs_n0
+        cols = (seq_start + offs_n)[:, None]
+        k = tl.load(K + cols * stride_kt + h * stride_kh + offs_dqk[None, :], mask=(offs_dqk < DQK)[None, :])
+        v = tl.load(V + cols * stride_vt + h * stride_vh + offs_dv[None, :], mask=(offs_dv < DV)[None, :])
+        tk = tl.load(TS + seq_start + offs_n)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha
+        bias, _ = _rab(POS_W, TIME_W, offs_m[:, None], offs_n[None, :], tq[:, None], tk[None, :],
+                       max_seq_len, num_buckets)  # fmt: skip
+        s = s + bias
+        p = s * tl.sigmoid(s) * inv_den
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    # Diagonal key blocks: causal mask.
+    hi = tl.minimum(m0 + BLOCK_M, seq_len)
+    for n0 in range(m0, hi, BLOCK_N):
+        offs_n = n0 + offs_n0
+        mask_n = offs_n < seq_len
+        cols = (seq_start + offs_n)[:, None]
+        k = tl.load(
+            K + cols * stride_kt + h * stride_kh + offs_dqk[None, :],
+            mask=mask_n[:, None] & (offs_dqk < DQK)[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            V + cols * stride_vt + h * stride_vh + offs_dv[None, :],
+            mask=mask_n[:, None] & (offs_dv < DV)[None, :],
+            other=0.0,
+        )
+        tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha
+        bias, _ = _rab(POS_W, TIME_W, offs_m[:, None], offs_n[None, :], tq[:, None], tk[None, :],
+                       max_seq_len, num_buckets)  # fmt: skip
+        s = s + bias
+        valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m[:, None]
+        p = tl.where(valid, s * tl.sigmoid(s) * inv_den, 0.0)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    tl.store(
+        OUT + rows * stride_ot + h * stride_oh + offs_dv[None, :],
+        acc.to(OUT.dtype.element_ty),
+        mask=mask_m[:, None] & (offs_dv < DV)[None, :],
+    )
+
+
+@triton.jit
+def _hstu_bwd_dq_kernel(
+    Q, K, V, DO, DQ, OFFSETS, TS, POS_W, TIME_W,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    alpha, inv_den_const, max_seq_len, num_buckets, len_key,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    seq_start, seq_len, inv_den = _seq_info(OFFSETS, b, DEN_IS_LEN, inv_den_const)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seq_len:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seq_len
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = (seq_start + offs_m)[:, None]
+    q = tl.load(
+        Q + rows * stride_qt + h * stride_qh + offs_dqk[None, :],
+        mask=mask_m[:, None] & (offs_dqk < DQK)[None, :],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + rows * stride_dot + h * stride_doh + offs_dv[None, :],
+        mask=mask_m[:, None] & (offs_dv < DV)[None, :],
+        other=0.0,
+    )
+    tq = _load_query_times(TS, seq_start, offs_m, seq_len)
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for n0 in range(0, m0, BLOCK_N):
+        offs_n = n0 + offs_n0
+        cols = (seq_start + offs_n)[:, None]
+        k = tl.load(K + cols * stride_kt + h * stride_kh + offs_dqk[None, :], mask=(offs_dqk < DQK)[None, :])
+        v = tl.load(V + cols * stride_vt + h * stride_vh + offs_dv[None, :], mask=(offs_dv < DV)[None, :])
+        tk = tl.load(TS + seq_start + offs_n)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha
+        bias, _ = _rab(POS_W, TIME_W, offs_m[:, None], offs_n[None, :], tq[:, None], tk[None, :],
+                       max_seq_len, num_buckets)  # fmt: skip
+        s = s + bias
+        sig = tl.sigmoid(s)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = dp * sig * (1.0 + s * (1.0 - sig)) * inv_den
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    hi = tl.minimum(m0 + BLOCK_M, seq_len)
+    for n0 in range(m0, hi, BLOCK_N):
+        offs_n = n0 + offs_n0
+        mask_n = offs_n < seq_len
+        cols = (seq_start + offs_n)[:, None]
+        k = tl.load(
+            K + cols * stride_kt + h * stride_kh + offs_dqk[None, :],
+            mask=mask_n[:, None] & (offs_dqk < DQK)[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            V + cols * stride_vt + h * stride_vh + offs_dv[None, :],
+            mask=mask_n[:, None] & (offs_dv < DV)[None, :],
+            other=0.0,
+        )
+        tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha
+        bias, _ = _rab(POS_W, TIME_W, offs_m[:, None], offs_n[None, :], tq[:, None], tk[None, :],
+                       max_seq_len, num_buckets)  # fmt: skip
+        s = s + bias
+        sig = tl.sigmoid(s)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m[:, None]
+        ds = tl.where(valid, dp * sig * (1.0 + s * (1.0 - sig)) * inv_den, 0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    tl.store(
+        DQ + rows * stride_dqt + h * stride_dqh + offs_dqk[None, :],
+        (dq * alpha).to(DQ.dtype.element_ty),
+        mask=mask_m[:, None] & (offs_dqk < DQK)[None, :],
+    )
+
+
+@triton.jit
+def _hstu_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV_OUT, DPOS, DTIME, OFFSETS, TS, POS_W, TIME_W,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    alpha, inv_den_const, max_seq_len, num_buckets, len_key,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, RAB_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    seq_start, seq_len, inv_den = _seq_info(OFFSETS, b, DEN_IS_LEN, inv_den_const)
+    n0 = pid_n * BLOCK
+    if n0 >= seq_len:
+        return
+    offs_n = n0 + tl.arange(0, BLOCK)
+    mask_n = offs_n < seq_len
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols = (seq_start + offs_n)[:, None]
+    k = tl.load(
+        K + cols * stride_kt + h * stride_kh + offs_dqk[None, :],
+        mask=mask_n[:, None] & (offs_dqk < DQK)[None, :],
+        other=0.0,
+    )
+    v = tl.load(
+        V + cols * stride_vt + h * stride_vh + offs_dv[None, :],
+        mask=mask_n[:, None] & (offs_dv < DV)[None, :],
+        other=0.0,
+    )
+    tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)
+    dk = tl.zeros([BLOCK, BLOCK_DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_DV], dtype=tl.float32)
+    # Diagonal-sum helpers (position-bias gradient): row ii, diagonal t = jj - ii + BLOCK - 1.
+    ii2 = tl.arange(0, BLOCK)[:, None]
+    tt2 = tl.arange(0, 2 * BLOCK)[None, :]
+    src_col = tt2 + ii2 - (BLOCK - 1)  # [BLOCK, 2 * BLOCK]: source key column jj of (ii, t)
+    in_band = (src_col >= 0) & (src_col < BLOCK)
+    src_col = tl.where(in_band, src_col, 0)
+    tt1 = tl.arange(0, 2 * BLOCK)
+    for m0 in range(n0, seq_len, BLOCK):
+        offs_m = m0 + tl.arange(0, BLOCK)
+        mask_m = offs_m < seq_len
+        rows = (seq_start + offs_m)[:, None]
+        q = tl.load(
+            Q + rows * stride_qt + h * stride_qh + offs_dqk[None, :],
+            mask=mask_m[:, None] & (offs_dqk < DQK)[None, :],
+            other=0.0,
+        )
+        do = tl.load(
+            DO + rows * stride_dot + h * stride_doh + offs_dv[None, :],
+            mask=mask_m[:, None] & (offs_dv < DV)[None, :],
+            other=0.0,
+        )
+        tq = _load_query_times(TS, seq_start, offs_m, seq_len)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha  # [BLOCK(i), BLOCK(j)]
+        bias, bucket = _rab(POS_W, TIME_W, offs_m[:, None], offs_n[None, :], tq[:, None], tk[None, :],
+                            max_seq_len, num_buckets)  # fmt: skip
+        s = s + bias
+        valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m[:, None] & mask_n[None, :]
+        sig = tl.sigmoid(s)
+        p = tl.where(valid, s * sig * inv_den, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = tl.where(valid, dp * sig * (1.0 + s * (1.0 - sig)) * inv_den, 0.0)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+        if RAB_GRAD:
+            # Position bias: sum ds along diagonals (j - i constant) of the tile, one atomic per diagonal.
+            sheared = tl.gather(ds, src_col, axis=1)
+            diag = tl.sum(tl.where(in_band, sheared, 0.0), axis=0)  # [2 * BLOCK]
+            pos_idx = (n0 - m0) + tt1 - (BLOCK - 1) + (max_seq_len - 1)
+            pos_ok = (tt1 < 2 * BLOCK - 1) & (pos_idx >= 0) & (pos_idx < 2 * max_seq_len - 1)
+            tl.atomic_add(DPOS + pos_idx, diag, mask=pos_ok & (diag != 0.0))
+            # Time bias: one masked tile sum per bucket present in the tile's valid part.
+            b_lo = tl.min(tl.min(tl.where(valid, bucket, num_buckets + 1), axis=1), axis=0)
+            b_hi = tl.max(tl.max(tl.where(valid, bucket, -1), axis=1), axis=0)
+            for bk in range(b_lo, b_hi + 1):
+                part = tl.sum(tl.sum(tl.where(bucket == bk, ds, 0.0), axis=1), axis=0)
+                tl.atomic_add(DTIME + bk, part)
+    tl.store(
+        DK + cols * stride_dkt + h * stride_dkh + offs_dqk[None, :],
+        (dk * alpha).to(DK.dtype.element_ty),
+        mask=mask_n[:, None] & (offs_dqk < DQK)[None, :],
+    )
+    tl.store(
+        DV_OUT + cols * stride_dvt + h * stride_dvh + offs_dv[None, :],
+        dv.to(DV_OUT.dtype.element_ty),
+        mask=mask_n[:, None] & (offs_dv < DV)[None, :],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configuration: autotuned on the GPU, fixed small blocks under the interpreter.
+# --------------------------------------------------------------------------------------------------
+
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+]
+_DKDV_CONFIGS = [
+    triton.Config({"BLOCK": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK": 128}, num_warps=8, num_stages=2),
+]
+_KEY = ["len_key", "DQK", "DV", "DOT_PREC", "DEN_IS_LEN"]
+
+
+@functools.cache
+def _kernels():
+    """(fwd, dq, dkdv) launchers: the raw kernels under the interpreter, autotuned ones on the GPU."""
+    if _INTERPRET:
+        return _hstu_fwd_kernel, _hstu_bwd_dq_kernel, _hstu_bwd_dkdv_kernel
+    fwd = triton.autotune(_FWD_CONFIGS, key=_KEY)(_hstu_fwd_kernel)
+    dq = triton.autotune(_FWD_CONFIGS, key=_KEY)(_hstu_bwd_dq_kernel)
+    dkdv = triton.autotune(_DKDV_CONFIGS, key=[*_KEY, "RAB_GRAD"], reset_to_zero=["DPOS", "DTIME"])(
+        _hstu_bwd_dkdv_kernel
+    )
+    return fwd, dq, dkdv
+
+
+def _grid(max_len: int, heads: int, num_seqs: int, block_name: str):
+    if _INTERPRET:
+        return (triton.cdiv(max_len, _INTERPRET_BLOCK), heads, num_seqs)
+    return lambda meta: (triton.cdiv(max_len, meta[block_name]), heads, num_seqs)
+
+
+def _blocks(*names: str) -> dict:
+    """Explicit block sizes under the interpreter (no autotuning there)."""
+    return dict.fromkeys(names, _INTERPRET_BLOCK) if _INTERPRET else {}
+
+
+def _len_key(max_len: int) -> int:
+    """Autotune bucket: the next power of two of the longest sequence."""
+    return 1 << max(4, math.ceil(math.log2(max(max_len, 1))))
+
+
+def _dims(dqk: int, dv: int) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(dqk)), max(16, triton.next_power_of_2(dv))
+
+
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len) -> int:
+    """Validate shapes/devices; returns the longest sequence length (one host sync)."""
+    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"triton_hstu_attention: expected q, k [T, H, Dqk] and v [T, H, Dv], got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not _INTERPRET and q.device.type != "cuda":
+        raise ValueError(
+            "triton_hstu_attention: needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+            f"imported, for CPU tests); got device {q.device}. Use backend='jagged' on CPU."
+        )
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"triton_hstu_attention: offsets must be [B+1], got {tuple(offsets.shape)}")
+    if timestamps.shape != (q.shape[0],):
+        raise ValueError(
+            f"triton_hstu_attention: timestamps must be [T={q.shape[0]}], got {tuple(timestamps.shape)}"
+        )
+    if pos_weights.shape != (2 * max_seq_len - 1,):
+        raise ValueError(
+            f"triton_hstu_attention: pos_weights must be [2*max_seq_len-1={2 * max_seq_len - 1}], "
+            f"got {tuple(pos_weights.shape)}"
+        )
+    if time_weights.dim() != 1 or time_weights.numel() < 2:
+        raise ValueError(
+            f"triton_hstu_attention: time_weights must be [num_buckets+1], got {tuple(time_weights.shape)}"
+        )
+    if offsets.numel() == 1:
+        return 0
+    lengths = offsets[1:] - offsets[:-1]
+    stats = torch.stack([lengths.max(), lengths.min(), offsets[-1] - q.shape[0]]).tolist()
+    longest, shortest, tail = stats
+    if tail != 0 or shortest < 0:
+        raise ValueError(
+            f"triton_hstu_attention: offsets must be non-decreasing and end at T={q.shape[0]}, "
+            f"got last offset {int(offsets[-1])}"
+        )
+    if longest > max_seq_len:
+        raise ValueError(
+            f"triton_hstu_attention: a sequence has {longest} tokens > max_seq_len={max_seq_len}"
+        )
+    return int(longest)
+
+
+class _HSTUAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, offsets, timestamps, pos_w, time_w, max_len, max_seq_len, alpha, denominator):
+        total, heads, dqk = q.shape
+        dv = v.shape[2]
+        out = torch.empty(total, heads, dv, dtype=q.dtype, device=q.device)
+        num_seqs = offsets.numel() - 1
+        ctx.save_for_backward(q, k, v, offsets, timestamps, pos_w, time_w)
+        ctx.cfg = (max_len, max_seq_len, alpha, denominator)
+        if total == 0 or num_seqs == 0 or max_len == 0:
+            return out.zero_()
+        bdqk, bdv = _dims(dqk, dv)
+        fwd, _, _ = _kernels()
+        fwd[_grid(max_len, heads, num_seqs, "BLOCK_M")](
+            q, k, v, out, offsets, timestamps, pos_w, time_w,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1),
+            float(alpha), 0.0 if denominator is None else 1.0 / float(denominator), max_seq_len,
+            time_w.numel() - 1, _len_key(max_len),
+            DQK=dqk, DV=dv, BLOCK_DQK=bdqk, BLOCK_DV=bdv, DEN_IS_LEN=denominator is None,
+            DOT_PREC=_dot_precision(q.dtype), **_blocks("BLOCK_M", "BLOCK_N"),
+        )  # fmt: skip
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, offsets, timestamps, pos_w, time_w = ctx.saved_tensors
+        max_len, max_seq_len, alpha, denominator = ctx.cfg
+        total, heads, dqk = q.shape
+        dv_dim = v.shape[2]
+        num_seqs = offsets.numel() - 1
+        do = _last_dim_contiguous(grad_out.to(q.dtype))
+        dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+        dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+        dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+        rab_grad = ctx.needs_input_grad[5] or ctx.needs_input_grad[6]
+        dpos = torch.zeros(pos_w.numel(), dtype=torch.float32, device=q.device)
+        dtime = torch.zeros(time_w.numel(), dtype=torch.float32, device=q.device)
+        if total > 0 and num_seqs > 0 and max_len > 0:
+            bdqk, bdv = _dims(dqk, dv_dim)
+            inv_den = 0.0 if denominator is None else 1.0 / float(denominator)
+            common = dict(
+                DQK=dqk, DV=dv_dim, BLOCK_DQK=bdqk, BLOCK_DV=bdv, DEN_IS_LEN=denominator is None,
+                DOT_PREC=_dot_precision(q.dtype),
+            )  # fmt: skip
+            scalars = (float(alpha), inv_den, max_seq_len, time_w.numel() - 1, _len_key(max_len))
+            _, dq_kernel, dkdv_kernel = _kernels()
+            dkdv_kernel[_grid(max_len, heads, num_seqs, "BLOCK")](
+                q, k, v, do, dk, dv, dpos, dtime, offsets, timestamps, pos_w, time_w,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                *scalars, **common, RAB_GRAD=rab_grad, **_blocks("BLOCK"),
+            )  # fmt: skip
+            dq_kernel[_grid(max_len, heads, num_seqs, "BLOCK_M")](
+                q, k, v, do, dq, offsets, timestamps, pos_w, time_w,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+                *scalars, **common, **_blocks("BLOCK_M", "BLOCK_N"),
+            )  # fmt: skip
+        dpos_out = dpos.to(pos_w.dtype) if ctx.needs_input_grad[5] else None
+        dtime_out = dtime.to(time_w.dtype) if ctx.needs_input_grad[6] else None
+        return dq, dk, dv, None, None, dpos_out, dtime_out, None, None, None, None
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products (tests, reference checks); bf16/fp16 use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def triton_hstu_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    offsets: Tensor,
+    timestamps: Tensor,
+    pos_weights: Tensor,
+    time_weights: Tensor,
+    *,
+    max_seq_len: int,
+    alpha: float,
+    denominator: float | None,
+) -> Tensor:
+    """Fused HSTU attention; q, k: [T, H, Dqk], v: [T, H, Dv], offsets: [B+1] -> [T, H, Dv] in q's dtype.
+
+    Differentiable in q, k, v, pos_weights and time_weights. Same arguments and math as
+    `modules.hstu_attention.hstu_attention` (minus `backend`).
+    """
+    max_len = _check(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len)
+    k = _last_dim_contiguous(k.to(q.dtype))
+    v = _last_dim_contiguous(v.to(q.dtype))
+    q = _last_dim_contiguous(q)
+    offsets = offsets.to(torch.int64).contiguous()
+    timestamps = timestamps.to(torch.int64).contiguous()
+    return _HSTUAttention.apply(
+        q, k, v, offsets, timestamps, pos_weights.contiguous(), time_weights.contiguous(),
+        max_len, max_seq_len, alpha, denominator,
+    )  # fmt: skip

@@ -1,0 +1,162 @@
+"""The fused Triton HSTU attention, run on the CPU through TRITON_INTERPRET=1, against plain-PyTorch oracles.
+
+The interpreter is switched on only while these tests run: the fixture sets TRITON_INTERPRET=1 and
+(re)imports modules.hstu_attention_triton, whose kernels are built at import time, then restores both.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+MODULE = "modules.hstu_attention_triton"
+
+
+@pytest.fixture(scope="module")
+def tri():
+    """modules.hstu_attention_triton imported with TRITON_INTERPRET=1 (kernels run on CPU tensors)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    mod = importlib.reload(sys.modules[MODULE]) if MODULE in sys.modules else importlib.import_module(MODULE)
+    assert mod._INTERPRET
+    yield mod
+    mp.undo()
+    importlib.reload(mod)
+
+
+def naive_hstu_attention(q, k, v, offsets, timestamps, pos_w, time_w, *, max_seq_len, alpha, denominator):
+    """Per-sequence, per-pair loops in float64 written straight from the contract's formula."""
+    num_buckets = time_w.numel() - 1
+    outs = []
+    for b in range(offsets.numel() - 1):
+        s0, s1 = int(offsets[b]), int(offsets[b + 1])
+        n = s1 - s0
+        if n == 0:
+            continue
+        qb, kb, vb = (x[s0:s1].double() for x in (q, k, v))
+        ts = timestamps[s0:s1]
+        tq = torch.cat([ts[1:], ts[-1:]])  # next timestamp, own at the last position
+        i = torch.arange(n)
+        rel = i[None, :] - i[:, None] + max_seq_len - 1  # [i, j] -> j - i + N - 1
+        dt = (tq[:, None] - ts[None, :]).abs().clamp(min=1).float()
+        bucket = (torch.log(dt) / 0.301).long().clamp(0, num_buckets)
+        rab = pos_w.double()[rel] + time_w.double()[bucket]
+        scores = torch.einsum("ihd,jhd->hij", qb, kb) * alpha + rab[None]
+        den = float(n) if denominator is None else float(denominator)
+        attn = F.silu(scores) * (i[None, :] <= i[:, None]).double()[None] / den
+        outs.append(torch.einsum("hij,jhd->ihd", attn, vb))
+    return torch.cat(outs) if outs else v.new_zeros(0, *v.shape[1:]).double()
+
+
+def make_inputs(lengths, *, heads=2, dqk=16, dv=32, max_seq_len=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    max_seq_len = max_seq_len or max(max(lengths), 1)
+    total = sum(lengths)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
+    q = (torch.randn(total, heads, dqk, generator=g) * 0.5).to(dtype)
+    k = (torch.randn(total, heads, dqk, generator=g) * 0.5).to(dtype)
+    v = torch.randn(total, heads, dv, generator=g).to(dtype)
+    # Mostly increasing timestamps with gaps over many orders of magnitude, plus some out-of-order ones.
+    gaps = torch.exp(torch.rand(total, generator=g) * 18).long()
+    timestamps = 1_600_000_000 + gaps.cumsum(0)
+    shuffle = torch.rand(total, generator=g) < 0.1
+    timestamps[shuffle] -= (torch.rand(int(shuffle.sum()), generator=g) * 1e7).long()
+    pos_w = torch.randn(2 * max_seq_len - 1, generator=g) * 0.3
+    time_w = torch.randn(129, generator=g) * 0.3
+    return q, k, v, offsets, timestamps, pos_w, time_w, max_seq_len
+
+
+def run_both(tri, lengths, *, denominator, alpha=None, **kw):
+    q, k, v, offsets, ts, pos_w, time_w, n = make_inputs(lengths, **kw)
+    alpha = alpha if alpha is not None else 1.0 / math.sqrt(q.shape[-1])
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
+    out = tri.triton_hstu_attention(
+        leaves[0], leaves[1], leaves[2], offsets, ts, leaves[3], leaves[4],
+        max_seq_len=n, alpha=alpha, denominator=denominator,
+    )  # fmt: skip
+    ref_leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
+    ref = naive_hstu_attention(
+        ref_leaves[0], ref_leaves[1], ref_leaves[2], offsets, ts, ref_leaves[3], ref_leaves[4],
+        max_seq_len=n, alpha=alpha, denominator=denominator,
+    )  # fmt: skip
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    out.backward(grad.to(out.dtype))
+    ref.backward(grad)
+    return out, ref, leaves, ref_leaves
+
+
+def assert_close(actual, expected, name, rtol, atol):
+    err = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    assert err <= atol + rtol * scale, f"{name}: max abs err {err:.3e} (scale {scale:.3e})"
+
+
+@pytest.mark.parametrize(
+    ("lengths", "denominator", "dqk", "dv"),
+    [
+        ([1, 37, 5, 0, 64, 1, 70], None, 16, 32),  # lengths 1 and 0, several 16-row blocks, per-seq den
+        ([33, 1, 17], 50.0, 32, 16),  # fixed denominator (reference: max_seq_len), Dqk > Dv
+        ([90, 2, 31], None, 24, 20),  # head dims that are not powers of two (masked)
+    ],
+)
+def test_forward_and_grads_match_naive_oracle(tri, lengths, denominator, dqk, dv):
+    out, ref, leaves, ref_leaves = run_both(tri, lengths, denominator=denominator, dqk=dqk, dv=dv)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert_close(out, ref, "out", 1e-4, 1e-5)
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert a.grad is not None and a.grad.shape == b.grad.shape, name
+        assert_close(a.grad, b.grad, f"grad {name}", 1e-4, 1e-5)
+
+
+def test_matches_team_reference_backend(tri):
+    """Same numbers as modules.hstu_attention's reference backend (denominator = max_seq_len there)."""
+    hstu_attention = pytest.importorskip("modules.hstu_attention").hstu_attention
+    q, k, v, offsets, ts, pos_w, time_w, n = make_inputs([20, 1, 45, 8], max_seq_len=50, seed=3)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
+    ref_leaves = [x.clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
+    kw = dict(max_seq_len=n, alpha=0.25, denominator=float(n))
+    out = tri.triton_hstu_attention(*leaves[:3], offsets, ts, *leaves[3:], **kw)
+    ref = hstu_attention(*ref_leaves[:3], offsets, ts, *ref_leaves[3:], backend="reference", **kw)
+    assert_close(out, ref, "out", 1e-4, 1e-5)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad)
+    ref.backward(grad)
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert_close(a.grad, b.grad, f"grad {name}", 1e-4, 1e-5)
+
+
+def test_strided_inputs_and_frozen_bias(tri):
+    """q/k/v as column slices of one projection (as HSTU splits U, V, Q, K); bias weights without grad."""
+    lengths = [19, 3, 40]
+    q, k, v, offsets, ts, pos_w, time_w, n = make_inputs(lengths, dqk=16, dv=16, seed=5)
+    packed = torch.cat([q, k, v], dim=-1).requires_grad_(True)  # [T, H, 48]
+    qs, ks, vs = packed[..., :16], packed[..., 16:32], packed[..., 32:]
+    assert not qs.is_contiguous()
+    out = tri.triton_hstu_attention(qs, ks, vs, offsets, ts, pos_w, time_w, max_seq_len=n, alpha=0.3,
+                                    denominator=None)  # fmt: skip
+    ref = naive_hstu_attention(
+        q, k, v, offsets, ts, pos_w, time_w, max_seq_len=n, alpha=0.3, denominator=None
+    )
+    assert_close(out, ref, "out", 1e-4, 1e-5)
+    out.sum().backward()
+    assert packed.grad is not None and packed.grad.abs().sum() > 0
+    assert pos_w.grad is None and time_w.grad is None
+
+
+def test_half_precision_forward(tri):
+    """fp16 inputs: fp32 accumulation keeps the error at the input's rounding level."""
+    out, ref, _, _ = run_both(tri, [23, 1, 48], denominator=None, dtype=torch.float16)
+    assert out.dtype == torch.float16
+    assert_close(out, ref, "out fp16", 2e-2, 2e-3)
+
+
+def test_rejects_sequences_longer_than_max_seq_len(tri):
+    q, k, v, offsets, ts, pos_w, time_w, _ = make_inputs([10, 30])
+    with pytest.raises(ValueError, match="max_seq_len=20"):
+        tri.triton_hstu_attention(q, k, v, offsets, ts, pos_w[: 2 * 20 - 1], time_w, max_seq_len=20,
+                                  alpha=1.0, denominator=None)  # fmt: skip
