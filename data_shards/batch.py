@@ -1,0 +1,50 @@
+"""`SequenceBatch`: one jagged batch of user histories, movable by TorchRec's train pipelines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class SequenceBatch:
+    """A Pipelineable batch (`to`, `record_stream`, `pin_memory`), as TrainPipelineSparseDist expects.
+
+    Rows are users; `item_ids`/`timestamps` are jagged (concatenated row by row, oldest first) with `lengths`.
+    """
+
+    users: torch.Tensor
+    """[B] int64 user index (1..U)."""
+    weights: torch.Tensor
+    """[B] float32: 1 for real rows, 0 for padding rows that equalise batch counts across ranks."""
+    lengths: torch.Tensor
+    """[B] int64 input length per row, 1..max_seq_len."""
+    item_ids: torch.Tensor
+    """[sum(lengths)] int64 jagged input items (most recent last)."""
+    timestamps: torch.Tensor
+    """[sum(lengths)] int64 unix seconds."""
+    targets: torch.Tensor
+    """train: [sum(lengths)] next item at every input position; valid/test: [B] the held-out item."""
+
+    def _map(self, fn) -> SequenceBatch:
+        return SequenceBatch(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SequenceBatch:
+        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for f in fields(self):
+            getattr(self, f.name).record_stream(stream)
+
+    def pin_memory(self) -> SequenceBatch:
+        return self._map(lambda t: t.pin_memory())
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.users.shape[0])
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """[B+1] int64 row offsets into the jagged tensors."""
+        return torch.nn.functional.pad(torch.cumsum(self.lengths, 0), (1, 0))
