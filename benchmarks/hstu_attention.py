@@ -1,0 +1,259 @@
+"""GPU benchmark (and correctness check) of HSTU attention: fused Triton kernel vs SDPA vs padded PyTorch.
+
+    python benchmarks/hstu_attention.py            # benchmark, ends with a RESULT line
+    python benchmarks/hstu_attention.py --check    # triton vs padded reference, bf16 and fp32, on the GPU
+
+Shapes: H=4, d=128, bf16; (B=64, lengths uniform in [512, 1024]) and (B=16, lengths in [2048, 4096]).
+Useful FLOPs count causal pairs on real tokens only: fwd = 2 * pairs * H * (Dqk + Dv), fwd+bwd = 3.5 x fwd
+(the FlashAttention convention, recomputation not counted). SDPA runs on the padded batch (causal softmax,
+a speed yardstick, not the same math). Imports only torch/triton and modules.hstu_attention_triton, so it
+runs where fbgemm/torchrec are absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PEAK_NOTE = "H100/H200 SXM dense bf16 peak is about 989 TFLOP/s"
+
+
+def require_cuda() -> None:
+    if not torch.cuda.is_available():
+        sys.exit(
+            f"{Path(sys.argv[0]).name}: no CUDA device available (torch {torch.__version__})."
+            " This benchmark needs a GPU;"
+            " the kernel's CPU tests: `pytest tests/test_hstu_attention_triton.py`."
+        )
+
+
+def make_batch(num_seqs, min_len, max_len, *, heads, dqk, dv, max_seq_len, dtype, device, seed=0):
+    """Random jagged batch: q/k/v [T, H, D], offsets [B+1], chronological timestamps, bias weights."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (num_seqs,), generator=g)
+    offsets = torch.zeros(num_seqs + 1, dtype=torch.int64)
+    offsets[1:] = lengths.cumsum(0)
+    total = int(offsets[-1])
+    q = torch.randn(total, heads, dqk, generator=g) * 0.3
+    k = torch.randn(total, heads, dqk, generator=g) * 0.3
+    v = torch.randn(total, heads, dv, generator=g)
+    gaps = torch.exp(torch.rand(total, generator=g) * 16).long()
+    ts = 1_600_000_000 + gaps.cumsum(0)
+    pos_w = torch.randn(2 * max_seq_len - 1, generator=g) * 0.1
+    time_w = torch.randn(129, generator=g) * 0.1
+    cast = [x.to(device=device, dtype=dtype) for x in (q, k, v)]
+    return (*cast, offsets.to(device), ts.to(device), pos_w.to(device), time_w.to(device), lengths)
+
+
+def padded_reference(q, k, v, offsets, timestamps, pos_w, time_w, *, max_seq_len, alpha, denominator):
+    """Padded pure-PyTorch HSTU attention ([B, H, N, N] scores), same math as the `reference` backend."""
+    lengths = offsets[1:] - offsets[:-1]
+    n = int(lengths.max())
+    pos = torch.arange(n, device=q.device)
+    valid = pos[None, :] < lengths[:, None]
+    index = torch.where(valid, offsets[:-1, None] + pos[None, :], 0)
+    vmask = valid[:, :, None, None].to(q.dtype)
+    qp, kp, vp = q[index] * vmask, k[index] * vmask, v[index] * vmask  # [B, N, H, D]
+    is_last = torch.zeros_like(timestamps, dtype=torch.bool)
+    is_last[offsets[1:][lengths > 0] - 1] = True
+    tq_all = torch.where(is_last, timestamps, torch.cat([timestamps[1:], timestamps[-1:]]))
+    ts = torch.where(valid, timestamps[index], 0)
+    tq = torch.where(valid, tq_all[index], 0)
+    scores = torch.einsum("bihd,bjhd->bhij", qp, kp) * alpha
+    rel = pos[None, :] - pos[:, None] + (max_seq_len - 1)
+    dt = (tq[:, :, None] - ts[:, None, :]).abs().clamp(min=1).to(torch.float32)
+    bucket = (torch.log(dt) / 0.301).long().clamp(0, time_w.numel() - 1)
+    rab = pos_w[rel][None] + time_w[bucket]
+    scores = scores + rab[:, None].to(scores.dtype)
+    mask = ((pos[None, :] <= pos[:, None])[None] & valid[:, None, :] & valid[:, :, None])[:, None]
+    den = lengths.to(q.dtype)[:, None, None, None] if denominator is None else float(denominator)
+    attn = torch.where(mask, F.silu(scores), 0.0) / den
+    out = torch.einsum("bhij,bjhd->bihd", attn.to(vp.dtype), vp)
+    return out[valid]
+
+
+def causal_flops(lengths, heads, dqk, dv) -> tuple[float, float]:
+    """(fwd, fwd+bwd) useful FLOPs on real tokens."""
+    pairs = float((lengths * (lengths + 1) // 2).sum())
+    fwd = 2.0 * pairs * heads * (dqk + dv)
+    return fwd, 3.5 * fwd
+
+
+def bench(fn, *, warmup=3, iters=10) -> float:
+    """Median milliseconds of fn() on the current CUDA stream."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def run_check(device: str = "cuda", small: bool = False) -> bool:
+    """Triton vs the padded reference on the GPU, forward and all five gradients, bf16 and fp32."""
+    from modules.hstu_attention_triton import triton_hstu_attention
+
+    ok = True
+    cases = [
+        # (dtype, num_seqs, min_len, max_len, heads, dqk, dv, denominator, rtol)
+        (torch.float32, 7, 1, 300, 2, 32, 16, None, 2e-4),
+        (torch.float32, 5, 1, 200, 4, 16, 16, 200.0, 2e-4),
+        (torch.bfloat16, 6, 1, 700, 4, 128, 128, None, 3e-2),
+        (torch.bfloat16, 16, 1, 50, 4, 16, 16, 50.0, 3e-2),
+    ]
+    if small:  # CPU smoke run of this script under TRITON_INTERPRET=1
+        cases = [
+            (torch.float32, 3, 1, 40, 2, 16, 16, None, 2e-4),
+            (torch.float16, 3, 1, 40, 2, 16, 16, 40.0, 3e-2),
+        ]
+    for dtype, b, lo, hi, heads, dqk, dv, den, rtol in cases:
+        n = hi
+        q, k, v, offsets, ts, pos_w, time_w, lengths = make_batch(
+            b, lo, hi, heads=heads, dqk=dqk, dv=dv, max_seq_len=n, dtype=dtype, device=device, seed=b
+        )
+        lengths[0] = 1  # always include a length-1 sequence
+        offsets[1:] = lengths.to(device).cumsum(0)
+        total = int(offsets[-1])
+        q, k, v, ts = q[:total], k[:total], v[:total], ts[:total]
+        alpha = 1.0 / math.sqrt(dqk)
+        tri = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
+        ref = [x.detach().double().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
+        kw = dict(max_seq_len=n, alpha=alpha, denominator=den)
+        out = triton_hstu_attention(tri[0], tri[1], tri[2], offsets, ts, tri[3], tri[4], **kw)
+        expect = padded_reference(ref[0], ref[1], ref[2], offsets, ts, ref[3], ref[4], **kw)
+        grad = torch.randn(expect.shape, device=device, dtype=torch.float64)
+        out.backward(grad.to(out.dtype))
+        expect.backward(grad)
+        names = ("out", "dq", "dk", "dv", "d_pos_weights", "d_time_weights")
+        pairs = [(out, expect)] + [(a.grad, r.grad) for a, r in zip(tri, ref, strict=True)]
+        for name, (a, r) in zip(names, pairs, strict=True):
+            err = (a.double() - r).abs().max().item()
+            scale = r.abs().max().item()
+            good = math.isfinite(err) and err <= rtol * scale + 1e-6
+            ok &= good
+            print(
+                f"check {str(dtype).split('.')[-1]:8s} B={b} L<={hi} H={heads} dqk={dqk} dv={dv} den={den}: "
+                f"{name:15s} max err {err:.3e} (scale {scale:.3e}) {'ok' if good else 'FAIL'}",
+                flush=True,
+            )
+    print(f"RESULT check: {'PASS' if ok else 'FAIL'} (triton vs padded reference, bf16 and fp32)")
+    return ok
+
+
+def run_benchmark(skip_padded: bool) -> None:
+    from modules.hstu_attention_triton import triton_hstu_attention
+
+    heads, d = 4, 128
+    summary = {}
+    for name, b, lo, hi in (("B64_L1024", 64, 512, 1024), ("B16_L4096", 16, 2048, 4096)):
+        q, k, v, offsets, ts, pos_w, time_w, lengths = make_batch(
+            b, lo, hi, heads=heads, dqk=d, dv=d, max_seq_len=hi, dtype=torch.bfloat16, device="cuda"
+        )
+        fwd_flops, total_flops = causal_flops(lengths, heads, d, d)
+        alpha = 1.0 / math.sqrt(d)
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
+        grad = torch.randn_like(v)
+        kw = dict(max_seq_len=hi, alpha=alpha, denominator=float(hi))
+
+        def tri_fwd(leaves=leaves, offsets=offsets, ts=ts, kw=kw):
+            with torch.no_grad():
+                return triton_hstu_attention(*leaves[:3], offsets, ts, *leaves[3:], **kw)
+
+        def tri_step(leaves=leaves, offsets=offsets, ts=ts, kw=kw, grad=grad):
+            out = triton_hstu_attention(*leaves[:3], offsets, ts, *leaves[3:], **kw)
+            torch.autograd.grad(out, leaves, grad)
+
+        # SDPA: padded dense [B, H, N, d] causal softmax attention on the same real lengths.
+        n = int(lengths.max())
+        qp = torch.randn(b, heads, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        kp = torch.randn_like(qp, requires_grad=True)
+        vp = torch.randn_like(qp, requires_grad=True)
+        gp = torch.randn_like(qp)
+
+        def sdpa_fwd(qp=qp, kp=kp, vp=vp):
+            with torch.no_grad():
+                return F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+
+        def sdpa_step(qp=qp, kp=kp, vp=vp, gp=gp):
+            out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+            torch.autograd.grad(out, (qp, kp, vp), gp)
+
+        rows = [("triton", tri_fwd, tri_step), ("sdpa_causal_padded", sdpa_fwd, sdpa_step)]
+        if not skip_padded:
+
+            def ref_fwd(leaves=leaves, offsets=offsets, ts=ts, kw=kw):
+                with torch.no_grad():
+                    return padded_reference(*leaves[:3], offsets, ts, *leaves[3:], **kw)
+
+            def ref_step(leaves=leaves, offsets=offsets, ts=ts, kw=kw, grad=grad):
+                out = padded_reference(*leaves[:3], offsets, ts, *leaves[3:], **kw)
+                torch.autograd.grad(out, leaves, grad)
+
+            rows.append(("padded_reference", ref_fwd, ref_step))
+        print(
+            f"== {name}: B={b} lengths {lo}-{hi} (T={int(lengths.sum())}) H={heads} d={d} bf16; "
+            f"useful GFLOP fwd {fwd_flops / 1e9:.1f}, fwd+bwd {total_flops / 1e9:.1f}",
+            flush=True,
+        )
+        for label, fwd, step in rows:
+            try:
+                fwd_ms = bench(fwd, warmup=2 if label == "padded_reference" else 3)
+                step_ms = bench(step, warmup=2 if label == "padded_reference" else 3, iters=5 if label ==
+                                "padded_reference" else 10)  # fmt: skip
+            except torch.OutOfMemoryError:
+                print(f"  {label:20s} out of memory", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            tf_fwd = fwd_flops / fwd_ms / 1e9
+            tf_step = total_flops / step_ms / 1e9
+            summary[(name, label)] = tf_step
+            print(
+                f"  {label:20s} fwd {fwd_ms:8.3f} ms {tf_fwd:7.1f} TFLOP/s | fwd+bwd {step_ms:8.3f} ms "
+                f"{tf_step:7.1f} TFLOP/s",
+                flush=True,
+            )
+            torch.cuda.empty_cache()
+        del qp, kp, vp, leaves
+    tri = [summary.get((s, "triton"), 0.0) for s in ("B64_L1024", "B16_L4096")]
+    sdpa = [summary.get((s, "sdpa_causal_padded"), 0.0) for s in ("B64_L1024", "B16_L4096")]
+    beats = all(t > s for t, s in zip(tri, sdpa, strict=True))
+    print(
+        f"RESULT hstu_attention fwd+bwd TFLOP/s on {torch.cuda.get_device_name()}: "
+        f"triton {tri[0]:.1f} (B64,L<=1024) {tri[1]:.1f} (B16,L<=4096); sdpa {sdpa[0]:.1f} / {sdpa[1]:.1f}; "
+        f"target 400 at L<=4096: {'met' if tri[1] >= 400 else 'not met'}; "
+        f"beats sdpa at both shapes: {'yes' if beats else 'no'}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--check", action="store_true", help="correctness check instead of the benchmark")
+    parser.add_argument("--skip-padded", action="store_true", help="leave out the padded PyTorch reference")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny --check on CPU (TRITON_INTERPRET=1)")
+    args = parser.parse_args()
+    if args.cpu_smoke:
+        sys.exit(0 if run_check("cpu", small=True) else 1)
+    require_cuda()
+    if args.check:
+        sys.exit(0 if run_check() else 1)
+    run_benchmark(args.skip_padded)
+
+
+if __name__ == "__main__":
+    main()
