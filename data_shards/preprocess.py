@@ -40,6 +40,7 @@ def connect(cfg: DataConfig, temp_dir: Path) -> duckdb.DuckDBPyConnection:
     con.execute(f"SET temp_directory = '{temp_dir.as_posix()}'")
     con.execute(f"SET threads = {cfg.threads}")
     con.execute("SET preserve_insertion_order = false")
+    con.execute("SET enable_progress_bar = false")
     return con
 
 

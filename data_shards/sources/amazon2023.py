@@ -49,6 +49,11 @@ MIN_ARROW_LINES = 64  # below this a rejected piece goes straight to Python
 
 def _arrow_parse(block: bytes, schema: pa.Schema) -> pa.Table | None:
     """Arrow's parse of a block, or None if Arrow rejects it or the row count does not match the lines."""
+    if not block.isascii():
+        try:  # Arrow does not check fields it ignores: bad bytes anywhere on a line reject the line
+            block.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     try:
         table = pj.read_json(
             io.BytesIO(block),

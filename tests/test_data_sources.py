@@ -1,0 +1,181 @@
+"""Source readers on hand-written fixtures in the exact raw formats, malformed lines included."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from data_shards.config import DataConfig
+from data_shards.io import SkipStats, iter_json_records, iter_literal_records
+from data_shards.prepare import prepare
+from data_shards.reader import iter_item_texts, iter_sequences
+from data_shards.sources import amazon2023
+from data_shards.sources.amazon2023 import read_amazon2023
+from data_shards.sources.movielens import read_movielens
+from data_shards.sources.steam import read_steam
+from data_shards.synthetic import generate_amazon
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def _cfg(tmp_path: Path, **kw) -> DataConfig:
+    kw.setdefault("root", str(tmp_path / "out"))
+    kw.setdefault("name", "ds")
+    return DataConfig(**kw)
+
+
+def _rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def test_amazon_reviews_and_metadata(tmp_path):
+    stats = SkipStats()
+    cfg = _cfg(tmp_path, source="amazon2023", interactions=str(FIX / "amazon/reviews.jsonl"),
+               items=str(FIX / "amazon/meta.jsonl"))  # fmt: skip
+    out = read_amazon2023(cfg, tmp_path, stats)
+    rows = _rows(out.interactions)
+    assert len(rows) == 14
+    assert rows[0] == {"user_id": "U1", "item_id": "I1", "ts": 1000, "rating": 5.0, "ord": 1}
+    assert {r["ord"] for r in rows} == {1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 16, 17, 18, 19}
+    c = stats.counts
+    assert c["malformed_json"] == 2  # reviews line 10, meta line 6
+    assert c["missing_field:user_id"] == 1 and c["wrong_type:timestamp"] == 1 and c["wrong_type:rating"] == 1
+    assert c["blank_line"] == 1 and c["empty_field:user_id"] == 1 and c["non_utf8"] == 1
+    assert c["not_an_object"] == 1 and c["missing_field:parent_asin"] == 1
+    assert stats.examples["malformed_json"][0].startswith(f"{FIX / 'amazon/reviews.jsonl'}:10")
+    assert stats.examples["non_utf8"][0].startswith(f"{FIX / 'amazon/reviews.jsonl'}:21")
+    texts = {r["item_id"]: r["text"] for r in reversed(_rows(out.items))}
+    assert texts["I1"] == "Speed Racer | Fast cars Split screen | Video Games, Racing | Race the world."
+    assert texts["I3"] == "Mystery | a string, not a list | C | d"  # a string where a list was expected
+    assert texts["I4"] == "" and out.items_with_empty_text == 1
+    assert [i.lines for i in out.inputs] == [22, 7] and all(len(i.sha256) == 64 for i in out.inputs)
+
+
+def test_amazon_prepare_dedup_tiebreak_and_metadata_filter(tmp_path):
+    cfg = _cfg(tmp_path, source="amazon2023", interactions=str(FIX / "amazon/reviews.jsonl"),
+               items=str(FIX / "amazon/meta.jsonl"), min_user_interactions=4,
+               min_item_interactions=0)  # fmt: skip
+    out = prepare(cfg)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["raw_interactions"] == 14 and m["counts"]["raw_users"] == 3
+    assert m["skipped"]["duplicate_event"] == 1
+    assert m["skipped"]["item_without_metadata"] == 1
+    assert m["skipped"]["duplicate_metadata"] == 1
+    assert "I9" in m["skipped_examples"]["item_without_metadata"][0]
+    assert (m["num_users"], m["num_items"], m["num_interactions"]) == (3, 4, 12)
+    assert (out / "user_ids.txt").read_text().split() == ["U1", "U2", "U3"]
+    assert (out / "item_ids.txt").read_text().split() == ["I1", "I2", "I3", "I4"]
+    seqs = {u: (items.tolist(), ts.tolist()) for u, items, ts, _ in iter_sequences(out)}
+    # U2 has I1 and I2 at the same second: input order breaks the tie
+    assert seqs[2] == ([1, 2, 3, 4], [1500, 1500, 2500, 3500])
+    texts = {item: text for item, _, text in iter_item_texts(out, verify=True)}
+    assert texts[2] == "Puzzle Box" and texts[4] == ""
+
+
+def test_amazon_rating_only_csv(tmp_path):
+    stats = SkipStats()
+    cfg = _cfg(tmp_path, source="amazon2023", interactions=str(FIX / "amazon/ratings.csv"),
+               items=str(FIX / "amazon/meta.jsonl"))  # fmt: skip
+    out = read_amazon2023(cfg, tmp_path, stats)
+    rows = _rows(out.interactions)
+    assert [(r["user_id"], r["item_id"], r["ts"]) for r in rows][:2] == [
+        ("U1", "I1", 1000),
+        ("U1", "I2", 2000),
+    ]
+    assert len(rows) == 6
+    assert stats.counts["malformed_row"] == 1 and stats.counts["wrong_type:rating"] == 1
+
+
+def test_arrow_fast_path_matches_python_path(tmp_path, monkeypatch):
+    reviews, meta = generate_amazon(tmp_path / "raw", num_reviews=20000, bad_every=3000, seed=3)
+    cfg = _cfg(tmp_path, source="amazon2023", interactions=str(reviews), items=str(meta))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    fast_stats, slow_stats = SkipStats(), SkipStats()
+    fast = read_amazon2023(cfg, tmp_path / "a", fast_stats)
+    monkeypatch.setattr(amazon2023, "_arrow_parse", lambda block, schema: None)  # force line-by-line Python
+    slow = read_amazon2023(cfg, tmp_path / "b", slow_stats)
+    assert fast_stats.counts == slow_stats.counts and fast_stats.total == len(range(1500, 20000, 3000))
+    assert _rows(fast.interactions) == _rows(slow.interactions)
+    assert _rows(fast.items) == _rows(slow.items)
+    assert fast.items_with_empty_text == slow.items_with_empty_text
+
+
+def test_truncated_gzip_is_counted_not_fatal(tmp_path):
+    data = (FIX / "amazon/meta.jsonl").read_bytes() * 200
+    gz = gzip.compress(data)
+    path = tmp_path / "meta.jsonl.gz"
+    path.write_bytes(gz[: len(gz) // 2])
+    stats = SkipStats()
+    records = list(iter_json_records(path, stats))
+    assert 0 < len(records) < 200 * 6
+    assert stats.counts["truncated_gzip"] == 1
+    full = tmp_path / "full.jsonl.gz"
+    full.write_bytes(gz + gzip.compress(b'{"x": 1}\n'))  # two gzip members
+    stats = SkipStats()
+    assert len(list(iter_json_records(full, stats))) == 200 * 6 + 1  # 6 objects per copy, 1 malformed
+    assert "truncated_gzip" not in stats.counts
+
+
+def test_steam_literal_lines(tmp_path):
+    stats = SkipStats()
+    recs = list(iter_literal_records(FIX / "steam/reviews.json", stats))
+    assert len(recs) == 8 and stats.counts["malformed_literal"] == 1  # __import__(...) is not a literal
+    stats = SkipStats()
+    cfg = _cfg(tmp_path, source="steam", interactions=str(FIX / "steam/reviews.json"),
+               items=str(FIX / "steam/games.json"))  # fmt: skip
+    out = read_steam(cfg, tmp_path, stats)
+    rows = _rows(out.interactions)
+    assert [r["item_id"] for r in rows if r["user_id"] == "alice"] == ["10", "20", "30", "40", "99"]
+    assert rows[0]["ts"] == 1513468800 and rows[0]["rating"] == 1.0  # 2017-12-17 UTC
+    assert stats.counts["bad_value:date"] == 1 and stats.counts["missing_field:username"] == 1
+    assert stats.counts["missing_field:id"] == 1
+    texts = {r["item_id"]: r["text"] for r in _rows(out.items)}
+    assert texts["10"] == "Game Ten | Pub A | Dev A | Action, Indie | Action, Co-op | Single-player"
+
+
+def test_steam_paper_keeps_games_without_metadata(tmp_path):
+    cfg = _cfg(tmp_path, source="steam", interactions=str(FIX / "steam/reviews.json"),
+               items=str(FIX / "steam/games.json"), kcore="paper")  # fmt: skip
+    out = prepare(cfg)
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["num_users"], m["num_items"], m["num_interactions"]) == (1, 5, 5)  # bob has 1 event: dropped
+    assert m["counts"]["kept_items_without_text"] == 1  # game 99: no record, kept with empty text
+    ((_user, items, ts, _),) = list(iter_sequences(out))
+    assert items.tolist() == [1, 2, 3, 4, 5] and np.all(np.diff(ts) >= 0)
+
+
+def test_movielens_dat_and_csv(tmp_path):
+    stats = SkipStats()
+    cfg = _cfg(tmp_path, interactions=str(FIX / "movielens/ratings.dat"))
+    out = read_movielens(cfg, tmp_path, stats)
+    assert len(_rows(out.interactions)) == 7
+    assert stats.counts["wrong_type:rating"] == 1 and stats.counts["malformed_row"] == 1
+    texts = {r["item_id"]: r["text"] for r in _rows(out.items)}
+    assert texts["10"] == "Toy Story | 1995 | Animation, Children's, Comedy"
+    assert texts["30"].startswith("Cité des enfants perdus, La | 1995")  # latin-1 file
+    assert texts["40"] == "No Year Movie | Drama"
+    stats = SkipStats()
+    cfg = _cfg(tmp_path, interactions=str(FIX / "movielens/ratings.csv"))
+    (tmp_path / "csv").mkdir()
+    out = read_movielens(cfg, tmp_path / "csv", stats)
+    assert [r["ts"] for r in _rows(out.interactions)] == [1000, 1001, 1002, 1003]
+    texts = {r["item_id"]: r["text"] for r in _rows(out.items)}
+    assert texts["20"] == "American President, The | 1995 | Comedy, Drama, Romance"
+    assert texts["40"] == "Untitled" and stats.total == 0
+
+
+@pytest.mark.slow
+def test_ml100k_from_recbole(tmp_path):
+    cfg = _cfg(tmp_path, name="ml100k", users_per_shard=100)
+    out = prepare(cfg)
+    m = json.loads((out / "manifest.json").read_text())
+    c = m["counts"]
+    assert (c["raw_users"], c["raw_items"], c["raw_interactions"]) == (943, 1682, 100_000)
+    assert m["num_users"] == 943 and len(m["shards"]["sequences"]) >= 8
+    assert sum(s["num_samples"] for s in m["shards"]["items"]) == m["num_items"]
