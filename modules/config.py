@@ -49,6 +49,11 @@ class ModelConfig:
         for name in ("embedding_dim", "num_blocks", "num_heads", "qk_dim", "v_dim", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.embedding_dim % 4 or (self.fusion != "none" and self.text_dim % 4):
+            raise ConfigError(
+                f"model.embedding_dim={self.embedding_dim} and model.text_dim={self.text_dim} must be "
+                "multiples of 4: FBGEMM's table-batched embedding kernels require it (e.g. 48, not 50)"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):

@@ -127,5 +127,5 @@ class CheckpointManager:
         dcp.load(state, checkpoint_id=str(path))
         for key, obj in stateful.items():
             obj.load_state_dict(state[key])
-        logger.info("resumed from %s", path)
+        logger.info("loaded checkpoint %s", path)
         return json.loads((path / TRAIN_STATE_FILE).read_text())

@@ -1,0 +1,117 @@
+"""The batch the sharded model consumes: a reader batch plus sampled negatives and the KJTs to look up.
+
+All ids a step needs (history, targets, negatives) go through the item tables in ONE lookup, carried by the
+batch as KeyedJaggedTensors so TorchRec's TrainPipelineSparseDist can start their input distribution
+while the previous step still computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchrec import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from data_shards.batch import SequenceBatch
+from modules.item_embedding import ID_FEATURE, TEXT_FEATURE
+from modules.jagged import offsets_from_lengths
+from modules.losses import sample_uniform_negatives
+
+
+def _ids_kjt(feature: str, ids: Tensor) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=[feature], values=ids, lengths=torch.ones_like(ids, dtype=torch.int32)
+    )
+
+
+@dataclass
+class ModelBatch(Pipelineable):
+    """Jagged histories, their targets and negatives, and the lookups (id and text tables) they need."""
+
+    id_features: KeyedJaggedTensor
+    """ID-table lookups: history ids [T], then targets, then negatives (flattened)."""
+    text_features: KeyedJaggedTensor | None
+    """The same ids for the frozen text table (None when model.fusion = "none")."""
+    offsets: Tensor
+    """[B+1] row offsets into the history."""
+    timestamps: Tensor
+    """[T] history timestamps (seconds)."""
+    targets: Tensor
+    """Training: [T] next item at every position. Evaluation: [B] the held-out item."""
+    negatives: Tensor
+    """[R] negatives shared by the batch, [T, R] per position, or [0] when the loss needs none."""
+    weights: Tensor
+    """[B] 1 for real rows, 0 for rows that only pad this rank's batch count."""
+
+    @property
+    def num_rows(self) -> int:
+        return self.weights.numel()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.timestamps.numel()
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> ModelBatch:
+        def move(x):
+            return None if x is None else x.to(device=device, non_blocking=non_blocking)
+
+        return ModelBatch(
+            id_features=move(self.id_features),
+            text_features=move(self.text_features),
+            offsets=move(self.offsets),
+            timestamps=move(self.timestamps),
+            targets=move(self.targets),
+            negatives=move(self.negatives),
+            weights=move(self.weights),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for kjt in (self.id_features, self.text_features):
+            if kjt is not None:
+                kjt.record_stream(stream)
+        for t in (self.offsets, self.timestamps, self.targets, self.negatives, self.weights):
+            t.record_stream(stream)
+
+    def pin_memory(self) -> ModelBatch:
+        def pin(x):
+            return None if x is None else x.pin_memory()
+
+        return ModelBatch(
+            id_features=pin(self.id_features),
+            text_features=pin(self.text_features),
+            offsets=pin(self.offsets),
+            timestamps=pin(self.timestamps),
+            targets=pin(self.targets),
+            negatives=pin(self.negatives),
+            weights=pin(self.weights),
+        )
+
+
+def make_model_batch(
+    batch: SequenceBatch,
+    *,
+    num_items: int,
+    num_negatives: int,
+    share_negatives: bool,
+    with_text: bool,
+    generator: torch.Generator | None,
+) -> ModelBatch:
+    """Add uniform negatives (0 for none) drawn from `generator` and build the lookup KJTs."""
+    num_tokens = batch.item_ids.numel()
+    if num_negatives == 0:
+        negatives = torch.empty(0, dtype=torch.int64)
+    else:
+        shape = (num_negatives,) if share_negatives else (num_tokens, num_negatives)
+        negatives = sample_uniform_negatives(num_items, shape, generator=generator)
+    ids = torch.cat([batch.item_ids, batch.targets, negatives.reshape(-1)])
+    return ModelBatch(
+        id_features=_ids_kjt(ID_FEATURE, ids),
+        text_features=_ids_kjt(TEXT_FEATURE, ids) if with_text else None,
+        offsets=offsets_from_lengths(batch.lengths),
+        timestamps=batch.timestamps,
+        targets=batch.targets,
+        negatives=negatives,
+        weights=batch.weights,
+    )
