@@ -224,10 +224,10 @@ output_root = "{tmp_path / "runs"}"
 seed = 1
 [blair]
 encoder_path = "{encoder}"
-pooling = "cls"
+pooling = "mean"
 max_length = 32
 batch_size = 8
-lr = 2e-3
+lr = 5e-3
 warmup_ratio = 0.0
 max_steps = 12
 zero_stage = 2
@@ -263,5 +263,5 @@ eval_fraction = 0.2
     assert (run_dir / "encoder" / "config.json").is_file() and (
         run_dir / "encoder" / "modules.json"
     ).is_file()
-    assert default_pooling(run_dir / "encoder") == ("cls", True)
+    assert default_pooling(run_dir / "encoder") == ("mean", True)
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()] == ["step00000012"]
