@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import shutil
 import subprocess
@@ -55,6 +56,8 @@ def _one(n: int, workdir: Path, threads: int, memory_limit: str) -> dict:
         "preprocess_s": manifest["timings"]["preprocess_s"],
         "shards_s": manifest["timings"]["shards_s"],
         "total_s": round(total_s, 1),
+        "cpu_s": manifest["timings"]["total_cpu_s"],
+        "cpu_breakdown": {k: v for k, v in manifest["timings"].items() if k.endswith("cpu_s")},
         "reviews_per_s": round(n / total_s),
         "peak_rss_gb": round(peak_kb / 1e6, 3),
         "rss_after_generate_gb": round(before_self / 1e6, 3),
@@ -62,6 +65,7 @@ def _one(n: int, workdir: Path, threads: int, memory_limit: str) -> dict:
         "kept_items": manifest["num_items"],
         "kept_interactions": manifest["num_interactions"],
         "skipped": sum(manifest["skipped"].values()),
+        "load": [round(x, 1) for x in os.getloadavg()],
     }
 
 
@@ -92,12 +96,14 @@ def main() -> int:
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    cols = ["n", "input_gb", "generate_s", "validate_s", "preprocess_s", "shards_s", "total_s",
+    cols = ["n", "input_gb", "generate_s", "validate_s", "preprocess_s", "shards_s", "total_s", "cpu_s",
             "reviews_per_s", "peak_rss_gb", "kept_users", "kept_items", "kept_interactions",
             "skipped"]  # fmt: skip
     print(" | ".join(f"{c:>12}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r[c]:>12,}" if isinstance(r[c], int) else f"{r[c]:>12}" for c in cols))
+    for r in rows:
+        print(f"n={r['n']}: CPU seconds by stage {r['cpu_breakdown']}; machine load average {r['load']}")
     for r in rows:
         print(f"RESULT n={r['n']} reviews_per_s={r['reviews_per_s']} peak_rss_gb={r['peak_rss_gb']}")
     return 0

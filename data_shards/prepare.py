@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -24,6 +25,12 @@ from data_shards.shards import write_item_shards, write_sequence_shards
 from data_shards.sources import get_source
 
 log = logging.getLogger("data_shards")
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system) used so far by this process and its finished children."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
 def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
@@ -42,7 +49,7 @@ def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
 
 def prepare(cfg: DataConfig) -> Path:
     """Build `<cfg.root>/<cfg.name>/` from the raw files named in `cfg`; returns its path."""
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_s()
     root = Path(cfg.root)
     final = root / cfg.name
     if final.exists() and not cfg.overwrite:
@@ -58,6 +65,7 @@ def prepare(cfg: DataConfig) -> Path:
         log.info("reading %s input ...", cfg.source)
         src = get_source(cfg.source)(cfg, work, stats)
         timings["validate_s"] = time.perf_counter() - t0
+        timings["validate_cpu_s"] = _cpu_s() - cpu0
         log.info("validated input in %.1fs; %s", timings["validate_s"], stats.summary())
 
         t1 = time.perf_counter()
@@ -68,6 +76,7 @@ def prepare(cfg: DataConfig) -> Path:
         finally:
             con.close()
         timings["preprocess_s"] = time.perf_counter() - t1
+        timings["preprocess_cpu_s"] = _cpu_s() - cpu0 - timings["validate_cpu_s"]
 
         t2 = time.perf_counter()
         counts = proc.counts
@@ -78,6 +87,10 @@ def prepare(cfg: DataConfig) -> Path:
         item_shards = write_item_shards(proc.items, tmp / "items", items_per_shard=cfg.items_per_shard)
         timings["shards_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t0
+        timings["total_cpu_s"] = _cpu_s() - cpu0
+        timings["shards_cpu_s"] = (
+            timings["total_cpu_s"] - timings["validate_cpu_s"] - timings["preprocess_cpu_s"]
+        )
         counts["items_with_empty_text"] = src.items_with_empty_text
         skipped = stats.to_dict()
         manifest = {

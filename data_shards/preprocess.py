@@ -59,8 +59,8 @@ def _count(con: duckdb.DuckDBPyConnection) -> int:
 def kcore(con: duckdb.DuckDBPyConnection, cfg: DataConfig, stats: SkipStats) -> int:
     """Filter table `ev` in place; returns the number of passes. Drops are counted in `stats`."""
     ku, ki = cfg.min_user_interactions, cfg.min_item_interactions
-    user_pass = f"user_id IN (SELECT user_id FROM ev GROUP BY user_id HAVING count(*) >= {ku})"
-    item_pass = f"item_id IN (SELECT item_id FROM ev GROUP BY item_id HAVING count(*) >= {ki})"
+    user_pass = f"uk IN (SELECT uk FROM ev GROUP BY uk HAVING count(*) >= {ku})"
+    item_pass = f"ik IN (SELECT ik FROM ev GROUP BY ik HAVING count(*) >= {ki})"
     before = _count(con)
     rounds = 0
     if cfg.kcore == "paper":
@@ -88,46 +88,56 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
                stats: SkipStats) -> Processed:  # fmt: skip
     """Run every SQL step; raise DataError if nothing is left."""
     t0 = time.perf_counter()
-    con.execute(
-        "CREATE TABLE ev AS SELECT user_id, item_id, ts, rating, ord "
-        f"FROM read_parquet({_sq(src.interactions)})"
-    )
-    raw = con.execute("SELECT count(*), count(DISTINCT user_id), count(DISTINCT item_id) FROM ev").fetchall()[
-        0
-    ]
-    counts = {"raw_interactions": raw[0], "raw_users": raw[1], "raw_items": raw[2]}
-    if raw[0] == 0:
+    inter = f"read_parquet({_sq(src.interactions)})"
+    raw_n = _one(con, f"SELECT count(*) FROM {inter}")
+    if raw_n == 0:
         raise DataError(
             "no valid interaction in the input (see the skipped reasons above); check the file format"
         )
     meta_rows = _one(con, f"SELECT count(*) FROM read_parquet({_sq(src.items)})")
     con.execute(
         "CREATE TABLE meta AS SELECT item_id, arg_min(text, ord) AS text "
-        f"FROM read_parquet({_sq(src.items)}) "
-        "GROUP BY item_id"
+        f"FROM read_parquet({_sq(src.items)}) GROUP BY item_id"
     )
+    # string ids -> dense integer keys once, so dedup, k-core and joins group integers, not strings
+    con.execute(
+        "CREATE TABLE uids AS SELECT user_id, (row_number() OVER ())::BIGINT AS uk "
+        f"FROM (SELECT DISTINCT user_id FROM {inter})"
+    )
+    con.execute(
+        "CREATE TABLE iids AS SELECT d.item_id, (row_number() OVER ())::BIGINT AS ik, "
+        f"m.item_id IS NOT NULL AS has_meta FROM (SELECT DISTINCT item_id FROM {inter}) d "
+        "LEFT JOIN (SELECT item_id FROM meta) m ON d.item_id = m.item_id"
+    )
+    counts = {
+        "raw_interactions": raw_n,
+        "raw_users": _one(con, "SELECT count(*) FROM uids"),
+        "raw_items": _one(con, "SELECT count(*) FROM iids"),
+    }
     counts["raw_metadata_records"] = meta_rows
     counts["metadata_items"] = _one(con, "SELECT count(*) FROM meta")
     stats.add("duplicate_metadata", meta_rows - counts["metadata_items"])
 
     con.execute(
-        "CREATE OR REPLACE TABLE ev AS SELECT user_id, item_id, ts, rating, min(ord) AS ord FROM ev "
-        "GROUP BY user_id, item_id, ts, rating"
+        "CREATE TABLE ev AS SELECT u.uk, i.ik, r.ts, r.rating, min(r.ord) AS ord "
+        f"FROM {inter} r JOIN uids u ON r.user_id = u.user_id JOIN iids i ON r.item_id = i.item_id "
+        "GROUP BY u.uk, i.ik, r.ts, r.rating"
     )
     n = _count(con)
-    stats.add("duplicate_event", raw[0] - n)
+    stats.add("duplicate_event", raw_n - n)
     counts["after_dedup_interactions"] = n
 
     # the paper's recipe: Amazon drops items without metadata, Steam keeps every game
     drop_meta = cfg.source != "steam" if cfg.kcore == "paper" else cfg.drop_items_without_metadata
     if drop_meta:
         missing = con.execute(
-            "SELECT item_id, count(*) AS n FROM ev WHERE item_id NOT IN (SELECT item_id FROM meta) "
-            "GROUP BY item_id ORDER BY n DESC, item_id LIMIT 5"
+            "SELECT i.item_id, count(*) AS n FROM ev JOIN iids i USING (ik) WHERE NOT i.has_meta "
+            "GROUP BY i.item_id ORDER BY n DESC, i.item_id LIMIT 5"
         ).fetchall()
         if missing:
             con.execute(
-                "CREATE OR REPLACE TABLE ev AS SELECT * FROM ev WHERE item_id IN (SELECT item_id FROM meta)"
+                "CREATE OR REPLACE TABLE ev AS SELECT * FROM ev "
+                "WHERE ik IN (SELECT ik FROM iids WHERE has_meta)"
             )
             m = _count(con)
             stats.add("item_without_metadata", n - m)
@@ -139,9 +149,7 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
     log.info("dedup + metadata filter: %s interactions (%.1fs)", f"{n:,}", time.perf_counter() - t0)
 
     rounds = kcore(con, cfg, stats)
-    kept = con.execute(
-        "SELECT count(*), count(DISTINCT user_id), count(DISTINCT item_id) FROM ev"
-    ).fetchall()[0]
+    kept = con.execute("SELECT count(*), count(DISTINCT uk), count(DISTINCT ik) FROM ev").fetchall()[0]
     if kept[0] == 0:
         raise DataError(
             f"nothing left after filtering ({cfg.kcore} k-core, users >= {cfg.min_user_interactions}, "
@@ -150,20 +158,20 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
     counts.update(kept_interactions=kept[0], kept_users=kept[1], kept_items=kept[2])
 
     con.execute(
-        "CREATE TABLE users AS SELECT user_id, row_number() OVER "
+        "CREATE TABLE users AS SELECT uk, user_id, row_number() OVER "
         "(ORDER BY TRY_CAST(user_id AS BIGINT) NULLS LAST, user_id) AS idx "
-        "FROM (SELECT DISTINCT user_id FROM ev)"
+        "FROM uids WHERE uk IN (SELECT DISTINCT uk FROM ev)"
     )
     con.execute(
-        "CREATE TABLE items AS SELECT item_id, row_number() OVER "
+        "CREATE TABLE items AS SELECT ik, item_id, row_number() OVER "
         "(ORDER BY TRY_CAST(item_id AS BIGINT) NULLS LAST, item_id) AS idx "
-        "FROM (SELECT DISTINCT item_id FROM ev)"
+        "FROM iids WHERE ik IN (SELECT DISTINCT ik FROM ev)"
     )
     seq = work / "sequences.parquet"
     con.execute(
         "COPY (SELECT u.idx AS user, u.user_id, list(i.idx ORDER BY e.ts, e.ord) AS items, "
         "list(e.ts ORDER BY e.ts, e.ord) AS ts, list(e.rating ORDER BY e.ts, e.ord) AS ratings "
-        "FROM ev e JOIN users u USING (user_id) JOIN items i USING (item_id) "
+        "FROM ev e JOIN users u USING (uk) JOIN items i USING (ik) "
         f"GROUP BY u.idx, u.user_id ORDER BY u.idx) TO {_sq(seq)} (FORMAT parquet, ROW_GROUP_SIZE 4096)"
     )
     items = work / "item_texts.parquet"
