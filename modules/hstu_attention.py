@@ -13,6 +13,7 @@ jagged ops and skips key blocks above the causal diagonal, so it spends almost n
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm.*)
@@ -75,10 +76,32 @@ def hstu_attention(
     raise ValueError(f"hstu_attention: unknown backend {backend!r}; use 'reference', 'jagged' or 'triton'")
 
 
-def time_bucket(dt: Tensor, num_buckets: int) -> Tensor:
+def time_bucket_formula(dt: Tensor, num_buckets: int) -> Tensor:
     """Log-bucketed time gap: clamp(floor(ln(max(|dt|, 1)) / 0.301), 0, num_buckets), int64."""
     x = torch.log(dt.abs().clamp(min=1).to(torch.float32)) / TIME_BUCKET_DIVISOR
     return x.long().clamp(0, num_buckets)
+
+
+@functools.lru_cache(maxsize=8)
+def _bucket_boundaries(num_buckets: int) -> Tensor:
+    """boundaries[b - 1] = the smallest |dt| whose formula bucket is >= b (found by binary search)."""
+    bounds = []
+    for b in range(1, num_buckets + 1):
+        lo, hi = 1, 1 << 62
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if int(time_bucket_formula(torch.tensor([mid]), num_buckets)) >= b:
+                hi = mid
+            else:
+                lo = mid + 1
+        bounds.append(lo)
+    return torch.tensor(bounds, dtype=torch.int64)
+
+
+def time_bucket(dt: Tensor, num_buckets: int) -> Tensor:
+    """`time_bucket_formula` computed as one bucketize over exact integer boundaries (same result, faster)."""
+    boundaries = _bucket_boundaries(num_buckets).to(dt.device)
+    return torch.bucketize(dt.abs(), boundaries, right=True)
 
 
 def query_timestamps(timestamps: Tensor, offsets: Tensor) -> Tensor:
@@ -170,7 +193,25 @@ def _length_groups(sorted_lengths: list[int], heads: int) -> list[tuple[int, int
     return groups
 
 
-QUERY_BLOCK = 128
+class _GatherBias(torch.autograd.Function):
+    """rab = pos_weights[rel] + time_weights[bucket]; backward by bincount (CPU index_put is slow)."""
+
+    @staticmethod
+    def forward(ctx, pos_weights: Tensor, time_weights: Tensor, rel: Tensor, bucket: Tensor) -> Tensor:
+        ctx.save_for_backward(rel, bucket)
+        ctx.sizes = (pos_weights.numel(), time_weights.numel())
+        return pos_weights[rel][None] + time_weights[bucket]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rel, bucket = ctx.saved_tensors
+        num_pos, num_time = ctx.sizes
+        grad_pos = torch.bincount(rel.reshape(-1), weights=grad.sum(0).reshape(-1), minlength=num_pos)
+        grad_time = torch.bincount(bucket.reshape(-1), weights=grad.reshape(-1), minlength=num_time)
+        return grad_pos.to(grad.dtype), grad_time.to(grad.dtype), None, None
+
+
+QUERY_BLOCK = 256
 """Query rows per causal block in the jagged backend; keys beyond the block's last row are skipped."""
 
 
@@ -214,9 +255,10 @@ def _jagged_attention(
         def pad(x: Tensor, g_offsets=g_offsets, n_max=n_max, t0=t0, t1=t1) -> Tensor:
             return torch.ops.fbgemm.jagged_to_padded_dense(x[t0:t1], [g_offsets], [n_max], 0.0)
 
-        qg = pad(qs).view(n, n_max, heads, dqk).transpose(1, 2)  # [n, H, L, Dqk]
-        kg = pad(ks).view(n, n_max, heads, dqk).transpose(1, 2)
-        vg = pad(vs).view(n, n_max, heads, dv).transpose(1, 2)
+        # alpha folded into q; K stored transposed so every block is a plain strided bmm.
+        qg = (pad(qs) * alpha).view(n, n_max, heads, dqk).transpose(1, 2).contiguous()  # [n, H, L, Dqk]
+        kt = pad(ks).view(n, n_max, heads, dqk).permute(0, 2, 3, 1).contiguous()  # [n, H, Dqk, L]
+        vg = pad(vs).view(n, n_max, heads, dv).transpose(1, 2).contiguous()  # [n, H, L, Dv]
         pos = torch.arange(n_max, device=q.device)
         valid = pos[None, :] < g_lengths[:, None]
         index = torch.where(valid, g_offsets[:-1, None] + pos[None, :], 0) + t0
@@ -229,12 +271,12 @@ def _jagged_attention(
         blocks = []
         for a in range(0, n_max, QUERY_BLOCK):
             b = min(a + QUERY_BLOCK, n_max)
-            scores = torch.matmul(qg[:, :, a:b], kg[:, :, :b].transpose(2, 3)) * alpha  # [n, H, bq, b]
+            scores = torch.matmul(qg[:, :, a:b], kt[:, :, :, :b])  # [n, H, bq, b]
             rel = pos[None, :b] - pos[a:b, None] + (max_seq_len - 1)
             bucket = time_bucket(tqg[:, a:b, None] - tg[:, None, :b], num_buckets)
-            rab = pos_weights[rel][None] + time_weights[bucket]  # [n, bq, b]
-            causal = (pos[None, :b] <= pos[a:b, None]).to(q.dtype)
-            weights = F.silu(scores + rab[:, None]) * (causal * inv_den)
+            rab = _GatherBias.apply(pos_weights, time_weights, rel, bucket)  # [n, bq, b]
+            scale = (pos[None, :b] <= pos[a:b, None]).to(q.dtype) * inv_den
+            weights = F.silu(scores + rab[:, None]) * scale
             blocks.append(torch.matmul(weights, vg[:, :, :b]))  # [n, H, bq, Dv]
         og = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
         og = og.transpose(1, 2).reshape(n, n_max, heads * dv)
