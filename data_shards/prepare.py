@@ -58,6 +58,9 @@ def prepare(cfg: DataConfig) -> Path:
     scratch_parent = Path(cfg.temp_dir) if cfg.temp_dir else root
     scratch_parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.name}.tmp-", dir=root))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the published dataset gets normal permissions
     work = Path(tempfile.mkdtemp(prefix=f".{cfg.name}.work-", dir=scratch_parent))
     stats = SkipStats()
     timings: dict[str, float] = {}
