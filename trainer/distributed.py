@@ -53,11 +53,10 @@ def init_distributed() -> World:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     device = pick_device(local_rank)
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if backend == "nccl" else {}
+        kwargs: dict = {"device_id": device} if backend == "nccl" else {}
+        if "MASTER_ADDR" not in os.environ:  # plain `python`: a world of one on a free local port
+            kwargs["init_method"] = f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     world = World(
         rank=rank,

@@ -110,9 +110,8 @@ class HSTUTrainer:
             betas=config.train.betas,
             weight_decay=config.train.weight_decay,
         )
-        self.optimizer = CombinedOptimizer(
-            [self.dmp.fused_optimizer, KeyedOptimizerWrapper(dense_params, lambda _: self.adamw)]
-        )
+        self.dense_optimizer = KeyedOptimizerWrapper(dense_params, lambda _: self.adamw)
+        self.optimizer = CombinedOptimizer([self.dmp.fused_optimizer, self.dense_optimizer])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.adamw, self._lr_factor)
         self.grad_norm = float("nan")
         self.adamw.register_step_pre_hook(self._clip_gradients)
@@ -136,6 +135,7 @@ class HSTUTrainer:
         self.meter = Throughput()
         resume = self.checkpoints.resolve_resume(config.checkpoint.resume)
         if resume is not None:
+            self.dense_optimizer.init_state()  # AdamW state is lazy; DCP loads into existing tensors only
             self.state = self.checkpoints.load(resume, self._stateful())
             self.scheduler.load_state_dict(self.state.pop("scheduler"))
             self._saved_step = self.state["step"]

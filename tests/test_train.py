@@ -1,0 +1,251 @@
+"""launch/train.py end to end on tiny synthetic data: real torchrun worlds over gloo, real DCP checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from data_shards.config import DataConfig
+from data_shards.embedding_shards import write_embedding_shards
+from data_shards.prepare import prepare
+from data_shards.synthetic import generate_amazon
+from trainer.config import JobConfig
+from trainer.config_io import ConfigError, load_config
+from trainer.hstu_trainer import FAULT_INJECTION_ENV, train
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = str(REPO / "launch" / "train.py")
+
+TINY_MODEL = """
+[model]
+embedding_dim = 16
+num_blocks = 1
+num_heads = 2
+qk_dim = 8
+v_dim = 8
+max_seq_len = 20
+dropout = 0.1
+fusion = "none"
+
+[loss]
+num_negatives = 32
+
+[sharding]
+learning_rate = 0.1
+
+[train]
+epochs = 50
+batch_size = 16
+lr = 5e-3
+
+[eval]
+batch_size = 64
+patience = 0
+
+[metrics]
+log_every_steps = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A synthetic Amazon-format dataset: ~350 users in 8 sequence shards."""
+    root = tmp_path_factory.mktemp("train_data")
+    reviews, meta = generate_amazon(root / "raw", num_reviews=4000, num_users=350, num_items=150, seed=3)
+    cfg = DataConfig(
+        source="amazon2023",
+        interactions=str(reviews),
+        items=str(meta),
+        root=str(root),
+        name="tiny",
+        max_seq_len=20,
+        users_per_shard=45,
+        min_item_interactions=2,
+    )
+    return prepare(cfg)
+
+
+def _config(tmp_path: Path, dataset: Path, name: str, extra: str = "") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f'[run]\nname = "{name}"\noutput_root = "{tmp_path / "runs"}"\nseed = 7\n\n'
+        f'[data]\nroot = "{dataset.parent}"\nname = "{dataset.name}"\nmax_seq_len = 20\n' + TINY_MODEL + extra
+    )
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(
+    args: list[str], *, env: dict | None = None, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _results(tmp_path: Path, name: str) -> dict:
+    return json.loads((tmp_path / "runs" / name / "results.json").read_text())
+
+
+def _model_tensors(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
+    dcp_to_torch_save(checkpoint, out)
+    state = torch.load(out, weights_only=False)
+    flat = {}
+    for group, values in state.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    flat[f"{group}.{key}"] = value
+    return flat
+
+
+@pytest.mark.multiprocess
+def test_two_rank_training_loss_falls(tmp_path, dataset):
+    cfg = _config(tmp_path, dataset, "falls", '\n[checkpoint]\nresume = "never"\n')
+    _torchrun(["--standalone", "--nproc-per-node=2", TRAIN, "--config", str(cfg), "train.max_steps=24"])
+    results = _results(tmp_path, "falls")
+    losses = [loss for _, loss in results["train_loss"]]
+    assert len(losses) == 24
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.9 * first, f"loss did not fall: first {first:.3f} last {last:.3f}"
+    assert results["world_size"] == 2
+    for key in ("hr@10", "ndcg@10", "mrr"):
+        assert 0.0 <= results["test"][key] <= 1.0
+    run = tmp_path / "runs" / "falls"
+    assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 24
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+@pytest.mark.multiprocess
+def test_sigkilled_worker_resumes_to_identical_parameters(tmp_path, dataset):
+    extra = "\n[checkpoint]\ninterval_steps = 5\nkeep_last = 5\n"
+    common = ["--nproc-per-node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0"]
+    for name, env, restarts in (("straight", {}, "0"), ("killed", {FAULT_INJECTION_ENV: "1:10"}, "1")):
+        cfg = _config(tmp_path, dataset, name, extra)
+        proc = _torchrun(
+            [*common, f"--max-restarts={restarts}", TRAIN, "--config", str(cfg), "train.max_steps=20"],
+            env=env,
+        )
+        if name == "killed":
+            assert "step-000000010" in proc.stdout + proc.stderr, "the restarted workers did not resume"
+    straight = _model_tensors(tmp_path / "runs/straight/checkpoints/step-000000020", tmp_path / "a.pt")
+    killed = _model_tensors(tmp_path / "runs/killed/checkpoints/step-000000020", tmp_path / "b.pt")
+    assert straight.keys() == killed.keys() and len(straight) > 5
+    for key in straight:
+        assert torch.equal(straight[key], killed[key]), f"{key} differs after the restart"
+    assert _results(tmp_path, "straight")["test"] == _results(tmp_path, "killed")["test"]
+
+
+@pytest.mark.multiprocess
+def test_two_agents_multi_node_rendezvous(tmp_path, dataset):
+    cfg = _config(tmp_path, dataset, "multinode", '\n[checkpoint]\nresume = "never"\n')
+    port = _free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=multinode-test",
+        TRAIN,
+        "--config",
+        str(cfg),
+        "train.max_steps=6",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [
+        subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ]
+    agents.append(
+        subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    )
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    for agent, output in zip(agents, outputs, strict=True):
+        assert agent.returncode == 0, output[-4000:]
+    results = _results(tmp_path, "multinode")
+    assert results["world_size"] == 2 and results["steps"] == 6
+
+
+def test_missing_dataset_fails_fast_with_instructions(tmp_path):
+    cfg = load_config(JobConfig, None, [f"data.root={tmp_path}", "data.name=absent", "model.fusion=none"])
+    with pytest.raises(ConfigError, match=r"run `python launch/prepare\.py"):
+        train(cfg)
+
+
+def test_more_ranks_than_shards_fails_fast(tmp_path, dataset):
+    data_config = DataConfig(**json.loads((dataset / "manifest.json").read_text())["config"])
+    one_shard = prepare(dataclasses.replace(data_config, name="one_shard", users_per_shard=100_000))
+    cfg = _config(tmp_path, one_shard, "toomany")
+    proc = _torchrun(["--standalone", "--nproc-per-node=2", TRAIN, "--config", str(cfg)], check=False)
+    assert proc.returncode != 0
+    assert "1 sequence shards but the job has 2 ranks" in proc.stderr
+
+
+def _embeddings(tmp_path: Path, dataset: Path, dim: int) -> tuple[Path, np.ndarray]:
+    num_items = json.loads((dataset / "manifest.json").read_text())["num_items"]
+    vectors = np.random.default_rng(0).standard_normal((num_items, dim)).astype(np.float16)
+    out = tmp_path / f"emb{dim}"
+    write_embedding_shards(
+        out,
+        np.arange(1, num_items + 1),
+        vectors,
+        encoder={"name": "random-test-vectors"},
+        pooling="none",
+        normalized=False,
+        num_items=num_items,
+        items_per_shard=64,
+    )
+    return out, vectors
+
+
+def test_text_dimension_mismatch_fails_fast(tmp_path, dataset):
+    emb_dir, _ = _embeddings(tmp_path, dataset, 32)
+    cfg = load_config(
+        JobConfig,
+        _config(tmp_path, dataset, "textdim"),
+        ["model.fusion=add", "model.text_dim=64", f"train.text_embeddings={emb_dir}"],
+    )
+    with pytest.raises(ConfigError, match=r"holds 32-d vectors but model\.text_dim=64"):
+        train(cfg)
+
+
+@pytest.mark.multiprocess
+def test_text_fusion_two_ranks_keeps_loaded_text_table_frozen(tmp_path, dataset):
+    emb_dir, vectors = _embeddings(tmp_path, dataset, 24)
+    cfg = _config(tmp_path, dataset, "fusion", '\n[checkpoint]\nresume = "never"\n')
+    overrides = [
+        "train.max_steps=8",
+        "model.fusion=add",
+        "model.text_dim=24",
+        f"train.text_embeddings={emb_dir}",
+    ]
+    _torchrun(["--standalone", "--nproc-per-node=2", TRAIN, "--config", str(cfg), *overrides])
+    tensors = _model_tensors(tmp_path / "runs/fusion/checkpoints/step-000000008", tmp_path / "f.pt")
+    (text_key,) = [k for k in tensors if k.startswith("model.") and "item_text_table" in k]
+    table = tensors[text_key]
+    assert torch.equal(table[0], torch.zeros(24)), "padding row must stay zero"
+    assert torch.equal(table[1:], torch.from_numpy(vectors).to(table.dtype)), (
+        "text table changed or misloaded"
+    )
+    (projection,) = [k for k in tensors if k.startswith("model.") and "fusion.projection.weight" in k]
+    assert tensors[projection].abs().sum() > 0
