@@ -80,8 +80,8 @@ def main() -> None:
         speedup_cpu = row["jagged_cpu"] / row["reference_cpu"]
         print(
             f"max_len={max_len:5d} batch={batch:4d} tokens={tokens:6d} "
-            f"padded={row['reference']:8.0f} tok/s  jagged={row['jagged']:8.0f} tok/s  x{speedup:.2f} (wall); "
-            f"per CPU-second: padded={row['reference_cpu']:8.0f} jagged={row['jagged_cpu']:8.0f} x{speedup_cpu:.2f}"
+            f"padded={row['reference']:8.0f} jagged={row['jagged']:8.0f} tok/s x{speedup:.2f} (wall); "
+            f"CPU: padded={row['reference_cpu']:8.0f} jagged={row['jagged_cpu']:.0f} x{speedup_cpu:.2f}"
         )
         results[max_len] = (row, speedup, speedup_cpu)
     parts = []
