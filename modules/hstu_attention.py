@@ -16,10 +16,11 @@ from __future__ import annotations
 import functools
 from typing import Literal
 
-import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm.*)
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from modules.jagged import fbgemm_ops
 
 Backend = Literal["reference", "jagged", "triton"]
 TIME_BUCKET_DIVISOR = 0.301
@@ -228,7 +229,7 @@ def _jagged_attention(
     lengths = offsets[1:] - offsets[:-1]
     order = torch.argsort(lengths, descending=True, stable=True)
     sorted_lengths = lengths[order]
-    sorted_offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(sorted_lengths)
+    sorted_offsets = fbgemm_ops().asynchronous_complete_cumsum(sorted_lengths)
     # Token permutation that lays the sequences out in sorted order, and its inverse.
     starts = offsets[:-1][order]
     perm = torch.repeat_interleave(starts - sorted_offsets[:-1], sorted_lengths, output_size=total)
@@ -253,7 +254,7 @@ def _jagged_attention(
         n = g1 - g0
 
         def pad(x: Tensor, g_offsets=g_offsets, n_max=n_max, t0=t0, t1=t1) -> Tensor:
-            return torch.ops.fbgemm.jagged_to_padded_dense(x[t0:t1], [g_offsets], [n_max], 0.0)
+            return fbgemm_ops().jagged_to_padded_dense(x[t0:t1], [g_offsets], [n_max], 0.0)
 
         # alpha folded into q; K stored transposed so every block is a plain strided bmm.
         qg = (pad(qs) * alpha).view(n, n_max, heads, dqk).transpose(1, 2).contiguous()  # [n, H, L, Dqk]
@@ -280,6 +281,6 @@ def _jagged_attention(
             blocks.append(torch.matmul(weights, vg[:, :, :b]))  # [n, H, bq, Dv]
         og = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
         og = og.transpose(1, 2).reshape(n, n_max, heads * dv)
-        outs.append(torch.ops.fbgemm.dense_to_jagged(og, [g_offsets], total_L=t1 - t0)[0])
+        outs.append(fbgemm_ops().dense_to_jagged(og, [g_offsets], total_L=t1 - t0)[0])
     out_sorted = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
     return out_sorted.index_select(0, inverse).view(total, heads, dv)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm.*)
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+
+@functools.cache
+def fbgemm_ops():
+    """`torch.ops.fbgemm`, registered on first use, so machines without fbgemm can still import modules/."""
+    import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm.*)
+
+    return torch.ops.fbgemm
 
 
 def offsets_from_lengths(lengths: Tensor) -> Tensor:
     """[B] lengths -> [B+1] int64 offsets starting at 0."""
-    return torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.to(torch.int64))
+    return F.pad(torch.cumsum(lengths.to(torch.int64), 0), (1, 0))
 
 
 def lengths_from_offsets(offsets: Tensor) -> Tensor:
@@ -32,10 +42,10 @@ def last_positions(offsets: Tensor) -> Tensor:
 
 def jagged_to_padded(values: Tensor, offsets: Tensor, max_len: int, padding_value: float = 0.0) -> Tensor:
     """[T, D] jagged -> [B, max_len, D] padded (right padding), differentiable."""
-    return torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], padding_value)
+    return fbgemm_ops().jagged_to_padded_dense(values, [offsets], [max_len], padding_value)
 
 
 def padded_to_jagged(padded: Tensor, offsets: Tensor, total: int | None = None) -> Tensor:
     """[B, N, D] padded -> [T, D] jagged, dropping the padding, differentiable."""
     total = int(offsets[-1]) if total is None else total
-    return torch.ops.fbgemm.dense_to_jagged(padded, [offsets], total_L=total)[0]
+    return fbgemm_ops().dense_to_jagged(padded, [offsets], total_L=total)[0]

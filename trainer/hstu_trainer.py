@@ -12,12 +12,14 @@ import math
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -133,6 +135,8 @@ class HSTUTrainer:
         }
         self._saved_step = -1
         self.meter = Throughput()
+        self._in_flight: deque[tuple[int, int]] = deque()  # (sequences, tokens) of batches read ahead
+        self.trained = {"steps": 0, "sequences": 0, "tokens": 0, "seconds": 0.0}
         resume = self.checkpoints.resolve_resume(config.checkpoint.resume)
         if resume is not None:
             self.dense_optimizer.init_state()  # AdamW state is lazy; DCP loads into existing tensors only
@@ -243,7 +247,7 @@ class HSTUTrainer:
         cfg = self.config
         needs_negatives = cfg.loss.kind == "sampled_softmax"
         for index, batch in enumerate(batches, start=first):
-            self.meter.add(sequences=int(batch.weights.sum()), tokens=int(batch.lengths.sum()))
+            self._in_flight.append((int(batch.weights.sum()), int(batch.lengths.sum())))
             generator = torch.Generator().manual_seed(step_seed(cfg.run.seed, self.world.rank, epoch, index))
             yield make_model_batch(
                 batch,
@@ -294,6 +298,7 @@ class HSTUTrainer:
         pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device)
         self.dmp.train()
         self.meter = Throughput()
+        self._in_flight.clear()
         progress = tqdm(
             total=len(self.train_loader),
             initial=first,
@@ -302,6 +307,7 @@ class HSTUTrainer:
             leave=False,
         )
         reached_max = False
+        start = time.perf_counter()
         try:
             while True:
                 if cfg.train.max_steps and self.state["step"] >= cfg.train.max_steps:
@@ -313,6 +319,11 @@ class HSTUTrainer:
                 except StopIteration:
                     break
                 self.scheduler.step()
+                sequences, tokens = self._in_flight.popleft()
+                self.meter.add(sequences=sequences, tokens=tokens)
+                self.trained["sequences"] += sequences
+                self.trained["tokens"] += tokens
+                self.trained["steps"] += 1
                 self.state["step"] += 1
                 self.state["step_in_epoch"] += 1
                 progress.update(1)
@@ -320,6 +331,7 @@ class HSTUTrainer:
         finally:
             pipeline.detach()
             progress.close()
+            self.trained["seconds"] += time.perf_counter() - start
         return reached_max
 
     def _after_step(self, loss: Tensor) -> None:
@@ -423,6 +435,7 @@ class HSTUTrainer:
             "test": test,
             "popularity_test": popularity,
             "train_seconds": train_seconds,
+            "throughput": self._throughput(),
             "history": self.state["history"],
             "train_loss": self.state["train_loss"],
         }
@@ -434,6 +447,20 @@ class HSTUTrainer:
             logger.info("popularity baseline test: %s", _format_metrics(popularity))
             logger.info("results: %s", self.run_dir / "results.json")
         return results
+
+    def _throughput(self) -> dict[str, float]:
+        """Training speed of this launch, summed over ranks (evaluation and checkpoint time excluded)."""
+        totals = torch.tensor([self.trained["sequences"], self.trained["tokens"]], dtype=torch.float64)
+        seconds = torch.tensor([self.trained["seconds"]], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        elapsed = max(float(seconds), 1e-9)
+        return {
+            "steps_per_s": self.trained["steps"] / elapsed,
+            "sequences_per_s": float(totals[0]) / elapsed,
+            "tokens_per_s": float(totals[1]) / elapsed,
+        }
 
     def close(self) -> None:
         self.monitor.close()

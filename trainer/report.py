@@ -1,0 +1,39 @@
+"""Comparison tables from runs' `results.json` files (what the demo prints and the README shows)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+METRICS = ("hr@10", "hr@50", "hr@200", "ndcg@10", "ndcg@50", "ndcg@200", "mrr")
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the run did not finish")
+    return json.loads(path.read_text())
+
+
+def metrics_table(rows: dict[str, dict[str, float]]) -> str:
+    """Markdown table: one row per named metrics dict, test metrics as columns."""
+    header = "| model | " + " | ".join(METRICS) + " |"
+    lines = [header, "|---|" + "---:|" * len(METRICS)]
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{metrics[m]:.4f}" for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def mean_std_table(rows: dict[str, list[dict[str, float]]]) -> str:
+    """Markdown table of mean ± std over seeds for each named list of metrics dicts."""
+    lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    for name, runs in rows.items():
+        cells = []
+        for m in METRICS:
+            values = [r[m] for r in runs]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.4f} ± {std:.4f}")
+        lines.append(f"| {name} (n={len(runs)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
