@@ -7,7 +7,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from data_shards.embedding_shards import EmbeddingShardError
 from data_shards.io import DataError
+from modules.blair import EncoderError
 from trainer.config import JobConfig
 from trainer.config_io import ConfigError, load_config
 
@@ -38,9 +40,9 @@ def parse_job_config(
 
 
 def run_main(main: Callable[[], T]) -> T:
-    """Run an entry point; user errors (bad config or data) end with one line and exit status 2."""
+    """Run an entry point; user errors (config, data, embeddings, encoder) end with one line and exit 2."""
     try:
         return main()
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, EmbeddingShardError, EncoderError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
