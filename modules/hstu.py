@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.config import ModelConfig
-from modules.hstu_attention import hstu_attention
+from modules.hstu_attention import AttentionPlan, hstu_attention, plan_attention
 from modules.jagged import positions_in_sequence
 
 
@@ -33,8 +33,10 @@ class HSTULayer(nn.Module):
         self.time_weights = nn.Parameter(torch.empty(config.num_time_buckets + 1).normal_(mean=0.0, std=0.02))
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, offsets: Tensor, timestamps: Tensor) -> Tensor:
-        """x: [T, d], offsets: [B+1], timestamps: [T] -> [T, d]."""
+    def forward(
+        self, x: Tensor, offsets: Tensor, timestamps: Tensor, plan: AttentionPlan | None = None
+    ) -> Tensor:
+        """x: [T, d], offsets: [B+1], timestamps: [T] -> [T, d]; `plan` shares attention indices."""
         c = self._config
         total, h = x.shape[0], c.num_heads
         normed = F.layer_norm(x, [c.embedding_dim], eps=c.layer_norm_eps)
@@ -51,6 +53,7 @@ class HSTULayer(nn.Module):
             alpha=c.resolved_alpha,
             denominator=c.resolved_denominator,
             backend=c.attention_backend,
+            plan=plan,
         ).reshape(total, h * c.v_dim)
         gated = u * F.layer_norm(attn, [h * c.v_dim], eps=c.layer_norm_eps)
         return x + self.output(self.dropout(gated))
@@ -69,9 +72,20 @@ class HSTUEncoder(nn.Module):
 
     def forward(self, x: Tensor, offsets: Tensor, timestamps: Tensor) -> Tensor:
         """x: [T, d] item vectors (oldest first per sequence), offsets: [B+1], timestamps: [T] -> [T, d]."""
+        c = self._config
         positions = positions_in_sequence(offsets, x.shape[0])
-        h = x * math.sqrt(self._config.embedding_dim) + self.position(positions)
+        h = x * math.sqrt(c.embedding_dim) + self.position(positions)
         h = self.dropout(h)
+        plan = None
+        if c.attention_backend in ("reference", "jagged"):
+            # Padded layout and bias indices depend only on offsets/timestamps: build once, share by layers.
+            plan = plan_attention(
+                offsets,
+                timestamps,
+                max_seq_len=c.max_seq_len,
+                num_time_buckets=c.num_time_buckets,
+                backend=c.attention_backend,
+            )
         for layer in self.layers:
-            h = layer(h, offsets, timestamps)
+            h = layer(h, offsets, timestamps, plan)
         return F.normalize(h, p=2.0, dim=-1, eps=1e-6)

@@ -5,26 +5,35 @@ rab(i, j) = pos_weights[(j - i) + max_seq_len - 1] + time_weights[bucket(tq_i - 
 tq_i is the timestamp of position i + 1 of the same sequence (t_i at its last position), the research
 code's "next event time" convention; bucket(dt) = clamp(floor(ln(max(|dt|, 1)) / 0.301), 0, num_buckets).
 
-Backends: `reference` pads the whole batch to its longest sequence with plain PyTorch (the test oracle);
-`jagged` groups sequences of similar length, pads each group only to its own longest sequence with FBGEMM
-jagged ops and skips key blocks above the causal diagonal, so it spends almost nothing on padding;
-`triton` (GPU) lives in modules/hstu_attention_triton.py and is imported only when asked for.
+Backends: `reference` pads the whole batch to its longest sequence ([B, H, N, N] scores, the test oracle);
+`jagged` groups sequences of similar length, pads each group only to its own longest sequence and skips
+key blocks above the causal diagonal, so it spends little on padding; `triton` (GPU) lives in
+modules/hstu_attention_triton.py and is imported only when asked for.
+
+Both CPU backends run from an `AttentionPlan`: the padded layout and, for every causal (i, j) pair of every
+sequence, its index into a [relative position, time bucket] bias table and its place in the padded scores.
+A plan depends only on offsets and timestamps, so `HSTUEncoder` builds one per forward and every layer
+reuses it (`plan_attention`, then `hstu_attention(..., plan=plan)`); without one each call builds its own.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from modules.jagged import fbgemm_ops
+from torch.autograd.function import once_differentiable
 
 Backend = Literal["reference", "jagged", "triton"]
 TIME_BUCKET_DIVISOR = 0.301
 """ln(dt) / 0.301 (about log2 of the gap), as in the reference research code."""
+QUERY_BLOCK = 256
+"""Query rows per causal block in the jagged backend; keys beyond the block's last row are skipped."""
+GROUP_MIN_SAVING = 1 << 16
+"""Padded score elements (times heads) a new jagged length group must save to pay for its extra kernels."""
 
 
 def hstu_attention(
@@ -40,6 +49,7 @@ def hstu_attention(
     alpha: float,
     denominator: float | None,
     backend: Backend = "jagged",
+    plan: AttentionPlan | None = None,
 ) -> Tensor:
     """HSTU attention; q, k: [T, H, Dqk], v: [T, H, Dv], offsets: [B+1] int64 -> [T, H, Dv].
 
@@ -49,6 +59,8 @@ def hstu_attention(
         time_weights: [num_time_buckets + 1] time-gap bias, shared by heads.
         denominator: divide SiLU scores by this constant (reference: max_seq_len), or None to divide
             by each sequence's own length.
+        plan: `plan_attention(offsets, timestamps, ...)` for this backend, to share its index work across
+            layers; None builds one for this call. The triton backend ignores it.
     """
     if backend == "triton":
         from modules.hstu_attention_triton import triton_hstu_attention
@@ -65,16 +77,21 @@ def hstu_attention(
             alpha=alpha,
             denominator=denominator,
         )
+    if backend not in ("reference", "jagged"):
+        raise ValueError(
+            f"hstu_attention: unknown backend {backend!r}; use 'reference', 'jagged' or 'triton'"
+        )
     _check_inputs(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len)
-    if backend == "reference":
-        return _reference_attention(
-            q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len, alpha, denominator
+    num_buckets = time_weights.numel() - 1
+    if plan is None:
+        plan = plan_attention(
+            offsets, timestamps, max_seq_len=max_seq_len, num_time_buckets=num_buckets, backend=backend
         )
-    if backend == "jagged":
-        return _jagged_attention(
-            q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len, alpha, denominator
+    else:
+        plan.check(
+            offsets, timestamps, max_seq_len=max_seq_len, num_time_buckets=num_buckets, backend=backend
         )
-    raise ValueError(f"hstu_attention: unknown backend {backend!r}; use 'reference', 'jagged' or 'triton'")
+    return _planned_attention(q, k, v, pos_weights, time_weights, plan, max_seq_len, alpha, denominator)
 
 
 def time_bucket_formula(dt: Tensor, num_buckets: int) -> Tensor:
@@ -100,7 +117,7 @@ def _bucket_boundaries(num_buckets: int) -> Tensor:
 
 
 def time_bucket(dt: Tensor, num_buckets: int) -> Tensor:
-    """`time_bucket_formula` computed as one bucketize over exact integer boundaries (same result, faster)."""
+    """`time_bucket_formula` as one bucketize over exact integer boundaries (same result)."""
     boundaries = _bucket_boundaries(num_buckets).to(dt.device)
     return torch.bucketize(dt.abs(), boundaries, right=True)
 
@@ -137,150 +154,278 @@ def _check_inputs(q, k, v, offsets, timestamps, pos_weights, time_weights, max_s
         raise ValueError(
             f"hstu_attention: time_weights must be [num_buckets+1], got {tuple(time_weights.shape)}"
         )
-    if offsets.numel() > 1:
-        longest = int((offsets[1:] - offsets[:-1]).max())
-        if longest > max_seq_len:
-            raise ValueError(f"hstu_attention: a sequence has {longest} tokens > max_seq_len={max_seq_len}")
 
 
-def _reference_attention(
-    q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len, alpha, denominator
-) -> Tensor:
-    """Plain-PyTorch oracle: pad every sequence to the batch's longest, full [B, H, N, N] scores."""
-    num_seqs = offsets.numel() - 1
-    total, heads, dv = v.shape
-    if num_seqs == 0 or total == 0:
-        return v.new_zeros(total, heads, dv)
+@dataclass(eq=False)
+class _Block:
+    """Query rows [start, stop) of a padded group against keys [0, stop), and the bias of its causal pairs."""
+
+    start: int
+    stop: int
+    bias_index: Tensor
+    """[P] per causal pair: (i - j) * (num_buckets + 1) + bucket, into the [n_max, buckets+1] bias table."""
+    bias_dest: Tensor
+    """[P] per causal pair: flat position in this block's one-head [n, stop - start, stop] scores."""
+    _dest_by_heads: dict[int, Tensor] = field(default_factory=dict)
+
+    def dest(self, heads: int) -> Tensor:
+        """bias_dest for [n * heads, stop - start, stop] scores: [P * heads], pair-major."""
+        if heads == 1:
+            return self.bias_dest
+        if heads not in self._dest_by_heads:
+            area = (self.stop - self.start) * self.stop
+            row, cell = self.bias_dest // area, self.bias_dest % area
+            head = torch.arange(heads, device=row.device) * area
+            self._dest_by_heads[heads] = ((row * (heads * area) + cell)[:, None] + head).reshape(-1)
+        return self._dest_by_heads[heads]
+
+
+@dataclass(eq=False)
+class _Group:
+    """Sequences padded together to n_max: rows[s, p] = token index of position p, T at padding."""
+
+    n_max: int
+    rows: Tensor
+    blocks: list[_Block]
+    _rows_by_heads: dict[int, Tensor] = field(default_factory=dict)
+
+    def head_rows(self, heads: int) -> Tensor:
+        """Rows into a [(T + 1) * heads, D] head-major token table, laid out [n, heads, n_max]."""
+        if heads == 1:
+            return self.rows.reshape(-1)
+        if heads not in self._rows_by_heads:
+            head = torch.arange(heads, device=self.rows.device)[None, :, None]
+            self._rows_by_heads[heads] = (self.rows[:, None, :] * heads + head).reshape(-1)
+        return self._rows_by_heads[heads]
+
+
+@dataclass(eq=False)
+class AttentionPlan:
+    """Index work of one batch for the reference or jagged backend, shared by every layer's attention."""
+
+    backend: str
+    max_seq_len: int
+    num_time_buckets: int
+    offsets: Tensor
+    timestamps: Tensor
+    max_len: int
+    """Longest sequence in the batch (rows of the bias table)."""
+    groups: list[_Group]
+    out_rows: Tensor
+    """[T] each token's row in the concatenated [sum(n * n_max), ...] padded group outputs."""
+    inv_lengths: Tensor
+    """[T, 1] float32: 1 / the token's own sequence length (denominator=None)."""
+
+    def check(
+        self, offsets: Tensor, timestamps: Tensor, *, max_seq_len: int, num_time_buckets: int, backend: str
+    ) -> None:
+        """Raise ValueError unless this plan was built for exactly these inputs and settings."""
+        want = (backend, max_seq_len, num_time_buckets)
+        have = (self.backend, self.max_seq_len, self.num_time_buckets)
+        if want != have:
+            raise ValueError(
+                f"hstu_attention: plan was built for (backend, max_seq_len, num_time_buckets)={have}, "
+                f"called with {want}; build it with plan_attention(...) for this call"
+            )
+        same_offsets = offsets is self.offsets or (
+            offsets.shape == self.offsets.shape and torch.equal(offsets, self.offsets)
+        )
+        same_ts = timestamps is self.timestamps or (
+            timestamps.shape == self.timestamps.shape and torch.equal(timestamps, self.timestamps)
+        )
+        if not (same_offsets and same_ts):
+            raise ValueError(
+                "hstu_attention: plan was built for other offsets/timestamps; build one per batch with "
+                "plan_attention(offsets, timestamps, ...)"
+            )
+
+
+def plan_attention(
+    offsets: Tensor, timestamps: Tensor, *, max_seq_len: int, num_time_buckets: int, backend: Backend
+) -> AttentionPlan:
+    """Padded layout and causal-pair bias indices for one batch (offsets [B+1], timestamps [T])."""
+    if backend not in ("reference", "jagged"):
+        raise ValueError(f"plan_attention: backend must be 'reference' or 'jagged', got {backend!r}")
+    device = offsets.device
     lengths = offsets[1:] - offsets[:-1]
-    n = int(lengths.max())
-    pos = torch.arange(n, device=q.device)
-    valid = pos[None, :] < lengths[:, None]  # [B, N]
-    index = torch.where(valid, offsets[:-1, None] + pos[None, :], 0)  # [B, N]
-    vmask = valid[:, :, None, None].to(q.dtype)
-    qp, kp, vp = q[index] * vmask, k[index] * vmask, v[index] * vmask  # [B, N, H, D]
-    ts = torch.where(valid, timestamps[index], 0)
-    tq = torch.where(valid, query_timestamps(timestamps, offsets)[index], 0)
+    num_seqs, total = lengths.numel(), int(offsets[-1])
+    max_len = int(lengths.max()) if num_seqs else 0
+    if max_len > max_seq_len:
+        raise ValueError(f"hstu_attention: a sequence has {max_len} tokens > max_seq_len={max_seq_len}")
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), lengths, output_size=total)
+    positions = torch.arange(total, device=device) - offsets[:-1][seq_of_token]
+    inv_lengths = (1.0 / lengths.clamp(min=1).to(torch.float32))[seq_of_token][:, None]
+    tq = query_timestamps(timestamps, offsets)
 
-    scores = torch.einsum("bihd,bjhd->bhij", qp, kp) * alpha
-    rel = pos[None, :] - pos[:, None] + (max_seq_len - 1)  # [N(i), N(j)] -> j - i
-    bucket = time_bucket(tq[:, :, None] - ts[:, None, :], time_weights.numel() - 1)
-    rab = pos_weights[rel][None] + time_weights[bucket]  # [B, N, N]
-    scores = scores + rab[:, None]
-    causal = pos[None, :] <= pos[:, None]
-    mask = (causal[None] & valid[:, None, :] & valid[:, :, None])[:, None]  # [B, 1, N, N]
-    den = lengths.to(q.dtype)[:, None, None, None] if denominator is None else float(denominator)
-    attn = torch.where(mask, F.silu(scores), 0.0) / den
-    out = torch.einsum("bhij,bjhd->bihd", attn, vp)  # [B, N, H, Dv]
-    return out[valid]
+    if backend == "reference":
+        seqs = torch.nonzero(lengths).view(-1)
+        splits = [(0, seqs.numel())] if seqs.numel() else []
+        block = max(max_len, 1)
+    else:
+        order = torch.argsort(lengths, descending=True, stable=True)
+        sorted_lengths = lengths[order].tolist()
+        nonzero = sum(1 for n in sorted_lengths if n > 0)
+        seqs = order[:nonzero]
+        splits = _length_groups(sorted_lengths[:nonzero], max_len)
+        block = QUERY_BLOCK
+    seq_lengths, seq_starts = lengths[seqs], offsets[:-1][seqs]
+    first_row = torch.zeros(num_seqs, dtype=torch.int64, device=device)
+    groups, base = [], 0
+    for g0, g1 in splits:
+        g_lengths, g_starts = seq_lengths[g0:g1], seq_starts[g0:g1]
+        n, n_max = g1 - g0, int(g_lengths[0]) if backend == "jagged" else max_len
+        first_row[seqs[g0:g1]] = base + torch.arange(n, device=device) * n_max
+        base += n * n_max
+        pos = torch.arange(n_max, device=device)
+        rows = torch.where(pos[None, :] < g_lengths[:, None], g_starts[:, None] + pos[None, :], total)
+        blocks = [
+            _causal_pairs(g_lengths, g_starts, a, min(a + block, n_max), tq, timestamps, num_time_buckets)
+            for a in range(0, n_max, block)
+        ]
+        groups.append(_Group(n_max=n_max, rows=rows, blocks=blocks))
+    out_rows = first_row[seq_of_token] + positions
+    return AttentionPlan(
+        backend=backend,
+        max_seq_len=max_seq_len,
+        num_time_buckets=num_time_buckets,
+        offsets=offsets,
+        timestamps=timestamps,
+        max_len=max_len,
+        groups=groups,
+        out_rows=out_rows,
+        inv_lengths=inv_lengths,
+    )
 
 
-def _length_groups(sorted_lengths: list[int], heads: int) -> list[tuple[int, int]]:
+def _exclusive_cumsum(x: Tensor) -> Tensor:
+    return F.pad(torch.cumsum(x, 0), (1, 0))[:-1]
+
+
+def _causal_pairs(
+    lengths: Tensor, starts: Tensor, start: int, stop: int, tq: Tensor, ts: Tensor, num_buckets: int
+) -> _Block:
+    """Every (i, j <= i) pair with query row i in [start, stop) of each sequence: bias index and place."""
+    device = lengths.device
+    rows_per_seq = (lengths - start).clamp(0, stop - start)
+    num_queries = int(rows_per_seq.sum())
+    seq = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=device), rows_per_seq, output_size=num_queries
+    )
+    first = torch.repeat_interleave(_exclusive_cumsum(rows_per_seq), rows_per_seq, output_size=num_queries)
+    row = torch.arange(num_queries, device=device) - first  # i - start
+    query_token = starts[seq] + start + row
+    keys = row + (start + 1)  # keys 0..i per query
+    num_pairs = int(keys.sum())
+    pair_query = torch.repeat_interleave(
+        torch.arange(num_queries, device=device), keys, output_size=num_pairs
+    )
+    j = torch.arange(num_pairs, device=device) - _exclusive_cumsum(keys)[pair_query]
+    dest = ((seq * (stop - start) + row) * stop)[pair_query] + j
+    key_token = starts[seq][pair_query] + j
+    r = (row + start)[pair_query] - j
+    bucket = time_bucket_formula(tq[query_token][pair_query] - ts[key_token], num_buckets)
+    return _Block(start=start, stop=stop, bias_index=r * (num_buckets + 1) + bucket, bias_dest=dest)
+
+
+def _length_groups(sorted_lengths: list[int], longest: int) -> list[tuple[int, int]]:
     """Split descending lengths into [start, end) groups padded to their first length.
 
     A new group starts when the remaining sequences would save enough padded score elements to pay
-    for another round of kernel launches (about 2**17 elements) and the length dropped by 20%.
+    for another group's kernels (GROUP_MIN_SAVING) and the length dropped by 20%.
     """
-    groups = []
-    start = 0
-    for i in range(1, len(sorted_lengths) + 1):
-        if i == len(sorted_lengths):
-            groups.append((start, i))
-            break
+    count = len(sorted_lengths)
+    if count == 0:
+        return []
+    groups, start = [], 0
+    for i in range(1, count):
         top, cur = sorted_lengths[start], sorted_lengths[i]
-        saving = (len(sorted_lengths) - i) * (top * top - cur * cur) * heads
-        if cur < 0.8 * top and saving > (1 << 17):
+        if cur < 0.8 * top and (count - i) * (top * top - cur * cur) > GROUP_MIN_SAVING:
             groups.append((start, i))
             start = i
+    groups.append((start, count))
     return groups
 
 
-class _GatherBias(torch.autograd.Function):
-    """rab = pos_weights[rel] + time_weights[bucket]; backward by bincount (CPU index_put is slow)."""
+class _CausalBlockAttention(torch.autograd.Function):
+    """One padded block: O = tril(SiLU(Q K^T + bias at the causal pairs), start) V, for [G, ., .] batches.
+
+    Fused so that the bias is scattered straight into the scores and its gradient gathered back from
+    them (no [G, L, L] bias or mask tensors), and the backward reuses its buffers in place.
+    """
 
     @staticmethod
-    def forward(ctx, pos_weights: Tensor, time_weights: Tensor, rel: Tensor, bucket: Tensor) -> Tensor:
-        ctx.save_for_backward(rel, bucket)
-        ctx.sizes = (pos_weights.numel(), time_weights.numel())
-        return pos_weights[rel][None] + time_weights[bucket]
+    def forward(ctx, q, k, v, table, bias_index, bias_dest, start: int, heads: int):
+        scores = torch.bmm(q, k.transpose(1, 2))
+        if bias_index.numel():
+            values = table.index_select(0, bias_index).to(scores.dtype)
+            if heads > 1:
+                values = values[:, None].expand(-1, heads).reshape(-1)
+            scores.view(-1).index_add_(0, bias_dest, values)
+        weights = F.silu(scores).tril_(start)
+        ctx.save_for_backward(q, k, v, scores, weights, bias_index, bias_dest)
+        ctx.start, ctx.heads, ctx.table_shape = start, heads, (table.numel(), table.dtype)
+        return torch.bmm(weights, v)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        rel, bucket = ctx.saved_tensors
-        num_pos, num_time = ctx.sizes
-        grad_pos = torch.bincount(rel.reshape(-1), weights=grad.sum(0).reshape(-1), minlength=num_pos)
-        grad_time = torch.bincount(bucket.reshape(-1), weights=grad.reshape(-1), minlength=num_time)
-        return grad_pos.to(grad.dtype), grad_time.to(grad.dtype), None, None
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, scores, weights, bias_index, bias_dest = ctx.saved_tensors
+        grad_v = torch.bmm(weights.transpose(1, 2), grad_out)
+        grad_s = torch.bmm(grad_out, v.transpose(1, 2)).tril_(ctx.start)
+        torch.ops.aten.silu_backward.grad_input(grad_s, scores, grad_input=grad_s)
+        grad_q = torch.bmm(grad_s, k)
+        grad_k = torch.bmm(grad_s.transpose(1, 2), q)
+        grad_table = None
+        if ctx.needs_input_grad[3]:
+            numel, dtype = ctx.table_shape
+            grad_bias = grad_s.view(-1).index_select(0, bias_dest)
+            if ctx.heads > 1:
+                grad_bias = grad_bias.view(-1, ctx.heads).sum(1)
+            acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            grad_table = torch.zeros(numel, dtype=acc, device=grad_bias.device)
+            grad_table = grad_table.index_add_(0, bias_index, grad_bias.to(acc)).to(dtype)
+        return grad_q, grad_k, grad_v, grad_table, None, None, None, None
 
 
-QUERY_BLOCK = 256
-"""Query rows per causal block in the jagged backend; keys beyond the block's last row are skipped."""
-
-
-def _jagged_attention(
-    q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len, alpha, denominator
+def _planned_attention(
+    q, k, v, pos_weights, time_weights, plan: AttentionPlan, max_seq_len, alpha, denominator
 ) -> Tensor:
-    """Length-grouped attention: sort sequences by length, pad each group to its own longest one."""
-    num_seqs = offsets.numel() - 1
+    """Gather each group's padded q/k/v, run its causal blocks, scatter back to tokens, divide by den."""
     total, heads, dqk = q.shape
     dv = v.shape[2]
-    if num_seqs == 0 or total == 0:
+    if total == 0 or not plan.groups:
         return v.new_zeros(total, heads, dv)
-    num_buckets = time_weights.numel() - 1
-    lengths = offsets[1:] - offsets[:-1]
-    order = torch.argsort(lengths, descending=True, stable=True)
-    sorted_lengths = lengths[order]
-    sorted_offsets = fbgemm_ops().asynchronous_complete_cumsum(sorted_lengths)
-    # Token permutation that lays the sequences out in sorted order, and its inverse.
-    starts = offsets[:-1][order]
-    perm = torch.repeat_interleave(starts - sorted_offsets[:-1], sorted_lengths, output_size=total)
-    perm = perm + torch.arange(total, device=q.device)
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(total, device=q.device)
-
-    tq_all = query_timestamps(timestamps, offsets)
-    qs = q.reshape(total, heads * dqk).index_select(0, perm)
-    ks = k.reshape(total, heads * dqk).index_select(0, perm)
-    vs = v.reshape(total, heads * dv).index_select(0, perm)
-    ts, tqs = timestamps.index_select(0, perm), tq_all.index_select(0, perm)
-
+    n = plan.max_len
+    # table[r, b] = pos_weights[max_seq_len - 1 - r] + time_weights[b], r = i - j in [0, n).
+    table = (pos_weights[max_seq_len - n : max_seq_len].flip(0)[:, None] + time_weights[None, :]).reshape(-1)
+    # Token tables with one zero row at index T for the padding; head-major rows [(T + 1) * H, D].
+    qz = F.pad(q * alpha, (0, 0, 0, 0, 0, 1)).view(-1, dqk)
+    kz = F.pad(k, (0, 0, 0, 0, 0, 1)).view(-1, dqk)
+    vz = F.pad(v, (0, 0, 0, 0, 0, 1)).view(-1, dv)
     outs = []
-    lens_list = sorted_lengths.tolist()
-    offs_list = sorted_offsets.tolist()
-    for g0, g1 in _length_groups(lens_list, heads):
-        n_max = lens_list[g0]
-        t0, t1 = offs_list[g0], offs_list[g1]
-        g_offsets = sorted_offsets[g0 : g1 + 1] - t0
-        g_lengths = sorted_lengths[g0:g1]
-        n = g1 - g0
-
-        def pad(x: Tensor, g_offsets=g_offsets, n_max=n_max, t0=t0, t1=t1) -> Tensor:
-            return fbgemm_ops().jagged_to_padded_dense(x[t0:t1], [g_offsets], [n_max], 0.0)
-
-        # alpha folded into q; K stored transposed so every block is a plain strided bmm.
-        qg = (pad(qs) * alpha).view(n, n_max, heads, dqk).transpose(1, 2).contiguous()  # [n, H, L, Dqk]
-        kt = pad(ks).view(n, n_max, heads, dqk).permute(0, 2, 3, 1).contiguous()  # [n, H, Dqk, L]
-        vg = pad(vs).view(n, n_max, heads, dv).transpose(1, 2).contiguous()  # [n, H, L, Dv]
-        pos = torch.arange(n_max, device=q.device)
-        valid = pos[None, :] < g_lengths[:, None]
-        index = torch.where(valid, g_offsets[:-1, None] + pos[None, :], 0) + t0
-        tg = torch.where(valid, ts[index], 0)
-        tqg = torch.where(valid, tqs[index], 0)
-        if denominator is None:
-            inv_den = 1.0 / g_lengths.to(q.dtype)[:, None, None, None]
-        else:
-            inv_den = 1.0 / float(denominator)
-        blocks = []
-        for a in range(0, n_max, QUERY_BLOCK):
-            b = min(a + QUERY_BLOCK, n_max)
-            scores = torch.matmul(qg[:, :, a:b], kt[:, :, :, :b])  # [n, H, bq, b]
-            rel = pos[None, :b] - pos[a:b, None] + (max_seq_len - 1)
-            bucket = time_bucket(tqg[:, a:b, None] - tg[:, None, :b], num_buckets)
-            rab = _GatherBias.apply(pos_weights, time_weights, rel, bucket)  # [n, bq, b]
-            scale = (pos[None, :b] <= pos[a:b, None]).to(q.dtype) * inv_den
-            weights = F.silu(scores + rab[:, None]) * scale
-            blocks.append(torch.matmul(weights, vg[:, :, :b]))  # [n, H, bq, Dv]
-        og = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
-        og = og.transpose(1, 2).reshape(n, n_max, heads * dv)
-        outs.append(fbgemm_ops().dense_to_jagged(og, [g_offsets], total_L=t1 - t0)[0])
-    out_sorted = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    return out_sorted.index_select(0, inverse).view(total, heads, dv)
+    for group in plan.groups:
+        rows, n_max = group.head_rows(heads), group.n_max
+        qg = qz.index_select(0, rows).view(-1, n_max, dqk)  # [n * H, n_max, D]
+        kg = kz.index_select(0, rows).view(-1, n_max, dqk)
+        vg = vz.index_select(0, rows).view(-1, n_max, dv)
+        blocks = [
+            _CausalBlockAttention.apply(
+                qg[:, b.start : b.stop],
+                kg[:, : b.stop],
+                vg[:, : b.stop],
+                table,
+                b.bias_index,
+                b.dest(heads),
+                b.start,
+                heads,
+            )
+            for b in group.blocks
+        ]
+        og = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)  # [n * H, n_max, Dv]
+        if heads > 1:
+            og = og.view(-1, heads, n_max, dv).transpose(1, 2)
+        outs.append(og.reshape(-1, heads * dv))
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)).index_select(0, plan.out_rows)
+    scale = plan.inv_lengths.to(out.dtype) if denominator is None else 1.0 / float(denominator)
+    out = out * scale
+    return out.view(total, heads, dv)

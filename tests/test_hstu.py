@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from modules.config import ModelConfig
 from modules.hstu import HSTUEncoder
-from modules.hstu_attention import hstu_attention, time_bucket
+from modules.hstu_attention import hstu_attention, plan_attention, time_bucket
 
 MAX_LEN = 300
 
@@ -69,6 +69,7 @@ def test_reference_matches_naive_loop(den):
 def test_jagged_matches_reference_forward_and_grads(den, seed):
     g = torch.Generator().manual_seed(seed + 10)
     lengths = [1, MAX_LEN, 129, 128, 2, *torch.randint(1, MAX_LEN + 1, (9,), generator=g).tolist()]
+    lengths += torch.randint(1, 40, (30,), generator=g).tolist()  # enough short rows for several groups
     inputs = _batch(lengths, seed=seed)
     q, k, v, offsets, ts, pw, tw = inputs
     grad_out = torch.randn(q.shape[0], q.shape[1], v.shape[2], generator=g)
@@ -82,6 +83,61 @@ def test_jagged_matches_reference_forward_and_grads(den, seed):
     torch.testing.assert_close(results["jagged"][0], results["reference"][0], rtol=1e-4, atol=1e-5)
     for got, want in zip(results["jagged"][1], results["reference"][1], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "jagged"])
+def test_shared_plan_matches_per_call_plan(backend):
+    """A plan built once and reused (as HSTUEncoder does for its layers) gives the same outputs and grads."""
+    lengths = [5, 0, 280, 40, 1, 33, 260, 0, 2]
+    q, k, v, offsets, ts, pw, tw = _batch(lengths, heads=3, seed=7)
+    plan = plan_attention(offsets, ts, max_seq_len=MAX_LEN, num_time_buckets=128, backend=backend)
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(q.shape[0], 3, v.shape[2], generator=g)
+    results = []
+    for shared in (None, plan, plan):  # the second use of `plan` hits its per-head index caches
+        out = hstu_attention(
+            q, k, v, offsets, ts, pw, tw, max_seq_len=MAX_LEN, alpha=0.5, denominator=None, backend=backend,
+            plan=shared,
+        )  # fmt: skip
+        results.append((out, torch.autograd.grad((out * grad_out).sum(), [q, k, v, pw, tw])))
+    for out, grads in results[1:]:
+        torch.testing.assert_close(out, results[0][0], rtol=0, atol=0)
+        for got, want in zip(grads, results[0][1], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_empty_sequences_match_naive_loop():
+    """Zero-length rows own no tokens; both backends agree with the naive loop around them."""
+    q, k, v, offsets, ts, pw, tw = _batch([0, 3, 0, 6, 1, 0], seed=4)
+    with torch.no_grad():
+        naive = _naive(q, k, v, offsets, ts, pw, tw, 0.7, None)
+        for backend in ("reference", "jagged"):
+            out = hstu_attention(
+                q,
+                k,
+                v,
+                offsets,
+                ts,
+                pw,
+                tw,
+                max_seq_len=MAX_LEN,
+                alpha=0.7,
+                denominator=None,
+                backend=backend,
+            )
+            torch.testing.assert_close(out, naive, rtol=1e-5, atol=1e-6)
+
+
+def test_plan_for_other_inputs_is_rejected():
+    q, k, v, offsets, ts, pw, tw = _batch([3, 5])
+    kw = dict(max_seq_len=MAX_LEN, alpha=1.0, denominator=None)
+    plan = plan_attention(offsets, ts, max_seq_len=MAX_LEN, num_time_buckets=128, backend="jagged")
+    with pytest.raises(ValueError, match="backend"):
+        hstu_attention(q, k, v, offsets, ts, pw, tw, backend="reference", plan=plan, **kw)
+    with pytest.raises(ValueError, match="offsets/timestamps"):
+        hstu_attention(q, k, v, offsets, ts + 1, pw, tw, backend="jagged", plan=plan, **kw)
+    with pytest.raises(ValueError, match="offsets/timestamps"):
+        hstu_attention(q, k, v, torch.tensor([0, 4, 8]), ts, pw, tw, backend="jagged", plan=plan, **kw)
 
 
 def test_rejects_sequence_longer_than_max_len():
