@@ -84,7 +84,7 @@ def prepare(cfg: DataConfig) -> Path:
         t2 = time.perf_counter()
         counts = proc.counts
         seq_shards = write_sequence_shards(
-            proc.sequences, tmp / "sequences", num_users=counts["kept_users"],
+            proc.sequences, proc.users, tmp / "sequences", num_users=counts["kept_users"],
             users_per_shard=cfg.users_per_shard, workers=cfg.threads,
         )  # fmt: skip
         item_shards = write_item_shards(proc.items, tmp / "items", items_per_shard=cfg.items_per_shard)

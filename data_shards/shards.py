@@ -51,12 +51,17 @@ def tar_header(name: bytes, size: int) -> bytes:
 _NPY_DESCR = {np.dtype("<i8"): "<i8", np.dtype("<f4"): "<f4", np.dtype("<i4"): "<i4", np.dtype("<f2"): "<f2"}
 
 
-def npy_bytes(arr: np.ndarray) -> bytes:
-    """`np.save` output (format 1.0) for a 1-D little-endian array, without the file machinery."""
-    header = f"{{'descr': '{_NPY_DESCR[arr.dtype]}', 'fortran_order': False, 'shape': ({arr.shape[0]},), }}"
+def npy_header(descr: str, n: int) -> bytes:
+    """The `np.save` (format 1.0) header of a 1-D array of `n` elements of dtype `descr` (e.g. ``<i8``)."""
+    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': ({n},), }}"
     pad = 64 - (10 + len(header) + 1) % 64
     header_b = (header + " " * (pad % 64) + "\n").encode("latin-1")
-    return b"\x93NUMPY\x01\x00" + len(header_b).to_bytes(2, "little") + header_b + arr.tobytes()
+    return b"\x93NUMPY\x01\x00" + len(header_b).to_bytes(2, "little") + header_b
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """`np.save` output (format 1.0) for a 1-D little-endian array, without the file machinery."""
+    return npy_header(_NPY_DESCR[arr.dtype], arr.shape[0]) + arr.tobytes()
 
 
 class TarShardWriter:
@@ -82,39 +87,114 @@ class TarShardWriter:
         return {"path": self.path.name, "sha256": self._sha.hexdigest(), "num_samples": self.num_samples}
 
 
-def _write_sequence_shard(args: tuple[str, str, int, int, int]) -> dict:
-    parquet, out_path, shard, lo, hi = args
-    table = pq.read_table(parquet, filters=[("user", ">=", lo), ("user", "<=", hi)], use_threads=False)
-    users = table["user"].to_numpy()
-    uids = table["user_id"].to_pylist()
-    items_col = table["items"].combine_chunks()
-    offsets = items_col.offsets.to_numpy()
-    items = items_col.values.to_numpy().astype("<i8", copy=False)
-    ts = table["ts"].combine_chunks().values.to_numpy().astype("<i8", copy=False)
-    ratings = table["ratings"].combine_chunks().values.to_numpy().astype("<f4", copy=False)
-    if len(users) != hi - lo + 1 or (len(users) and (users[0] != lo or users[-1] != hi)):
-        raise RuntimeError(f"shard {shard}: expected users {lo}..{hi}, got {len(users)} rows")
+_SEQ_MEMBERS = ((b".items.npy", "<i8"), (b".timestamps.npy", "<i8"), (b".ratings.npy", "<f4"))
+_META_SUFFIX = b".meta.json"
+_FLUSH_BYTES = 8 << 20
+
+
+def _json_str(s: str) -> str:
+    """`json.dumps(s)`, with a fast path for the usual printable-ASCII ids."""
+    if s.isascii() and s.isprintable() and '"' not in s and "\\" not in s:
+        return '"' + s + '"'
+    return json.dumps(s)
+
+
+class _MemberCache:
+    """Per (suffix, payload size): the parts of a tar member that do not depend on the key, built once."""
+
+    def __init__(self) -> None:
+        self._npy: dict[tuple[str, int], tuple[bytes, bytes, bytes, int]] = {}
+        self._size: dict[int, tuple[bytes, int]] = {}
+
+    def size_field(self, size: int) -> tuple[bytes, int]:
+        hit = self._size.get(size)
+        if hit is None:
+            field = b"%011o\0" % size
+            hit = self._size[size] = (field, sum(field))
+        return hit
+
+    def npy(self, descr: str, n: int) -> tuple[bytes, bytes, bytes, int]:
+        """(npy header, tar size field, padding after the payload, checksum part) for `n` elements."""
+        hit = self._npy.get((descr, n))
+        if hit is None:
+            header = npy_header(descr, n)
+            size = len(header) + n * np.dtype(descr).itemsize
+            field, fsum = self.size_field(size)
+            hit = self._npy[(descr, n)] = (header, field, b"\0" * ((-size) % _BLOCK), fsum)
+        return hit
+
+
+def _header(
+    key: bytes, key_sum: int, suffix_field: bytes, suffix_sum: int, size_field: bytes, size_sum: int
+) -> bytes:
+    """`tar_header(key + suffix, size)` from precomputed pieces and byte sums (the checksum is additive)."""
+    chksum = _CONST_SUM + key_sum + suffix_sum + size_sum
+    return key + suffix_field + _MODE_UID_GID + size_field + _MTIME + b"%06o\0 " % chksum + _TAIL
+
+
+def _write_sequence_shard(args: tuple[str, str, str, int, int, int]) -> dict:
+    seq_parquet, users_parquet, out_path, shard, lo, hi = args
+    filters = [("user", ">=", lo), ("user", "<=", hi)]
+    table = pq.read_table(seq_parquet, filters=filters, use_threads=False)
+    utable = pq.read_table(users_parquet, filters=filters, use_threads=False)
+    row_users = table["user"].to_numpy()
+    items = table["item"].to_numpy().astype("<i8", copy=False)
+    ts = table["ts"].to_numpy().astype("<i8", copy=False)
+    ratings = table["rating"].to_numpy().astype("<f4", copy=False)
+    users = utable["user"].to_numpy()
+    uids = utable["user_id"].to_pylist()
+    offsets = np.searchsorted(row_users, np.arange(lo, hi + 2), side="left")
+    if (
+        len(users) != hi - lo + 1
+        or (len(users) and (users[0] != lo or users[-1] != hi))
+        or (np.diff(row_users) < 0).any()
+        or (np.diff(offsets) <= 0).any()
+    ):
+        raise RuntimeError(f"shard {shard}: expected users {lo}..{hi}, each with events, sorted")
+    cache = _MemberCache()
+    suffixes = [(s.ljust(100 - 9, b"\0"), sum(s), d) for s, d in _SEQ_MEMBERS]
+    meta_field, meta_sum = _META_SUFFIX.ljust(100 - 9, b"\0"), sum(_META_SUFFIX)
+    columns = (items, ts, ratings)
     writer = TarShardWriter(Path(out_path))
+    parts: list[bytes] = []
+    pending = 0
+    offsets = offsets.tolist()
     for k in range(len(users)):
-        u = int(users[k])
+        u = lo + k
         a, b = offsets[k], offsets[k + 1]
-        key = f"{u:09d}"
-        writer.add(f"{key}.items.npy", npy_bytes(items[a:b]))
-        writer.add(f"{key}.timestamps.npy", npy_bytes(ts[a:b]))
-        writer.add(f"{key}.ratings.npy", npy_bytes(ratings[a:b]))
-        writer.add(f"{key}.meta.json", f'{{"user": {u}, "user_id": {json.dumps(uids[k])}}}'.encode())
-        writer.num_samples += 1
+        n = b - a
+        key = b"%09d" % u
+        ks = sum(key)
+        for (sfield, ssum, descr), col in zip(suffixes, columns, strict=True):
+            npy_head, size_field, pad, size_sum = cache.npy(descr, n)
+            parts += (_header(key, ks, sfield, ssum, size_field, size_sum), npy_head, col[a:b].tobytes(), pad)
+        meta = b'{"user": %d, "user_id": %s}' % (u, _json_str(uids[k]).encode())
+        size_field, size_sum = cache.size_field(len(meta))
+        parts += (
+            _header(key, ks, meta_field, meta_sum, size_field, size_sum),
+            meta,
+            b"\0" * ((-len(meta)) % _BLOCK),
+        )
+        pending += n * 20 + 2600
+        if pending >= _FLUSH_BYTES:
+            writer._write(b"".join(parts))
+            parts, pending = [], 0
+    writer._write(b"".join(parts))
+    writer.num_samples = len(users)
     return writer.close()
 
 
-def write_sequence_shards(parquet: Path, out_dir: Path, *, num_users: int, users_per_shard: int,
+def write_sequence_shards(parquet: Path, users: Path, out_dir: Path, *, num_users: int, users_per_shard: int,
                           workers: int) -> list[dict]:  # fmt: skip
-    """Shard k holds users ``k*users_per_shard+1 ..``; shards are written by `workers` processes."""
+    """Shard k holds users ``k*users_per_shard+1 ..``; shards are written by `workers` processes.
+
+    `parquet`: flat rows (user, item, ts, rating) sorted by user, then time; `users`: (user, user_id).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = []
     for shard, lo in enumerate(range(1, num_users + 1, users_per_shard)):
         hi = min(lo + users_per_shard - 1, num_users)
-        tasks.append((str(parquet), str(out_dir / f"seq-{shard:06d}.tar"), shard, lo, hi))
+        tasks.append((str(parquet), str(users), str(out_dir / f"seq-{shard:06d}.tar"), shard, lo, hi))
     t0 = time.perf_counter()
     results: list[dict] = []
     if workers <= 1 or len(tasks) == 1 or num_users < PARALLEL_MIN_USERS:
