@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 Backend = Literal["reference", "jagged", "triton"]
 TIME_BUCKET_DIVISOR = 0.301
 """ln(dt) / 0.301 (about log2 of the gap), as in the reference research code."""
-QUERY_BLOCK = 256
+QUERY_BLOCK = 128
 """Query rows per causal block in the jagged backend; keys beyond the block's last row are skipped."""
 GROUP_MIN_SAVING = 1 << 16
 """Padded score elements (times heads) a new jagged length group must save to pay for its extra kernels."""
@@ -215,6 +215,14 @@ class AttentionPlan:
     """[T] each token's row in the concatenated [sum(n * n_max), ...] padded group outputs."""
     inv_lengths: Tensor
     """[T, 1] float32: 1 / the token's own sequence length (denominator=None)."""
+    _rows_by_heads: dict[int, tuple[Tensor, list[int]]] = field(default_factory=dict)
+
+    def head_rows(self, heads: int) -> tuple[Tensor, list[int]]:
+        """All groups' rows into a [(T + 1) * heads, D] head-major token table, and each group's count."""
+        if heads not in self._rows_by_heads:
+            rows = [g.head_rows(heads) for g in self.groups]
+            self._rows_by_heads[heads] = (torch.cat(rows), [r.numel() for r in rows])
+        return self._rows_by_heads[heads]
 
     def check(
         self, offsets: Tensor, timestamps: Tensor, *, max_seq_len: int, num_time_buckets: int, backend: str
@@ -304,27 +312,43 @@ def _exclusive_cumsum(x: Tensor) -> Tensor:
 def _causal_pairs(
     lengths: Tensor, starts: Tensor, start: int, stop: int, tq: Tensor, ts: Tensor, num_buckets: int
 ) -> _Block:
-    """Every (i, j <= i) pair with query row i in [start, stop) of each sequence: bias index and place."""
+    """Every (i, j <= i) pair with query row i in [start, stop) of each sequence: bias index and place.
+
+    Pairs are laid out query-major, so each per-pair value is a per-query value (gathered) plus or minus
+    the pair's running index p; 1-D gathers (faster than index_select for int64 on CPU) and in-place
+    ops keep the P-sized passes few and cheap.
+    """
     device = lengths.device
     rows_per_seq = (lengths - start).clamp(0, stop - start)
     num_queries = int(rows_per_seq.sum())
     seq = torch.repeat_interleave(
         torch.arange(lengths.numel(), device=device), rows_per_seq, output_size=num_queries
     )
-    first = torch.repeat_interleave(_exclusive_cumsum(rows_per_seq), rows_per_seq, output_size=num_queries)
-    row = torch.arange(num_queries, device=device) - first  # i - start
-    query_token = starts[seq] + start + row
-    keys = row + (start + 1)  # keys 0..i per query
-    num_pairs = int(keys.sum())
+    i = torch.arange(num_queries, device=device).sub_(
+        _exclusive_cumsum(rows_per_seq).sub_(start).index_select(0, seq)
+    )
+    keys = i + 1  # keys j = 0..i per query
+    first = _exclusive_cumsum(keys)  # index p of each query's pair j = 0
+    num_pairs = int(first[-1] + keys[-1]) if num_queries else 0
     pair_query = torch.repeat_interleave(
         torch.arange(num_queries, device=device), keys, output_size=num_pairs
     )
-    j = torch.arange(num_pairs, device=device) - _exclusive_cumsum(keys)[pair_query]
-    dest = ((seq * (stop - start) + row) * stop)[pair_query] + j
-    key_token = starts[seq][pair_query] + j
-    r = (row + start)[pair_query] - j
-    bucket = time_bucket_formula(tq[query_token][pair_query] - ts[key_token], num_buckets)
-    return _Block(start=start, stop=stop, bias_index=r * (num_buckets + 1) + bucket, bias_dest=dest)
+    p = torch.arange(num_pairs, device=device)
+    seq_start = starts.index_select(0, seq)
+    # j = p - first; dest = (seq * rows + i - start) * stop + j; key token = seq_start + j; r = i - j.
+    dest = ((seq * (stop - start) + i - start) * stop - first).gather(0, pair_query).add_(p)
+    key_token = (seq_start - first).gather(0, pair_query).add_(p)
+    r = (i + first).gather(0, pair_query).sub_(p)
+    query_time = tq.index_select(0, seq_start + i)
+    dt = query_time.gather(0, pair_query).sub_(ts.gather(0, key_token))
+    bias_index = r.mul_(num_buckets + 1).add_(_time_bucket_inplace(dt, num_buckets))
+    return _Block(start=start, stop=stop, bias_index=bias_index, bias_dest=dest)
+
+
+def _time_bucket_inplace(dt: Tensor, num_buckets: int) -> Tensor:
+    """`time_bucket_formula` with the same ops done in place where possible (overwrites dt)."""
+    x = dt.abs_().clamp_(min=1).to(torch.float32).log_().div_(TIME_BUCKET_DIVISOR)
+    return x.long().clamp_(0, num_buckets)
 
 
 def _length_groups(sorted_lengths: list[int], longest: int) -> list[tuple[int, int]]:
@@ -346,51 +370,75 @@ def _length_groups(sorted_lengths: list[int], longest: int) -> list[tuple[int, i
     return groups
 
 
-class _CausalBlockAttention(torch.autograd.Function):
-    """One padded block: O = tril(SiLU(Q K^T + bias at the causal pairs), start) V, for [G, ., .] batches.
+class _GroupAttention(torch.autograd.Function):
+    """One padded group, query block by query block: O[a:b] = tril(SiLU(Q[a:b] K[:b]^T + bias), a) V[:b].
 
-    Fused so that the bias is scattered straight into the scores and its gradient gathered back from
-    them (no [G, L, L] bias or mask tensors), and the backward reuses its buffers in place.
+    q, k: [G, L, Dqk], v: [G, L, Dv] with G = sequences * heads. The bias is scattered straight into each
+    block's scores and its gradient gathered back from them (no [G, L, L] bias or mask tensors); blocks
+    write into and accumulate from one set of buffers, and the backward works on them in place.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, table, bias_index, bias_dest, start: int, heads: int):
-        scores = torch.bmm(q, k.transpose(1, 2))
-        if bias_index.numel():
-            values = table.index_select(0, bias_index).to(scores.dtype)
-            if heads > 1:
-                values = values[:, None].expand(-1, heads).reshape(-1)
-            scores.view(-1).index_add_(0, bias_dest, values)
-        weights = F.silu(scores).tril_(start)
-        ctx.save_for_backward(q, k, v, scores, weights, bias_index, bias_dest)
-        ctx.start, ctx.heads, ctx.table_shape = start, heads, (table.numel(), table.dtype)
-        return torch.bmm(weights, v)
+    def forward(ctx, q, k, v, table, blocks: list[_Block], heads: int):
+        out = v.new_empty(v.shape)
+        saved = []
+        for block in blocks:
+            a, b = block.start, block.stop
+            scores = torch.bmm(q[:, a:b], k[:, :b].transpose(1, 2))
+            if block.bias_index.numel():
+                values = table.index_select(0, block.bias_index).to(scores.dtype)
+                if heads > 1:
+                    values = values[:, None].expand(-1, heads).reshape(-1)
+                scores.view(-1).scatter_add_(0, block.dest(heads), values)
+            weights = F.silu(scores).tril_(a)
+            torch.bmm(weights, v[:, :b], out=out[:, a:b])
+            saved += [scores, weights]
+        ctx.save_for_backward(q, k, v, *saved)
+        ctx.blocks, ctx.heads, ctx.table_shape = blocks, heads, (table.numel(), table.dtype)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, scores, weights, bias_index, bias_dest = ctx.saved_tensors
-        grad_v = torch.bmm(weights.transpose(1, 2), grad_out)
-        grad_s = torch.bmm(grad_out, v.transpose(1, 2)).tril_(ctx.start)
-        torch.ops.aten.silu_backward.grad_input(grad_s, scores, grad_input=grad_s)
-        grad_q = torch.bmm(grad_s, k)
-        grad_k = torch.bmm(grad_s.transpose(1, 2), q)
+        q, k, v, *saved = ctx.saved_tensors
+        single = len(ctx.blocks) == 1
+        grad_q = torch.empty_like(q)
+        grad_k = torch.empty_like(k) if single else torch.zeros_like(k)
+        grad_v = torch.empty_like(v) if single else torch.zeros_like(v)
         grad_table = None
         if ctx.needs_input_grad[3]:
             numel, dtype = ctx.table_shape
-            grad_bias = grad_s.view(-1).index_select(0, bias_dest)
-            if ctx.heads > 1:
-                grad_bias = grad_bias.view(-1, ctx.heads).sum(1)
             acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-            grad_table = torch.zeros(numel, dtype=acc, device=grad_bias.device)
-            grad_table = grad_table.index_add_(0, bias_index, grad_bias.to(acc)).to(dtype)
-        return grad_q, grad_k, grad_v, grad_table, None, None, None, None
+            grad_table = torch.zeros(numel, dtype=acc, device=grad_out.device)
+        for index, block in enumerate(ctx.blocks):
+            a, b = block.start, block.stop
+            scores, weights = saved[2 * index], saved[2 * index + 1]
+            go = grad_out[:, a:b]
+            if single:
+                torch.bmm(weights.transpose(1, 2), go, out=grad_v)
+            else:
+                grad_v[:, :b].baddbmm_(weights.transpose(1, 2), go)
+            grad_s = torch.bmm(go, v[:, :b].transpose(1, 2)).tril_(a)
+            torch.ops.aten.silu_backward.grad_input(grad_s, scores, grad_input=grad_s)
+            torch.bmm(grad_s, k[:, :b], out=grad_q[:, a:b])
+            if single:
+                torch.bmm(grad_s.transpose(1, 2), q, out=grad_k)
+            else:
+                grad_k[:, :b].baddbmm_(grad_s.transpose(1, 2), q[:, a:b])
+            if grad_table is not None and block.bias_index.numel():
+                grad_bias = grad_s.view(-1).index_select(0, block.dest(ctx.heads))
+                if ctx.heads > 1:
+                    grad_bias = grad_bias.view(-1, ctx.heads).sum(1)
+                grad_table.scatter_add_(0, block.bias_index, grad_bias.to(grad_table.dtype))
+        if grad_table is not None:
+            grad_table = grad_table.to(ctx.table_shape[1])
+        return grad_q, grad_k, grad_v, grad_table, None, None
 
 
 def _planned_attention(
     q, k, v, pos_weights, time_weights, plan: AttentionPlan, max_seq_len, alpha, denominator
 ) -> Tensor:
-    """Gather each group's padded q/k/v, run its causal blocks, scatter back to tokens, divide by den."""
+    """Gather every group's padded q/k/v at once, run its causal blocks, scatter back, divide by den."""
     total, heads, dqk = q.shape
     dv = v.shape[2]
     if total == 0 or not plan.groups:
@@ -399,31 +447,20 @@ def _planned_attention(
     # table[r, b] = pos_weights[max_seq_len - 1 - r] + time_weights[b], r = i - j in [0, n).
     table = (pos_weights[max_seq_len - n : max_seq_len].flip(0)[:, None] + time_weights[None, :]).reshape(-1)
     # Token tables with one zero row at index T for the padding; head-major rows [(T + 1) * H, D].
-    qz = F.pad(q * alpha, (0, 0, 0, 0, 0, 1)).view(-1, dqk)
-    kz = F.pad(k, (0, 0, 0, 0, 0, 1)).view(-1, dqk)
-    vz = F.pad(v, (0, 0, 0, 0, 0, 1)).view(-1, dv)
+    rows, sizes = plan.head_rows(heads)
+    padded = []
+    for x, scale in ((q, alpha), (k, None), (v, None)):
+        x = x * scale if scale is not None else x
+        x = F.pad(x, (0, 0, 0, 0, 0, 1)).view(-1, x.shape[2]).index_select(0, rows)
+        padded.append(x.split(sizes) if len(sizes) > 1 else (x,))
     outs = []
-    for group in plan.groups:
-        rows, n_max = group.head_rows(heads), group.n_max
-        qg = qz.index_select(0, rows).view(-1, n_max, dqk)  # [n * H, n_max, D]
-        kg = kz.index_select(0, rows).view(-1, n_max, dqk)
-        vg = vz.index_select(0, rows).view(-1, n_max, dv)
-        blocks = [
-            _CausalBlockAttention.apply(
-                qg[:, b.start : b.stop],
-                kg[:, : b.stop],
-                vg[:, : b.stop],
-                table,
-                b.bias_index,
-                b.dest(heads),
-                b.start,
-                heads,
-            )
-            for b in group.blocks
-        ]
-        og = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)  # [n * H, n_max, Dv]
+    for group, qg, kg, vg in zip(plan.groups, *padded, strict=True):
+        shape = (-1, group.n_max)
+        og = _GroupAttention.apply(
+            qg.view(*shape, dqk), kg.view(*shape, dqk), vg.view(*shape, dv), table, group.blocks, heads
+        )  # [n * H, n_max, Dv]
         if heads > 1:
-            og = og.view(-1, heads, n_max, dv).transpose(1, 2)
+            og = og.view(-1, heads, group.n_max, dv).transpose(1, 2)
         outs.append(og.reshape(-1, heads * dv))
     out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)).index_select(0, plan.out_rows)
     scale = plan.inv_lengths.to(out.dtype) if denominator is None else 1.0 / float(denominator)
