@@ -242,6 +242,10 @@ def train_blair(config) -> dict[str, Any]:
     cfg = config.blair
     world = init_distributed()
     deepspeed.init_distributed(dist_backend=world.backend)
+    if not world.is_main:
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # one load report (rank 0's), not one per rank
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     run_dir = Path(config.run.output_root) / config.run.name

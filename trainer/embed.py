@@ -83,6 +83,10 @@ def embed_items(config) -> dict[str, Any]:
     """Embed every item text of the dataset with a local encoder; rank 0 writes the manifest. Returns it."""
     cfg = config.embed
     world: World = init_distributed()
+    if not world.is_main:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     started = time.perf_counter()
@@ -172,7 +176,7 @@ def embed_items(config) -> dict[str, Any]:
             out_dir,
             all_entries,
             encoder={
-                "name": cfg.name or Path(encoder_path).name,
+                "name": cfg.name or "/".join(Path(encoder_path).resolve().parts[-2:]),
                 "path": str(Path(encoder_path).resolve()),
                 "sha256": weights_sha256(encoder_path),
             },
