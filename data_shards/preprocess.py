@@ -55,54 +55,66 @@ def _sq(path: Path) -> str:
     return "'" + path.as_posix().replace("'", "''") + "'"
 
 
-def _count(con: duckdb.DuckDBPyConnection) -> int:
-    return _one(con, f"SELECT count(*) FROM {_view()}")
+def _parquet(path: Path) -> str:
+    """`read_parquet` of a Parquet file, or of every part in a folder of them."""
+    return f"read_parquet({_sq(path / '*.parquet' if path.is_dir() else path)})"
 
 
-def _view(keep_users: bool = True) -> str:
-    """The current interactions: deduplicated events whose item and user are still kept."""
-    cond = "ik IN (SELECT ik FROM keep_i)"
-    if keep_users:
-        cond += " AND uk IN (SELECT uk FROM keep_u)"
-    return f"(SELECT * FROM ev WHERE {cond})"
+def _view(active: set[str]) -> str:
+    """The current interactions: deduplicated events whose user and item are still kept.
+
+    `active` names the key tables that actually drop something ("u": keep_u, "i": keep_i); the others are
+    left out, so no semi-join is paid for a filter that keeps everything.
+    """
+    conds = [f"{k}k IN (SELECT {k}k FROM keep_{k})" for k in sorted(active)]
+    return f"(SELECT * FROM ev WHERE {' AND '.join(conds)})" if conds else "ev"
 
 
-def kcore(con: duckdb.DuckDBPyConnection, cfg: DataConfig, stats: SkipStats) -> int:
-    """Shrink the kept sets `keep_u` / `keep_i` until the k-core holds; returns the number of passes.
+def _count(con: duckdb.DuckDBPyConnection, active: set[str]) -> int:
+    return _one(con, f"SELECT count(*) FROM {_view(active)}")
 
-    Degrees are recomputed on the current view each pass (`ev` is never rewritten), and drops are counted in
-    `stats`.
+
+def kcore(con: duckdb.DuckDBPyConnection, cfg: DataConfig, n: int, active: set[str]) -> int:
+    """Shrink the kept key tables `keep_u` / `keep_i` until the k-core holds; returns the number of passes.
+
+    `n` is the current interaction count. Degrees are computed on the current view each pass (`ev` itself is
+    never rewritten); `active` is updated with the tables that now filter.
     """
     ku, ki = cfg.min_user_interactions, cfg.min_item_interactions
-    user_pass = (
-        f"CREATE OR REPLACE TABLE keep_u AS SELECT uk FROM {_view()} GROUP BY uk HAVING count(*) >= {ku}"
-    )
-    item_pass = (
-        f"CREATE OR REPLACE TABLE keep_i AS SELECT ik FROM {_view()} GROUP BY ik HAVING count(*) >= {ki}"
-    )
-    before = _count(con)
+
+    def user_pass(table: str = "keep_u") -> str:
+        having = f"GROUP BY uk HAVING count(*) >= {ku}"
+        return f"CREATE OR REPLACE TABLE {table} AS SELECT uk FROM {_view(active)} {having}"
+
+    def item_pass() -> str:
+        having = f"GROUP BY ik HAVING count(*) >= {ki}"
+        return f"CREATE OR REPLACE TABLE keep_i AS SELECT ik FROM {_view(active)} {having}"
+
     rounds = 0
     if cfg.kcore == "paper":
-        passes = [item_pass, user_pass] if (cfg.source != "steam" and ki > 0) else [user_pass]
-        for sql in passes:
-            con.execute(sql)
+        if cfg.source != "steam" and ki > 0:
+            con.execute(item_pass())
+            active.add("i")
             rounds += 1
+        con.execute(user_pass())
+        active.add("u")
+        rounds += 1
         # the paper then keeps users with >= min_user events after ordering: already true after the user pass
     else:
-        n = before
         while True:
             # both conditions are evaluated on the same view, then applied together
-            con.execute(user_pass.replace("TABLE keep_u", "TABLE next_u"))
+            con.execute(user_pass("next_u"))
             if ki > 0:
-                con.execute(item_pass)
+                con.execute(item_pass())
+                active.add("i")
             con.execute("CREATE OR REPLACE TABLE keep_u AS SELECT uk FROM next_u")
+            active.add("u")
             rounds += 1
-            m = _count(con)
+            m = _count(con, active)
             log.info("k-core pass %d: %s -> %s interactions", rounds, f"{n:,}", f"{m:,}")
             if m == n:
                 break
             n = m
-    stats.add(f"kcore_{cfg.kcore}", before - _count(con))
     return rounds
 
 
@@ -110,16 +122,16 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
                stats: SkipStats) -> Processed:  # fmt: skip
     """Run every SQL step; raise DataError if nothing is left."""
     t0 = time.perf_counter()
-    inter = f"read_parquet({_sq(src.interactions)})"
+    inter = _parquet(src.interactions)
     raw_n = _one(con, f"SELECT count(*) FROM {inter}")
     if raw_n == 0:
         raise DataError(
             "no valid interaction in the input (see the skipped reasons above); check the file format"
         )
-    meta_rows = _one(con, f"SELECT count(*) FROM read_parquet({_sq(src.items)})")
+    meta_rows = _one(con, f"SELECT count(*) FROM {_parquet(src.items)}")
     con.execute(
         "CREATE TABLE meta AS SELECT item_id, arg_min(text, ord) AS text "
-        f"FROM read_parquet({_sq(src.items)}) GROUP BY item_id"
+        f"FROM {_parquet(src.items)} GROUP BY item_id"
     )
     # string ids -> dense integer keys once, so dedup, k-core and joins group integers, not strings
     con.execute(
@@ -148,7 +160,8 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
     # the filters below only shrink these two small key sets; `ev` itself is written once
     con.execute("CREATE TABLE keep_u AS SELECT uk FROM uids")
     con.execute("CREATE TABLE keep_i AS SELECT ik FROM iids")
-    n = _count(con)
+    active: set[str] = set()
+    n = _count(con, active)
     stats.add("duplicate_event", raw_n - n)
     counts["after_dedup_interactions"] = n
 
@@ -162,19 +175,22 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
         missing = con.execute("SELECT item_id, n FROM missing ORDER BY n DESC, item_id LIMIT 5").fetchall()
         if missing:
             con.execute("CREATE OR REPLACE TABLE keep_i AS SELECT ik FROM iids WHERE has_meta")
-            stats.add("item_without_metadata", _one(con, "SELECT sum(n)::BIGINT FROM missing"))
+            active.add("i")
+            dropped = _one(con, "SELECT sum(n)::BIGINT FROM missing")
+            stats.add("item_without_metadata", dropped)
             stats.examples["item_without_metadata"] = [
                 f"{src.inputs[-1].path}: no record for item {item!r} ({k} interactions)"
                 for item, k in missing
             ]
-            n = _count(con)
+            n -= dropped
         con.execute("DROP TABLE missing")
     log.info("dedup + metadata filter: %s interactions (%.1fs)", f"{n:,}", time.perf_counter() - t0)
 
-    rounds = kcore(con, cfg, stats)
-    con.execute(f"CREATE TABLE fin AS SELECT * FROM {_view()}")
+    rounds = kcore(con, cfg, n, active)
+    con.execute(f"CREATE TABLE fin AS SELECT * FROM {_view(active)}")
     con.execute("DROP TABLE ev")
     kept = con.execute("SELECT count(*), count(DISTINCT uk), count(DISTINCT ik) FROM fin").fetchall()[0]
+    stats.add(f"kcore_{cfg.kcore}", n - kept[0])
     if kept[0] == 0:
         raise DataError(
             f"nothing left after filtering ({cfg.kcore} k-core, users >= {cfg.min_user_interactions}, "

@@ -10,16 +10,21 @@ seconds in the dataset.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import multiprocessing as mp
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
+import pyarrow.parquet as pq
 
 from data_shards.config import DataConfig
 from data_shards.io import (
+    GZIP_MAGIC,
     FileInfo,
     SkipStats,
     check_file,
@@ -45,6 +50,35 @@ META_FIELDS = pa.schema(
      ("categories", pa.list_(pa.string())), ("description", pa.list_(pa.string()))]
 )  # fmt: skip
 MIN_ARROW_LINES = 64  # below this a rejected piece goes straight to Python
+PARALLEL_MIN_BYTES = 32 << 20  # smaller files are validated in-process (starting workers costs more)
+_ARROW_THREADS = True
+
+
+class _TableSink:
+    """Collects one block's valid rows (Arrow tables and single Python rows) in line order."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self._tables: list[pa.Table] = []
+        self._cols: list[list] = [[] for _ in schema.names]
+
+    def append(self, *values) -> None:
+        for col, v in zip(self._cols, values, strict=True):
+            col.append(v)
+
+    def _flush(self) -> None:
+        if self._cols[0]:
+            arrays = [pa.array(c, type=f.type) for c, f in zip(self._cols, self.schema, strict=True)]
+            self._tables.append(pa.Table.from_arrays(arrays, schema=self.schema))
+            self._cols = [[] for _ in self.schema.names]
+
+    def write_table(self, table: pa.Table) -> None:
+        self._flush()
+        self._tables.append(table.cast(self.schema))
+
+    def table(self) -> pa.Table:
+        self._flush()
+        return pa.concat_tables(self._tables) if self._tables else self.schema.empty_table()
 
 
 def _arrow_parse(block: bytes, schema: pa.Schema) -> pa.Table | None:
@@ -57,7 +91,9 @@ def _arrow_parse(block: bytes, schema: pa.Schema) -> pa.Table | None:
     try:
         table = pj.read_json(
             io.BytesIO(block),
-            read_options=pj.ReadOptions(block_size=max(1 << 20, len(block) // 2 + 1)),
+            read_options=pj.ReadOptions(
+                block_size=max(1 << 20, len(block) // 2 + 1), use_threads=_ARROW_THREADS
+            ),
             parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
         )
     except (pa.ArrowInvalid, UnicodeDecodeError, pa.ArrowNotImplementedError):
@@ -116,10 +152,8 @@ def _null_or_blank(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return missing, blank.to_numpy(zero_copy_only=False)
 
 
-def read_reviews_jsonl(
-    path: Path, file_index: int, sink: ParquetSink, stats: SkipStats, info: FileInfo
-) -> None:
-    """Validate review lines into the interaction sink (Arrow fast path, Python fallback)."""
+def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipStats, empty: list[int]):
+    """Block (Arrow) and line (Python) handlers that validate review lines into `sink`."""
     base = file_index << ORD_FILE_SHIFT
 
     def on_table(t: pa.Table, first: int) -> None:
@@ -183,8 +217,7 @@ def read_reviews_jsonl(
             return
         sink.append(user, item, ts // 1000, rating, base | line_no)
 
-    for first, block in iter_line_blocks(path, stats, info=info):
-        _blocks_with_fallback(block, first, REVIEW_FIELDS, on_table, on_line)
+    return on_table, on_line
 
 
 def read_ratings_csv(
@@ -227,13 +260,11 @@ def read_ratings_csv(
             sink.append(user, item, ts // 1000, rating, base | line_no)
 
 
-def read_metadata(path: Path, file_index: int, sink: ParquetSink, stats: SkipStats, info: FileInfo) -> int:
-    """Item metadata lines -> (parent_asin, assembled text). Returns how many items have an empty text."""
+def _meta_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipStats, empty: list[int]):
+    """Block and line handlers: item metadata lines -> (parent_asin, assembled text); counts empty texts."""
     base = file_index << ORD_FILE_SHIFT
-    empty = 0
 
     def on_table(t: pa.Table, first: int) -> None:
-        nonlocal empty
         i_miss, i_blank = _null_or_blank(t["parent_asin"])
         checks = [("missing_field:parent_asin", i_miss), ("empty_field:parent_asin", i_blank)]
         code = _first_failure(checks, t.num_rows)
@@ -246,13 +277,12 @@ def read_metadata(path: Path, file_index: int, sink: ParquetSink, stats: SkipSta
             amazon_text(rec)
             for rec in t.select(["title", "features", "categories", "description"]).to_pylist()
         ]
-        empty += sum(1 for x in texts if not x)
+        empty[0] += sum(1 for x in texts if not x)
         sink.write_table(
             pa.table({"item_id": pc.utf8_trim_whitespace(t["parent_asin"]), "text": texts, "ord": ords})
         )
 
     def on_line(line_no: int, line: bytes) -> None:
-        nonlocal empty
         if not line.strip():
             stats.skip("blank_line", path, line_no)
             return
@@ -263,11 +293,87 @@ def read_metadata(path: Path, file_index: int, sink: ParquetSink, stats: SkipSta
         if item is None:
             return
         text = amazon_text(rec)
-        empty += not text
+        empty[0] += not text
         sink.append(item, text, base | line_no)
 
-    for first, block in iter_line_blocks(path, stats, info=info):
-        _blocks_with_fallback(block, first, META_FIELDS, on_table, on_line)
+    return on_table, on_line
+
+
+_KINDS = {
+    "reviews": (_review_handlers, REVIEW_FIELDS, INTERACTION_SCHEMA),
+    "meta": (_meta_handlers, META_FIELDS, ITEM_SCHEMA),
+}
+
+
+def _validate_block(job: tuple) -> tuple[SkipStats, int]:
+    """Validate one block of whole lines into its own Parquet part; returns its skips and empty-text count.
+
+    `data` is the block itself, or ``(offset, length)`` to read from a plain file (cheaper than sending bytes
+    to a worker process).
+    """
+    kind, path, file_index, first, data, part = job
+    if isinstance(data, tuple):
+        with open(path, "rb") as fh:
+            fh.seek(data[0])
+            data = fh.read(data[1])
+    handlers, fields, schema = _KINDS[kind]
+    stats, empty = SkipStats(), [0]
+    sink = _TableSink(schema)
+    on_table, on_line = handlers(path, file_index, sink, stats, empty)
+    _blocks_with_fallback(data, first, fields, on_table, on_line)
+    pq.write_table(sink.table(), part, compression="snappy")
+    return stats, empty[0]
+
+
+def _worker_init() -> None:
+    global _ARROW_THREADS
+    _ARROW_THREADS = False  # the parallelism is the worker processes
+
+
+def read_jsonl_parts(
+    kind: str, path: Path, file_index: int, out_dir: Path, stats: SkipStats, info: FileInfo, workers: int
+) -> int:
+    """Validate a JSONL(.gz) file block by block into ``out_dir/part-NNNNNN.parquet`` (in line order).
+
+    Blocks are parsed by `workers` processes when the file is large; skips are merged in block order, so
+    counts and ``file:line`` examples are exactly those of a sequential read. Returns the empty-text count.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        plain = fh.read(2) != GZIP_MAGIC
+
+    def jobs() -> Iterator[tuple]:
+        offset = 0
+        for k, (first, block) in enumerate(iter_line_blocks(path, stats, info=info)):
+            # blocks of a plain file are its bytes in order (only a last line without newline gets one added)
+            data = (offset, len(block)) if plain and offset + len(block) <= size else block
+            offset += len(block)
+            yield kind, str(path), file_index, first, data, str(out_dir / f"part-{k:06d}.parquet")
+
+    empty = parts = 0
+    if workers <= 1 or size < PARALLEL_MIN_BYTES:
+        for block_stats, n in map(_validate_block, jobs()):
+            stats.merge(block_stats)
+            empty, parts = empty + n, parts + 1
+    else:
+        # fork (spawn would re-import the caller's __main__): the main process reads, hashes and cuts the file
+        # into line-aligned blocks while the workers parse them; results are merged in block order
+        ctx = mp.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+            pending: deque = deque()
+            for job in jobs():
+                pending.append(pool.submit(_validate_block, job))
+                while len(pending) > 2 * workers or (pending and pending[0].done()):
+                    block_stats, n = pending.popleft().result()
+                    stats.merge(block_stats)
+                    empty, parts = empty + n, parts + 1
+            for fut in pending:
+                block_stats, n = fut.result()
+                stats.merge(block_stats)
+                empty, parts = empty + n, parts + 1
+    if parts == 0:  # an empty file still gives one (empty) part, so readers always find a file
+        pq.write_table(_KINDS[kind][2].empty_table(), out_dir / "part-000000.parquet")
     return empty
 
 
@@ -275,18 +381,20 @@ def read_amazon2023(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutp
     """Validate Amazon reviews (or 5-core CSV) and metadata into Parquet."""
     reviews = check_file(cfg.interactions, "Amazon reviews")
     meta = check_file(cfg.items, "Amazon item metadata")
-    out = SourceOutput(interactions=work / "interactions.parquet", items=work / "items.parquet")
-    sink = ParquetSink(out.interactions, INTERACTION_SCHEMA)
+    jsonl = not reviews.name.lower().removesuffix(".gz").endswith(".csv")
+    # JSONL inputs are validated into folders of Parquet parts (one per block, in line order)
+    out = SourceOutput(
+        interactions=work / ("interactions" if jsonl else "interactions.parquet"), items=work / "items"
+    )
     info = FileInfo(str(reviews))
-    if reviews.name.lower().removesuffix(".gz").endswith(".csv"):
-        read_ratings_csv(reviews, 0, sink, stats, info)
+    if jsonl:
+        read_jsonl_parts("reviews", reviews, 0, out.interactions, stats, info, cfg.threads)
     else:
-        read_reviews_jsonl(reviews, 0, sink, stats, info)
-    sink.close()
+        sink = ParquetSink(out.interactions, INTERACTION_SCHEMA)
+        read_ratings_csv(reviews, 0, sink, stats, info)
+        sink.close()
     out.inputs.append(info)
-    isink = ParquetSink(out.items, ITEM_SCHEMA)
     info = FileInfo(str(meta))
-    out.items_with_empty_text = read_metadata(meta, 1, isink, stats, info)
-    isink.close()
+    out.items_with_empty_text = read_jsonl_parts("meta", meta, 1, out.items, stats, info, cfg.threads)
     out.inputs.append(info)
     return out
