@@ -80,7 +80,7 @@ def write_embedding_shard(
         raise EmbeddingShardError(f"{path}: embeddings contain NaN/inf (or overflow float16)")
     path = Path(path)
     num_samples = 0
-    with wds.TarWriter(str(path)) as sink:
+    with wds.TarWriter(str(path), mtime=0.0) as sink:  # fixed mtime: identical runs, identical bytes
         for lo in range(0, len(ids), block_size):
             block_ids = ids[lo : lo + block_size]
             sink.write(

@@ -126,6 +126,8 @@ def test_embedding_on_two_ranks_equals_one_rank(tmp_path):
     assert one["pooling"] == "mean" and one["normalized"] is True  # read from modules.json / 1_Pooling
     assert one["encoder"]["sha256"] == weights_sha256(encoder) and one["encoder"]["sha256"]
     assert one["dataset"]["manifest_sha256"] and len(one["shards"]) == 4 and two["world_size"] == 2
+    # Shards are the unit of work and are batched the same way on any world size: identical bytes.
+    assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
     a, b = load_embedding_rows(outs[1], 0, 14), load_embedding_rows(outs[2], 0, 14)
     np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-3)
     assert not a[0].any() and not a[5].any()  # padding row and the empty-text item
