@@ -26,11 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from data_shards.io import DataError
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class EmbeddingShardError(ValueError):
+class EmbeddingShardError(DataError):
     """An embedding dir that is incomplete, inconsistent or corrupt; the message names the file."""
 
 

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from data_shards.pairs import PairCorpus, load_pairs, resolve_path
-from modules.blair import BlairEncoder, info_nce_loss, load_encoder, mask_tokens, mlm_loss
-from trainer.config_io import save_config
+from modules.blair import BlairEncoder, EncoderError, info_nce_loss, load_encoder, mask_tokens, mlm_loss
+from trainer.config_io import ConfigError, save_config
 from trainer.distributed import World, init_distributed, logger
 
 # --------------------------------------------------------------------------- environment
@@ -268,7 +268,7 @@ def train_blair(config) -> dict[str, Any]:
     # Encoder (+ MLM head when the MLM loss is on).
     encoder_path = resolve_path(cfg.encoder_path)
     use_mlm = cfg.mlm_weight > 0
-    loaded = load_encoder(encoder_path, with_mlm_head=use_mlm)
+    loaded = _load_encoder_or_config_error(encoder_path, with_mlm_head=use_mlm)
     if use_mlm and loaded.missing_keys:
         logger.info(
             "MLM head: %d weight(s) not in %s were newly initialised (%s%s)",
@@ -488,3 +488,11 @@ def _save_checkpoint(engine, ckpt_dir: Path, step: int, results: dict[str, Any],
 
 def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def _load_encoder_or_config_error(path: str, *, with_mlm_head: bool):
+    """load_encoder, with its errors reported as config errors (the path came from the config)."""
+    try:
+        return load_encoder(path, with_mlm_head=with_mlm_head)
+    except EncoderError as err:
+        raise ConfigError(f"{err} (check {path!r} in the config)") from err

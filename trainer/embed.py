@@ -28,8 +28,9 @@ from data_shards.embedding_shards import (
     write_manifest,
 )
 from data_shards.pairs import resolve_path
-from modules.blair import BlairEncoder, default_pooling, load_encoder, weights_sha256
-from trainer.distributed import World, init_distributed, logger
+from modules.blair import BlairEncoder, EncoderError, default_pooling, load_encoder, weights_sha256
+from trainer.config_io import ConfigError
+from trainer.distributed import World, init_distributed, logger, setup_logging
 
 
 def _dataset_dir(config) -> Path:
@@ -96,7 +97,7 @@ def embed_items(config) -> dict[str, Any]:
     num_items = int(manifest["num_items"])
 
     encoder_path = resolve_path(cfg.encoder_path)
-    loaded = load_encoder(encoder_path, with_mlm_head=False)
+    loaded = _load_encoder_or_config_error(encoder_path, with_mlm_head=False)
     declared_pooling, declared_norm = default_pooling(encoder_path)
     pooling = declared_pooling if cfg.pooling == "auto" else cfg.pooling
     normalize = declared_norm if cfg.normalize == "auto" else cfg.normalize == "yes"
@@ -343,6 +344,7 @@ def import_vectors(
 
 def import_vectors_from_config(config) -> dict[str, Any]:
     """`import_vectors` driven by the [embed] section (single process)."""
+    setup_logging(0)
     cfg = config.embed
     return import_vectors(
         _dataset_dir(config),
@@ -372,3 +374,11 @@ def check_same_rows(dir_a: str | Path, dir_b: str | Path, *, atol: float = 1e-3)
     if not math.isfinite(diff) or diff > atol:
         raise EmbeddingShardError(f"{dir_a} and {dir_b} differ by up to {diff} (> {atol})")
     return diff
+
+
+def _load_encoder_or_config_error(path: str, *, with_mlm_head: bool):
+    """load_encoder, with its errors reported as config errors (the path came from the config)."""
+    try:
+        return load_encoder(path, with_mlm_head=with_mlm_head)
+    except EncoderError as err:
+        raise ConfigError(f"{err} (check {path!r} in the config)") from err
