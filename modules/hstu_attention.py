@@ -380,8 +380,12 @@ class _GroupAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, table, blocks: list[_Block], heads: int):
-        out = v.new_empty(v.shape)
-        saved = []
+        with torch.autocast(q.device.type, enabled=False):  # out= buffers need q's dtype throughout
+            return _GroupAttention._forward(ctx, q, k.to(q.dtype), v.to(q.dtype), table, blocks, heads)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, table, blocks: list[_Block], heads: int):
+        outs, saved = [], []
         for block in blocks:
             a, b = block.start, block.stop
             scores = torch.bmm(q[:, a:b], k[:, :b].transpose(1, 2))
@@ -391,20 +395,22 @@ class _GroupAttention(torch.autograd.Function):
                     values = values[:, None].expand(-1, heads).reshape(-1)
                 scores.view(-1).scatter_add_(0, block.dest(heads), values)
             weights = F.silu(scores).tril_(a)
-            torch.bmm(weights, v[:, :b], out=out[:, a:b])
+            outs.append(torch.bmm(weights, v[:, :b]))
             saved += [scores, weights]
         ctx.save_for_backward(q, k, v, *saved)
         ctx.blocks, ctx.heads, ctx.table_shape = blocks, heads, (table.numel(), table.dtype)
-        return out
+        # Contiguous results joined by cat: bmm(out=) or baddbmm_ into strided views falls back to a
+        # per-matrix loop that is very slow with several threads.
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, *saved = ctx.saved_tensors
         single = len(ctx.blocks) == 1
-        grad_q = torch.empty_like(q)
-        grad_k = torch.empty_like(k) if single else torch.zeros_like(k)
-        grad_v = torch.empty_like(v) if single else torch.zeros_like(v)
+        grad_qs, grad_k, grad_v = [], None, None
+        if not single:
+            grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
         grad_table = None
         if ctx.needs_input_grad[3]:
             numel, dtype = ctx.table_shape
@@ -414,17 +420,16 @@ class _GroupAttention(torch.autograd.Function):
             a, b = block.start, block.stop
             scores, weights = saved[2 * index], saved[2 * index + 1]
             go = grad_out[:, a:b]
-            if single:
-                torch.bmm(weights.transpose(1, 2), go, out=grad_v)
-            else:
-                grad_v[:, :b].baddbmm_(weights.transpose(1, 2), go)
+            gv = torch.bmm(weights.transpose(1, 2), go)
             grad_s = torch.bmm(go, v[:, :b].transpose(1, 2)).tril_(a)
             torch.ops.aten.silu_backward.grad_input(grad_s, scores, grad_input=grad_s)
-            torch.bmm(grad_s, k[:, :b], out=grad_q[:, a:b])
+            grad_qs.append(torch.bmm(grad_s, k[:, :b]))
+            gk = torch.bmm(grad_s.transpose(1, 2), q[:, a:b])
             if single:
-                torch.bmm(grad_s.transpose(1, 2), q, out=grad_k)
+                grad_k, grad_v = gk, gv
             else:
-                grad_k[:, :b].baddbmm_(grad_s.transpose(1, 2), q[:, a:b])
+                grad_k[:, :b] += gk
+                grad_v[:, :b] += gv
             if grad_table is not None and block.bias_index.numel():
                 grad_bias = grad_s.view(-1).index_select(0, block.dest(ctx.heads))
                 if ctx.heads > 1:
@@ -432,6 +437,7 @@ class _GroupAttention(torch.autograd.Function):
                 grad_table.scatter_add_(0, block.bias_index, grad_bias.to(grad_table.dtype))
         if grad_table is not None:
             grad_table = grad_table.to(ctx.table_shape[1])
+        grad_q = grad_qs[0] if single else torch.cat(grad_qs, dim=1)
         return grad_q, grad_k, grad_v, grad_table, None, None
 
 
