@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 GZIP_MAGIC = b"\x1f\x8b"
 READ_BYTES = 4 << 20
 
@@ -170,6 +172,58 @@ def iter_line_blocks(
                     line_no += 1
     if info is not None:
         info.bytes = size
+        info.sha256 = hasher.hexdigest()
+        info.lines = line_no - 1
+
+
+def count_newlines(data: bytes | memoryview) -> int:
+    """Number of ``\\n`` bytes (numpy is ~1.5x faster than `bytes.count` and takes a memoryview)."""
+    return int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == 10))
+
+
+def iter_line_spans(
+    path: str | os.PathLike, *, block_bytes: int = 8 << 20, info: FileInfo | None = None
+) -> Iterator[tuple[int, int, int, bytes | None]]:
+    """Plain (not gzip) files: yield ``(first_line_no, offset, length, data)`` for blocks of whole lines.
+
+    The blocks are not copied out (readers re-read their span, possibly in another process): `data` is None,
+    except for a last line without a newline, given as bytes with one added (a whitespace-only tail is
+    dropped, as in `iter_line_blocks`). `info`, if given, receives the byte size, sha256 and line count.
+    """
+    hasher = hashlib.sha256()
+    line_no, offset = 1, 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while True:
+            want = block_bytes
+            while True:  # a line longer than the block: read more
+                raw = os.pread(fd, want, offset)
+                eof = len(raw) < want
+                cut = raw.rfind(b"\n") + 1
+                if cut or eof:
+                    break
+                want *= 2
+            if not raw:
+                break
+            if cut:
+                view = memoryview(raw)[:cut]
+                hasher.update(view)
+                yield line_no, offset, cut, None
+                line_no += count_newlines(view)
+                offset += cut
+            if eof:
+                tail = raw[cut:]
+                if tail:
+                    hasher.update(tail)
+                    offset += len(tail)
+                    if tail.strip():
+                        yield line_no, offset - len(tail), len(tail), tail + b"\n"
+                        line_no += 1
+                break
+    finally:
+        os.close(fd)
+    if info is not None:
+        info.bytes = offset
         info.sha256 = hasher.hexdigest()
         info.lines = line_no - 1
 

@@ -83,11 +83,16 @@ def prepare(cfg: DataConfig) -> Path:
 
         t2 = time.perf_counter()
         counts = proc.counts
-        seq_shards = write_sequence_shards(
+
+        # the item shards are written here while the worker processes write the sequence shards
+        def items() -> list[dict]:
+            return write_item_shards(proc.items, tmp / "items", items_per_shard=cfg.items_per_shard)
+
+        seq_shards, item_shards = write_sequence_shards(
             proc.sequences, proc.users, tmp / "sequences", num_users=counts["kept_users"],
             users_per_shard=cfg.users_per_shard, workers=cfg.threads,
+            meanwhile=items,
         )  # fmt: skip
-        item_shards = write_item_shards(proc.items, tmp / "items", items_per_shard=cfg.items_per_shard)
         timings["shards_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t0
         timings["total_cpu_s"] = _cpu_s() - cpu0

@@ -12,13 +12,16 @@ import json
 import logging
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
 
 log = logging.getLogger("data_shards")
+T = TypeVar("T")
 PARALLEL_MIN_USERS = 50_000  # below this, starting worker processes costs more than it saves
 
 _BLOCK = 512
@@ -89,7 +92,7 @@ class TarShardWriter:
 
 _SEQ_MEMBERS = ((b".items.npy", "<i8"), (b".timestamps.npy", "<i8"), (b".ratings.npy", "<f4"))
 _META_SUFFIX = b".meta.json"
-_FLUSH_BYTES = 8 << 20
+_CHUNK_USERS = 4096  # users per in-memory tar chunk (a few MB)
 
 
 def _json_str(s: str) -> str:
@@ -99,37 +102,76 @@ def _json_str(s: str) -> str:
     return json.dumps(s)
 
 
-class _MemberCache:
-    """Per (suffix, payload size): the parts of a tar member that do not depend on the key, built once."""
-
-    def __init__(self) -> None:
-        self._npy: dict[tuple[str, int], tuple[bytes, bytes, bytes, int]] = {}
-        self._size: dict[int, tuple[bytes, int]] = {}
-
-    def size_field(self, size: int) -> tuple[bytes, int]:
-        hit = self._size.get(size)
-        if hit is None:
-            field = b"%011o\0" % size
-            hit = self._size[size] = (field, sum(field))
-        return hit
-
-    def npy(self, descr: str, n: int) -> tuple[bytes, bytes, bytes, int]:
-        """(npy header, tar size field, padding after the payload, checksum part) for `n` elements."""
-        hit = self._npy.get((descr, n))
-        if hit is None:
-            header = npy_header(descr, n)
-            size = len(header) + n * np.dtype(descr).itemsize
-            field, fsum = self.size_field(size)
-            hit = self._npy[(descr, n)] = (header, field, b"\0" * ((-size) % _BLOCK), fsum)
-        return hit
+def _digits(values: np.ndarray, width: int, base: int) -> np.ndarray:
+    """ASCII digits of non-negative `values` in `base`, zero-padded to `width`: shape (len(values), width)."""
+    powers = base ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    return (values[:, None] // powers % base + 48).astype(np.uint8)
 
 
-def _header(
-    key: bytes, key_sum: int, suffix_field: bytes, suffix_sum: int, size_field: bytes, size_sum: int
-) -> bytes:
-    """`tar_header(key + suffix, size)` from precomputed pieces and byte sums (the checksum is additive)."""
-    chksum = _CONST_SUM + key_sum + suffix_sum + size_sum
-    return key + suffix_field + _MODE_UID_GID + size_field + _MTIME + b"%06o\0 " % chksum + _TAIL
+def _headers(users: np.ndarray, suffix: bytes, sizes: np.ndarray) -> np.ndarray:
+    """`tar_header(f"{user:09d}" + suffix, size)` for every row, built at once: shape (len(users), 512)."""
+    hdr = np.tile(np.frombuffer(tar_header(b"0" * 9 + suffix, 0), dtype=np.uint8), (len(users), 1))
+    hdr[:, 0:9] = _digits(users, 9, 10)
+    hdr[:, 124:135] = _digits(sizes, 11, 8)
+    hdr[:, 148:156] = 32  # the checksum is computed with its own field as spaces
+    chksum = hdr.sum(axis=1, dtype=np.int64)
+    hdr[:, 148:154] = _digits(chksum, 6, 8)
+    hdr[:, 154] = 0
+    return hdr
+
+
+def _padded(sizes: np.ndarray) -> np.ndarray:
+    return (sizes + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+def _sequence_tar_chunk(
+    lo: int, counts: np.ndarray, columns: tuple[np.ndarray, ...], uids: list[str]
+) -> np.ndarray:
+    """The tar bytes (no end marker) of users ``lo, lo+1, ...`` with `counts` events each, vectorised.
+
+    Per user: items.npy, timestamps.npy, ratings.npy, meta.json, each a 512-byte header and a payload padded
+    to 512 bytes; every header and payload therefore starts at a 512-byte boundary, so the npy data of each
+    user can be scattered with aligned int64/float32 views of one buffer.
+    """
+    num = len(counts)
+    users = np.arange(lo, lo + num, dtype=np.int64)
+    metas = [b'{"user": %d, "user_id": %s}' % (lo + k, _json_str(uid).encode()) for k, uid in enumerate(uids)]
+    meta_len = np.fromiter(map(len, metas), dtype=np.int64, count=num)
+    uniq, inverse = np.unique(counts, return_inverse=True)
+    npy_heads = {}
+    sizes = []
+    for _, descr in _SEQ_MEMBERS:
+        heads = [npy_header(descr, int(n)) for n in uniq]
+        if {len(h) for h in heads} != {128}:
+            raise RuntimeError(f"unexpected npy header length for counts {uniq.tolist()}")
+        npy_heads[descr] = np.frombuffer(b"".join(heads), dtype=np.uint8).reshape(len(uniq), 128)
+        sizes.append(128 + counts * np.dtype(descr).itemsize)
+    sizes.append(meta_len)
+    spans = [_BLOCK + _padded(s) for s in sizes]
+    user_bytes = sum(spans)
+    starts = np.zeros(num + 1, dtype=np.int64)
+    np.cumsum(user_bytes, out=starts[1:])
+    buf = np.zeros(int(starts[-1]), dtype=np.uint8)
+    blocks = buf.reshape(-1, _BLOCK)
+    row_first = np.zeros(num, dtype=np.int64)
+    np.cumsum(counts[:-1], out=row_first[1:])
+    row_local = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(row_first, counts)
+    member_start = starts[:-1].copy()
+    for m, (suffix, descr) in enumerate(_SEQ_MEMBERS):
+        blocks[member_start // _BLOCK] = _headers(users, suffix, sizes[m])
+        payload = member_start + _BLOCK
+        blocks[payload // _BLOCK, :128] = npy_heads[descr][inverse]
+        col = columns[m]
+        view = buf.view(col.dtype)
+        view[np.repeat((payload + 128) // col.itemsize, counts) + row_local] = col
+        member_start = member_start + spans[m]
+    blocks[member_start // _BLOCK] = _headers(users, _META_SUFFIX, meta_len)
+    meta_first = np.zeros(num, dtype=np.int64)
+    np.cumsum(meta_len[:-1], out=meta_first[1:])
+    total = int(meta_len.sum())
+    dest = np.repeat(member_start + _BLOCK - meta_first, meta_len) + np.arange(total, dtype=np.int64)
+    buf[dest] = np.frombuffer(b"".join(metas), dtype=np.uint8)
+    return buf
 
 
 def _write_sequence_shard(args: tuple[str, str, str, int, int, int]) -> dict:
@@ -138,57 +180,41 @@ def _write_sequence_shard(args: tuple[str, str, str, int, int, int]) -> dict:
     table = pq.read_table(seq_parquet, filters=filters, use_threads=False)
     utable = pq.read_table(users_parquet, filters=filters, use_threads=False)
     row_users = table["user"].to_numpy()
-    items = table["item"].to_numpy().astype("<i8", copy=False)
-    ts = table["ts"].to_numpy().astype("<i8", copy=False)
-    ratings = table["rating"].to_numpy().astype("<f4", copy=False)
+    columns = (
+        table["item"].to_numpy().astype("<i8", copy=False),
+        table["ts"].to_numpy().astype("<i8", copy=False),
+        table["rating"].to_numpy().astype("<f4", copy=False),
+    )
     users = utable["user"].to_numpy()
     uids = utable["user_id"].to_pylist()
     offsets = np.searchsorted(row_users, np.arange(lo, hi + 2), side="left")
+    counts = np.diff(offsets)
     if (
         len(users) != hi - lo + 1
         or (len(users) and (users[0] != lo or users[-1] != hi))
         or (np.diff(row_users) < 0).any()
-        or (np.diff(offsets) <= 0).any()
+        or (counts <= 0).any()
+        or offsets[-1] != len(row_users)
     ):
         raise RuntimeError(f"shard {shard}: expected users {lo}..{hi}, each with events, sorted")
-    cache = _MemberCache()
-    suffixes = [(s.ljust(100 - 9, b"\0"), sum(s), d) for s, d in _SEQ_MEMBERS]
-    meta_field, meta_sum = _META_SUFFIX.ljust(100 - 9, b"\0"), sum(_META_SUFFIX)
-    columns = (items, ts, ratings)
     writer = TarShardWriter(Path(out_path))
-    parts: list[bytes] = []
-    pending = 0
-    offsets = offsets.tolist()
-    for k in range(len(users)):
-        u = lo + k
-        a, b = offsets[k], offsets[k + 1]
-        n = b - a
-        key = b"%09d" % u
-        ks = sum(key)
-        for (sfield, ssum, descr), col in zip(suffixes, columns, strict=True):
-            npy_head, size_field, pad, size_sum = cache.npy(descr, n)
-            parts += (_header(key, ks, sfield, ssum, size_field, size_sum), npy_head, col[a:b].tobytes(), pad)
-        meta = b'{"user": %d, "user_id": %s}' % (u, _json_str(uids[k]).encode())
-        size_field, size_sum = cache.size_field(len(meta))
-        parts += (
-            _header(key, ks, meta_field, meta_sum, size_field, size_sum),
-            meta,
-            b"\0" * ((-len(meta)) % _BLOCK),
-        )
-        pending += n * 20 + 2600
-        if pending >= _FLUSH_BYTES:
-            writer._write(b"".join(parts))
-            parts, pending = [], 0
-    writer._write(b"".join(parts))
+    for a in range(0, len(users), _CHUNK_USERS):
+        b = min(a + _CHUNK_USERS, len(users))
+        r0, r1 = offsets[a], offsets[b]
+        chunk = _sequence_tar_chunk(lo + a, counts[a:b], tuple(c[r0:r1] for c in columns), uids[a:b])
+        writer._write(memoryview(chunk))
     writer.num_samples = len(users)
     return writer.close()
 
 
 def write_sequence_shards(parquet: Path, users: Path, out_dir: Path, *, num_users: int, users_per_shard: int,
-                          workers: int) -> list[dict]:  # fmt: skip
+                          workers: int, meanwhile: Callable[[], T] | None = None,
+                          ) -> tuple[list[dict], T | None]:  # fmt: skip
     """Shard k holds users ``k*users_per_shard+1 ..``; shards are written by `workers` processes.
 
     `parquet`: flat rows (user, item, ts, rating) sorted by user, then time; `users`: (user, user_id).
+    `meanwhile` runs in this process once the workers have started (forked before any thread it may start);
+    returns the shard entries and its result.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = []
@@ -197,20 +223,25 @@ def write_sequence_shards(parquet: Path, users: Path, out_dir: Path, *, num_user
         tasks.append((str(parquet), str(users), str(out_dir / f"seq-{shard:06d}.tar"), shard, lo, hi))
     t0 = time.perf_counter()
     results: list[dict] = []
+    side = None
     if workers <= 1 or len(tasks) == 1 or num_users < PARALLEL_MIN_USERS:
         for t in tasks:
             results.append(_write_sequence_shard(t))
+        side = meanwhile() if meanwhile is not None else None
     else:
         # fork (spawn would re-import the caller's __main__, e.g. torch): the DuckDB connection is closed by
-        # now, and the children only read Parquet single-threaded
+        # now, and the children only read Parquet single-threaded; with fork every worker starts at the first
+        # submit, before `meanwhile` runs
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
-            for i, res in enumerate(pool.map(_write_sequence_shard, tasks), start=1):
-                results.append(res)
+            futures = [pool.submit(_write_sequence_shard, t) for t in tasks]
+            side = meanwhile() if meanwhile is not None else None
+            for i, fut in enumerate(futures, start=1):
+                results.append(fut.result())
                 if i % 50 == 0 or i == len(tasks):
                     log.info("sequence shards: %d/%d (%.1fs)", i, len(tasks), time.perf_counter() - t0)
     for r in results:
         r["path"] = f"{out_dir.name}/{r['path']}"
-    return results
+    return results, side
 
 
 def write_item_shards(parquet: Path, out_dir: Path, *, items_per_shard: int) -> list[dict]:
