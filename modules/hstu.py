@@ -85,6 +85,7 @@ class HSTUEncoder(nn.Module):
                 max_seq_len=c.max_seq_len,
                 num_time_buckets=c.num_time_buckets,
                 backend=c.attention_backend,
+                num_heads=c.num_heads,
             )
         for layer in self.layers:
             h = layer(h, offsets, timestamps, plan)

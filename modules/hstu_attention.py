@@ -32,7 +32,7 @@ TIME_BUCKET_DIVISOR = 0.301
 """ln(dt) / 0.301 (about log2 of the gap), as in the reference research code."""
 QUERY_BLOCK = 128
 """Query rows per causal block in the jagged backend; keys beyond the block's last row are skipped."""
-GROUP_MIN_SAVING = 1 << 16
+GROUP_MIN_SAVING = 1 << 15
 """Padded score elements (times heads) a new jagged length group must save to pay for its extra kernels."""
 
 
@@ -85,7 +85,12 @@ def hstu_attention(
     num_buckets = time_weights.numel() - 1
     if plan is None:
         plan = plan_attention(
-            offsets, timestamps, max_seq_len=max_seq_len, num_time_buckets=num_buckets, backend=backend
+            offsets,
+            timestamps,
+            max_seq_len=max_seq_len,
+            num_time_buckets=num_buckets,
+            backend=backend,
+            num_heads=q.shape[1],
         )
     else:
         plan.check(
@@ -249,9 +254,19 @@ class AttentionPlan:
 
 
 def plan_attention(
-    offsets: Tensor, timestamps: Tensor, *, max_seq_len: int, num_time_buckets: int, backend: Backend
+    offsets: Tensor,
+    timestamps: Tensor,
+    *,
+    max_seq_len: int,
+    num_time_buckets: int,
+    backend: Backend,
+    num_heads: int = 1,
 ) -> AttentionPlan:
-    """Padded layout and causal-pair bias indices for one batch (offsets [B+1], timestamps [T])."""
+    """Padded layout and causal-pair bias indices for one batch (offsets [B+1], timestamps [T]).
+
+    num_heads only weighs the jagged grouping (a group saves heads x its padded elements); a plan
+    serves calls with any number of heads.
+    """
     if backend not in ("reference", "jagged"):
         raise ValueError(f"plan_attention: backend must be 'reference' or 'jagged', got {backend!r}")
     device = offsets.device
@@ -274,7 +289,7 @@ def plan_attention(
         sorted_lengths = lengths[order].tolist()
         nonzero = sum(1 for n in sorted_lengths if n > 0)
         seqs = order[:nonzero]
-        splits = _length_groups(sorted_lengths[:nonzero], max_len)
+        splits = _length_groups(sorted_lengths[:nonzero], num_heads)
         block = QUERY_BLOCK
     seq_lengths, seq_starts = lengths[seqs], offsets[:-1][seqs]
     first_row = torch.zeros(num_seqs, dtype=torch.int64, device=device)
@@ -351,7 +366,7 @@ def _time_bucket_inplace(dt: Tensor, num_buckets: int) -> Tensor:
     return x.long().clamp_(0, num_buckets)
 
 
-def _length_groups(sorted_lengths: list[int], longest: int) -> list[tuple[int, int]]:
+def _length_groups(sorted_lengths: list[int], heads: int) -> list[tuple[int, int]]:
     """Split descending lengths into [start, end) groups padded to their first length.
 
     A new group starts when the remaining sequences would save enough padded score elements to pay
@@ -363,7 +378,7 @@ def _length_groups(sorted_lengths: list[int], longest: int) -> list[tuple[int, i
     groups, start = [], 0
     for i in range(1, count):
         top, cur = sorted_lengths[start], sorted_lengths[i]
-        if cur < 0.8 * top and (count - i) * (top * top - cur * cur) > GROUP_MIN_SAVING:
+        if cur < 0.8 * top and (count - i) * (top * top - cur * cur) * heads > GROUP_MIN_SAVING:
             groups.append((start, i))
             start = i
     groups.append((start, count))
