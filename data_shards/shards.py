@@ -110,6 +110,8 @@ def _digits(values: np.ndarray, width: int, base: int) -> np.ndarray:
 
 def _headers(users: np.ndarray, suffix: bytes, sizes: np.ndarray) -> np.ndarray:
     """`tar_header(f"{user:09d}" + suffix, size)` for every row, built at once: shape (len(users), 512)."""
+    if len(users) and (users.min() < 0 or users.max() >= 10**9):
+        raise ValueError("tar member keys must be 0 .. 999,999,999 (9 digits)")
     hdr = np.tile(np.frombuffer(tar_header(b"0" * 9 + suffix, 0), dtype=np.uint8), (len(users), 1))
     hdr[:, 0:9] = _digits(users, 9, 10)
     hdr[:, 124:135] = _digits(sizes, 11, 8)
