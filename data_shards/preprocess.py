@@ -189,25 +189,28 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
     rounds = kcore(con, cfg, n, active)
     con.execute(f"CREATE TABLE fin AS SELECT * FROM {_view(active)}")
     con.execute("DROP TABLE ev")
-    kept = con.execute("SELECT count(*), count(DISTINCT uk), count(DISTINCT ik) FROM fin").fetchall()[0]
-    stats.add(f"kcore_{cfg.kcore}", n - kept[0])
-    if kept[0] == 0:
+    kept_n = _one(con, "SELECT count(*) FROM fin")
+    stats.add(f"kcore_{cfg.kcore}", n - kept_n)
+    if kept_n == 0:
         raise DataError(
             f"nothing left after filtering ({cfg.kcore} k-core, users >= {cfg.min_user_interactions}, "
             f"items >= {cfg.min_item_interactions}): lower the thresholds or use a larger input"
         )
-    counts.update(kept_interactions=kept[0], kept_users=kept[1], kept_items=kept[2])
-
+    # sequence lengths per kept user: gives the kept users and the length stats in one scan
+    con.execute("CREATE TABLE ulen AS SELECT uk, count(*) AS n FROM fin GROUP BY uk")
     con.execute(
         "CREATE TABLE users AS SELECT uk, user_id, row_number() OVER "
         "(ORDER BY TRY_CAST(user_id AS BIGINT) NULLS LAST, user_id) AS idx "
-        "FROM uids WHERE uk IN (SELECT DISTINCT uk FROM fin)"
+        "FROM uids WHERE uk IN (SELECT uk FROM ulen)"
     )
     con.execute(
         "CREATE TABLE items AS SELECT ik, item_id, row_number() OVER "
         "(ORDER BY TRY_CAST(item_id AS BIGINT) NULLS LAST, item_id) AS idx "
         "FROM iids WHERE ik IN (SELECT DISTINCT ik FROM fin)"
     )
+    kept = (kept_n, _one(con, "SELECT count(*) FROM users"), _one(con, "SELECT count(*) FROM items"))
+    counts.update(kept_interactions=kept[0], kept_users=kept[1], kept_items=kept[2])
+
     # one flat sort by (user, time, input order) instead of per-user ordered list aggregates (~7x cheaper);
     # the shard writer cuts each user's rows out of it
     seq = work / "sequences.parquet"
@@ -232,7 +235,7 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
     )
     row = con.execute(
         "SELECT min(n), max(n), avg(n), quantile_disc(n, 0.5), quantile_disc(n, 0.9), quantile_disc(n, 0.99) "
-        "FROM (SELECT count(*) AS n FROM fin GROUP BY uk)"
+        "FROM ulen"
     ).fetchall()[0]
     lengths = dict(zip(("min", "max", "mean", "p50", "p90", "p99"), row, strict=True))
     lengths["mean"] = round(float(lengths["mean"]), 3)
