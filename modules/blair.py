@@ -88,6 +88,15 @@ def default_pooling(path: str | Path) -> tuple[Pooling, bool]:
     return pooling, normalize
 
 
+def declared_max_length(path: str | Path) -> int | None:
+    """The token limit a sentence-transformers folder was trained/used with (sentence_bert_config.json)."""
+    file = Path(path) / "sentence_bert_config.json"
+    if not file.is_file():
+        return None
+    value = json.loads(file.read_text(encoding="utf-8")).get("max_seq_length")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def pool(hidden: Tensor, attention_mask: Tensor, pooling: Pooling) -> Tensor:
     """[B, L, D] hidden states -> [B, D]: the first token, or the mean over real (unmasked) tokens."""
     if pooling == "cls":

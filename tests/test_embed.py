@@ -124,6 +124,7 @@ def test_embedding_on_two_ranks_equals_one_rank(tmp_path):
     one, two = (read_embedding_manifest(outs[n], verify=True) for n in (1, 2))
     assert one["num_items"] == 13 and one["num_empty_text"] == 1 and one["dim"] == 32
     assert one["pooling"] == "mean" and one["normalized"] is True  # read from modules.json / 1_Pooling
+    assert one["max_length"] == 16  # sentence_bert_config.json caps the configured 32
     assert one["encoder"]["sha256"] == weights_sha256(encoder) and one["encoder"]["sha256"]
     assert one["dataset"]["manifest_sha256"] and len(one["shards"]) == 4 and two["world_size"] == 2
     # Shards are the unit of work and are batched the same way on any world size: identical bytes.

@@ -28,7 +28,14 @@ from data_shards.embedding_shards import (
     write_manifest,
 )
 from data_shards.pairs import resolve_path
-from modules.blair import BlairEncoder, EncoderError, default_pooling, load_encoder, weights_sha256
+from modules.blair import (
+    BlairEncoder,
+    EncoderError,
+    declared_max_length,
+    default_pooling,
+    load_encoder,
+    weights_sha256,
+)
 from trainer.config_io import ConfigError
 from trainer.distributed import World, init_distributed, logger, setup_logging
 
@@ -102,6 +109,13 @@ def embed_items(config) -> dict[str, Any]:
     pooling = declared_pooling if cfg.pooling == "auto" else cfg.pooling
     normalize = declared_norm if cfg.normalize == "auto" else cfg.normalize == "yes"
     encoder = BlairEncoder(loaded.model, pooling=pooling).to(world.device).eval()
+    max_length = cfg.max_length
+    declared = declared_max_length(encoder_path)
+    if declared is not None and declared < max_length:
+        logger.info(
+            "embed: %s declares max_seq_length %d: using it instead of %d", encoder_path, declared, max_length
+        )
+        max_length = declared
     tokenizer = loaded.tokenizer
     dim = int(loaded.model.config.hidden_size)
 
@@ -127,7 +141,7 @@ def embed_items(config) -> dict[str, Any]:
         encoder_path,
         pooling,
         normalize,
-        cfg.max_length,
+        max_length,
         len(ranges),
         world.world_size,
     )
@@ -156,7 +170,7 @@ def embed_items(config) -> dict[str, Any]:
                 tokenizer,
                 [shard_texts[i] for i in nonempty],
                 batch_size=cfg.batch_size,
-                max_length=cfg.max_length,
+                max_length=max_length,
                 device=world.device,
             )
             if normalize:
@@ -187,7 +201,7 @@ def embed_items(config) -> dict[str, Any]:
             num_items=num_items,
             num_empty_text=sum(n for _, n in gathered),
             dataset={"path": str(dataset_dir.resolve()), "manifest_sha256": manifest_sha},
-            extra={"max_length": cfg.max_length, "world_size": world.world_size},
+            extra={"max_length": max_length, "world_size": world.world_size},
         )
         logger.info(
             "embed: %d items (%d with empty text -> zero vector), dim %d, %.1fs -> %s",
