@@ -7,7 +7,7 @@ while the previous step still computes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -53,40 +53,24 @@ class ModelBatch(Pipelineable):
     def num_tokens(self) -> int:
         return self.timestamps.numel()
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> ModelBatch:
-        def move(x):
-            return None if x is None else x.to(device=device, non_blocking=non_blocking)
+    def _map(self, fn) -> ModelBatch:
+        return ModelBatch(**{f.name: _apply(fn, getattr(self, f.name)) for f in fields(self)})
 
-        return ModelBatch(
-            id_features=move(self.id_features),
-            text_features=move(self.text_features),
-            offsets=move(self.offsets),
-            timestamps=move(self.timestamps),
-            targets=move(self.targets),
-            negatives=move(self.negatives),
-            weights=move(self.weights),
-        )
+    def to(self, device: torch.device, non_blocking: bool = False) -> ModelBatch:
+        return self._map(lambda x: x.to(device=device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
-        for kjt in (self.id_features, self.text_features):
-            if kjt is not None:
-                kjt.record_stream(stream)
-        for t in (self.offsets, self.timestamps, self.targets, self.negatives, self.weights):
-            t.record_stream(stream)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                value.record_stream(stream)
 
     def pin_memory(self) -> ModelBatch:
-        def pin(x):
-            return None if x is None else x.pin_memory()
+        return self._map(lambda x: x.pin_memory())
 
-        return ModelBatch(
-            id_features=pin(self.id_features),
-            text_features=pin(self.text_features),
-            offsets=pin(self.offsets),
-            timestamps=pin(self.timestamps),
-            targets=pin(self.targets),
-            negatives=pin(self.negatives),
-            weights=pin(self.weights),
-        )
+
+def _apply(fn, value):
+    return None if value is None else fn(value)
 
 
 def make_model_batch(
