@@ -177,7 +177,7 @@ class _Block:
         """bias_dest for [n * heads, stop - start, stop] scores: [P * heads], pair-major."""
         if heads == 1:
             return self.bias_dest
-        if heads not in self._dest_by_heads:
+        if heads not in self._dest_by_heads:  # not planned for this many heads: derive it
             area = (self.stop - self.start) * self.stop
             row, cell = self.bias_dest // area, self.bias_dest % area
             head = torch.arange(heads, device=row.device) * area
@@ -302,7 +302,9 @@ def plan_attention(
         pos = torch.arange(n_max, device=device)
         rows = torch.where(pos[None, :] < g_lengths[:, None], g_starts[:, None] + pos[None, :], total)
         blocks = [
-            _causal_pairs(g_lengths, g_starts, a, min(a + block, n_max), tq, timestamps, num_time_buckets)
+            _causal_pairs(
+                g_lengths, g_starts, a, min(a + block, n_max), tq, timestamps, num_time_buckets, num_heads
+            )
             for a in range(0, n_max, block)
         ]
         groups.append(_Group(n_max=n_max, rows=rows, blocks=blocks))
@@ -325,7 +327,14 @@ def _exclusive_cumsum(x: Tensor) -> Tensor:
 
 
 def _causal_pairs(
-    lengths: Tensor, starts: Tensor, start: int, stop: int, tq: Tensor, ts: Tensor, num_buckets: int
+    lengths: Tensor,
+    starts: Tensor,
+    start: int,
+    stop: int,
+    tq: Tensor,
+    ts: Tensor,
+    num_buckets: int,
+    heads: int,
 ) -> _Block:
     """Every (i, j <= i) pair with query row i in [start, stop) of each sequence: bias index and place.
 
@@ -357,7 +366,12 @@ def _causal_pairs(
     query_time = tq.index_select(0, seq_start + i)
     dt = query_time.gather(0, pair_query).sub_(ts.gather(0, key_token))
     bias_index = r.mul_(num_buckets + 1).add_(_time_bucket_inplace(dt, num_buckets))
-    return _Block(start=start, stop=stop, bias_index=bias_index, bias_dest=dest)
+    block = _Block(start=start, stop=stop, bias_index=bias_index, bias_dest=dest)
+    if heads > 1:  # scores [n * heads, rows, stop]: the same pairs, one matrix further per head
+        area = (stop - start) * stop
+        base = (seq * ((heads - 1) * area)).gather(0, pair_query).add_(dest)
+        block._dest_by_heads[heads] = (base[:, None] + torch.arange(heads, device=device) * area).view(-1)
+    return block
 
 
 def _time_bucket_inplace(dt: Tensor, num_buckets: int) -> Tensor:
