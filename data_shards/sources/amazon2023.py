@@ -4,7 +4,9 @@ Speed: each block of lines is first parsed by Arrow's multithreaded JSON reader 
 validated with vectorised checks; a block Arrow rejects (malformed line, wrong type, bad UTF-8, blank line) is
 bisected, and only the small pieces that still fail go through the line-by-line Python validator, which
 applies the same rules and records every skip with its file:line. Timestamps are milliseconds in the files and
-seconds in the dataset.
+seconds in the dataset. Large JSONL files are cut into line-aligned blocks by the main process (which also
+hashes them) and validated by `data.threads` worker processes, one Parquet part per block, with the skips
+merged in block order so counts and examples match a sequential read.
 """
 
 from __future__ import annotations
@@ -146,10 +148,12 @@ def _record_failures(
                 stats.skip(reason, path, first_line + int(r), n=0)
 
 
-def _null_or_blank(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+def _null_or_blank(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, pa.ChunkedArray]:
+    """Missing and blank masks of a string column, and the trimmed column (computed once, reused)."""
     missing = col.is_null().to_numpy(zero_copy_only=False)
-    blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), False)
-    return missing, blank.to_numpy(zero_copy_only=False)
+    trimmed = pc.utf8_trim_whitespace(col)
+    blank = pc.fill_null(pc.equal(pc.utf8_length(trimmed), 0), False)
+    return missing, blank.to_numpy(zero_copy_only=False), trimmed
 
 
 def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipStats, empty: list[int]):
@@ -158,8 +162,8 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
 
     def on_table(t: pa.Table, first: int) -> None:
         n = t.num_rows
-        u_miss, u_blank = _null_or_blank(t["user_id"])
-        i_miss, i_blank = _null_or_blank(t["parent_asin"])
+        u_miss, u_blank, users = _null_or_blank(t["user_id"])
+        i_miss, i_blank, items = _null_or_blank(t["parent_asin"])
         r_miss = t["rating"].is_null().to_numpy(zero_copy_only=False)
         r_nan = pc.fill_null(pc.is_nan(t["rating"]), False).to_numpy(zero_copy_only=False)
         ts = t["timestamp"]
@@ -178,8 +182,8 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
         lines = np.arange(first, first + n, dtype=np.int64) + base
         out = pa.table(
             {
-                "user_id": pc.utf8_trim_whitespace(t["user_id"]),
-                "item_id": pc.utf8_trim_whitespace(t["parent_asin"]),
+                "user_id": users,
+                "item_id": items,
                 "ts": pc.divide(ts, 1000),
                 "rating": t["rating"],
                 "ord": lines,
@@ -265,7 +269,7 @@ def _meta_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipSta
     base = file_index << ORD_FILE_SHIFT
 
     def on_table(t: pa.Table, first: int) -> None:
-        i_miss, i_blank = _null_or_blank(t["parent_asin"])
+        i_miss, i_blank, _ = _null_or_blank(t["parent_asin"])
         checks = [("missing_field:parent_asin", i_miss), ("empty_field:parent_asin", i_blank)]
         code = _first_failure(checks, t.num_rows)
         if code.any():
