@@ -9,7 +9,13 @@ Run: .venv/bin/python benchmarks/hstu_layer.py [--repeats 3] [--threads 2]
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+# Spinning OpenMP threads burn the CPU an oversubscribed (shared) machine needs: on this 2-core box a
+# 2-thread run is otherwise several times slower, most of all for code with many small kernels (the
+# jagged backend). Set before torch loads libgomp; an explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
@@ -55,7 +61,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {}
-    print(f"HSTU layer fwd+bwd, d=64 heads=4 qk=v=16 dropout=0.5 fp32, threads={args.threads}")
+    print(
+        f"HSTU layer fwd+bwd, d=64 heads=4 qk=v=16 dropout=0.5 fp32, threads={args.threads}, "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+    )
     for max_len in args.max_lens:
         batch = BATCH.get(max_len, max(1, 8192 * 2 // max_len))
         x, offsets, ts = _make_batch(max_len, batch, 64, seed=max_len)

@@ -10,9 +10,15 @@ Run: .venv/bin/python benchmarks/hstu_train_step.py [--batches 4] [--repeats 3] 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
+
+# Spinning OpenMP threads burn the CPU an oversubscribed (shared) machine needs: on this 2-core box a
+# 2-thread run is otherwise several times slower, most of all for code with many small kernels (the
+# jagged backend). Set before torch loads libgomp; an explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
@@ -97,7 +103,8 @@ def main() -> None:
     tokens = [int(b[1].sum()) for b in batches]
     print(
         f"{len(batches)} batches of {job.train.batch_size}: tokens/batch {tokens}, "
-        f"max len {[int(b[1].max()) for b in batches]}, threads={args.threads}"
+        f"max len {[int(b[1].max()) for b in batches]}, threads={args.threads}, "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
     parts = []
     for backend in args.backends:
