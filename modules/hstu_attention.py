@@ -264,8 +264,8 @@ def plan_attention(
 ) -> AttentionPlan:
     """Padded layout and causal-pair bias indices for one batch (offsets [B+1], timestamps [T]).
 
-    num_heads only weighs the jagged grouping (a group saves heads x its padded elements); a plan
-    serves calls with any number of heads.
+    num_heads weighs the jagged grouping (a group saves heads x its padded elements) and pre-builds the
+    per-head bias positions; the plan still serves calls with any number of heads.
     """
     if backend not in ("reference", "jagged"):
         raise ValueError(f"plan_attention: backend must be 'reference' or 'jagged', got {backend!r}")
