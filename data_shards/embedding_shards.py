@@ -9,24 +9,23 @@ Layout of an embedding dir::
                       __key__ f"{first_item:09d}", ids.npy int64 [n], emb.npy float16 [n, dim]
 
 Item indices run 1..num_items (0 is padding and is never stored). Shards cover disjoint item ranges and
-together hold every item exactly once. Also here: reading the dataset's item-text shards
-(`items/items-*.tar`) by item range, for the embedding job.
+together hold every item exactly once. Also here: the dataset-manifest check of the embedding job (which
+reads item texts with `data_shards.reader.iter_item_texts`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from data_shards.io import DataError
+from data_shards.manifest import load_manifest
+from data_shards.reader import iter_samples
+from data_shards.shards import sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -34,14 +33,6 @@ MANIFEST = "manifest.json"
 
 class EmbeddingShardError(DataError):
     """An embedding dir that is incomplete, inconsistent or corrupt; the message names the file."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def shard_name(index: int) -> str:
@@ -52,13 +43,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
-
-
-def _load_npy(data: bytes, *, where: str) -> np.ndarray:
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as err:
-        raise EmbeddingShardError(f"{where}: not a plain .npy array ({err})") from err
 
 
 def write_embedding_shard(
@@ -248,30 +232,6 @@ def read_embedding_manifest(emb_dir: str | Path, verify: bool = False) -> dict[s
     return manifest
 
 
-def _iter_tar_members(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group a WebDataset tar's members into (key, {extension: bytes}) samples, in file order."""
-    key, sample = None, {}
-    try:
-        with tarfile.open(path, "r") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                stem, _, ext = base.partition(".")
-                if key is not None and stem != key:
-                    yield key, sample
-                    sample = {}
-                key = stem
-                handle = tar.extractfile(member)
-                sample[ext] = handle.read() if handle is not None else b""
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise EmbeddingShardError(
-            f"{path}: unreadable tar ({err}); the file is truncated or corrupt"
-        ) from err
-    if key is not None:
-        yield key, sample
-
-
 def load_embedding_rows(emb_dir: str | Path, start: int, stop: int, verify: bool = False) -> np.ndarray:
     """Rows for item indices start..stop-1 as float16 [stop-start, dim]; row 0 (padding) is zeros.
 
@@ -297,14 +257,14 @@ def load_embedding_rows(emb_dir: str | Path, start: int, stop: int, verify: bool
             raise EmbeddingShardError(f"{emb_dir / MANIFEST}: shard {file} is missing")
         if verify and sha256_file(file) != shard["sha256"]:
             raise EmbeddingShardError(f"{file}: sha256 does not match the manifest; the shard was modified")
-        for key, sample in _iter_tar_members(file):
-            where = f"{file}:{key}"
+        for sample in iter_samples(file, remedy="truncated or corrupt: re-run the embedding job"):
+            where = f"{file}:{sample['__key__']}"
             if "ids.npy" not in sample or "emb.npy" not in sample:
-                raise EmbeddingShardError(f"{where}: sample lacks ids.npy/emb.npy (has {sorted(sample)})")
-            ids = _load_npy(sample["ids.npy"], where=where)
+                members = sorted(k for k in sample if k != "__key__")
+                raise EmbeddingShardError(f"{where}: sample lacks ids.npy/emb.npy (has {members})")
+            ids, emb = sample["ids.npy"], sample["emb.npy"]
             if len(ids) == 0 or ids[-1] < lo or ids[0] >= stop:
                 continue
-            emb = _load_npy(sample["emb.npy"], where=where)
             if emb.dtype != np.float16 or emb.shape != (len(ids), dim):
                 raise EmbeddingShardError(
                     f"{where}: emb.npy is {emb.dtype}{emb.shape}, expected float16 [n, {dim}]"
@@ -325,77 +285,17 @@ def load_embedding_rows(emb_dir: str | Path, start: int, stop: int, verify: bool
     return out
 
 
-# --------------------------------------------------------------------------- item-text shards (the dataset's)
-
-
-@dataclass(frozen=True)
-class ItemText:
-    item: int
-    item_id: str
-    text: str
-
-
 def read_dataset_manifest(dataset_dir: str | Path) -> tuple[dict[str, Any], str]:
-    """The dataset's manifest.json and its sha256 (recorded in the embedding manifest)."""
+    """The dataset's manifest (via `load_manifest`) and its sha256, recorded in the embedding manifest.
+
+    Also checks what embedding needs beyond `load_manifest`: `num_items` and listed item-text shards.
+    """
+    manifest = load_manifest(dataset_dir)
     path = Path(dataset_dir) / MANIFEST
-    if not path.is_file():
-        raise EmbeddingShardError(
-            f"{path} not found: {dataset_dir} is not a prepared dataset dir (run launch/prepare.py first)"
-        )
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    for key in ("num_items", "shards"):
-        if key not in manifest:
-            raise EmbeddingShardError(f"{path}: missing field {key!r}")
-    if not manifest["shards"].get("items"):
+    if "num_items" not in manifest:
+        raise EmbeddingShardError(f"{path}: missing field 'num_items'; re-run launch/prepare.py")
+    if not manifest.get("shards", {}).get("items"):
         raise EmbeddingShardError(
             f"{path}: lists no item-text shards (shards.items); re-run launch/prepare.py"
         )
     return manifest, sha256_file(path)
-
-
-def iter_item_texts(dataset_dir: str | Path, ranges: list[tuple[int, int]]) -> Iterator[ItemText]:
-    """Yield the items whose index lies in one of the half-open `ranges`, from `items/items-*.tar`.
-
-    Item-text shards are written in item order, so shard i holds the items after those of shards < i;
-    shards that cannot overlap `ranges` are skipped unread. The order is checked as items are read.
-    """
-    dataset_dir = Path(dataset_dir)
-    manifest, _ = read_dataset_manifest(dataset_dir)
-
-    def wanted(a: int, b: int) -> bool:
-        return any(lo < b and a < hi for lo, hi in ranges)
-
-    first = 1
-    for shard in manifest["shards"]["items"]:
-        n = int(shard["num_samples"])
-        if not wanted(first, first + n):
-            first += n
-            continue
-        file = dataset_dir / shard["path"]
-        if not file.is_file():
-            raise EmbeddingShardError(f"{dataset_dir / MANIFEST}: item-text shard {file} is missing")
-        expected = first
-        for key, sample in _iter_tar_members(file):
-            where = f"{file}:{key}"
-            try:
-                item = int(key)
-            except ValueError as err:
-                raise EmbeddingShardError(f"{where}: key is not an item index") from err
-            if item != expected:
-                raise EmbeddingShardError(
-                    f"{where}: expected item {expected} here (item-text shards must list items 1..N in order)"
-                )
-            expected += 1
-            if not any(lo <= item < hi for lo, hi in ranges):
-                continue
-            text = sample.get("text.txt", b"").decode("utf-8", errors="replace")
-            meta = json.loads(sample["meta.json"]) if "meta.json" in sample else {}
-            yield ItemText(item=item, item_id=str(meta.get("item_id", item)), text=text)
-        if expected != first + n:
-            raise EmbeddingShardError(f"{file}: holds {expected - first} items but the manifest says {n}")
-        first += n
-    if first - 1 != manifest["num_items"]:
-        raise EmbeddingShardError(
-            f"{dataset_dir / MANIFEST}: item-text shards hold {first - 1} items but num_items is "
-            f"{manifest['num_items']}"
-        )

@@ -16,14 +16,14 @@ import math
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 
 from data_shards.batch import SequenceBatch
 from data_shards.io import DataError
-from data_shards.manifest import load_manifest, verify_shards
+from data_shards.manifest import MANIFEST, load_manifest, verify_shards
 
 Split = Literal["train", "valid", "test"]
 
@@ -39,8 +39,13 @@ def _decode(name: str, data: bytes) -> Any:
     raise DataError(f"unexpected member {name!r}: only .npy, .json and .txt are decoded (no pickle)")
 
 
-def iter_samples(shard: str | Path) -> Iterator[dict[str, Any]]:
-    """Samples of one WebDataset tar: ``{"__key__": key, "<ext>": decoded, ...}`` (members grouped by key)."""
+def iter_samples(
+    shard: str | Path, *, remedy: str = "verify it or prepare the dataset again"
+) -> Iterator[dict[str, Any]]:
+    """Samples of one WebDataset tar: ``{"__key__": key, "<ext>": decoded, ...}`` (members grouped by key).
+
+    An unreadable tar or undecodable member is a DataError naming the shard and ending with `remedy`.
+    """
     sample: dict[str, Any] = {}
     try:
         with tarfile.open(shard, mode="r|") as tar:
@@ -54,9 +59,14 @@ def iter_samples(shard: str | Path) -> Iterator[dict[str, Any]]:
                     sample = {}
                 sample["__key__"] = key
                 fh = tar.extractfile(member)
-                sample[ext] = _decode(base, fh.read() if fh else b"")
-    except tarfile.TarError as err:
-        raise DataError(f"{shard}: unreadable shard ({err}); verify it or prepare the dataset again") from err
+                try:
+                    sample[ext] = _decode(base, fh.read() if fh else b"")
+                except DataError as err:
+                    raise DataError(f"{shard}: {err}; {remedy}") from err
+                except ValueError as err:  # a pickled .npy, bad JSON, text that is not UTF-8
+                    raise DataError(f"{shard}: member {base!r} cannot be decoded ({err}); {remedy}") from err
+    except (tarfile.TarError, EOFError) as err:
+        raise DataError(f"{shard}: unreadable shard ({err}); {remedy}") from err
     if sample:
         yield sample
 
@@ -69,14 +79,65 @@ def iter_sequences(dataset_dir: str | Path) -> Iterator[tuple[int, np.ndarray, n
             yield s["meta.json"]["user"], s["items.npy"], s["timestamps.npy"], s["ratings.npy"]
 
 
-def iter_item_texts(dataset_dir: str | Path, *, verify: bool = False) -> Iterator[tuple[int, str, str]]:
-    """Every item in index order: ``(item, original item_id, text)``; sha256-checked first if `verify`."""
-    if verify:
-        verify_shards(dataset_dir, "items")
+class ItemText(NamedTuple):
+    """One item of the item-text shards (unpacks as ``item, item_id, text``)."""
+
+    item: int  # index 1..N
+    item_id: str  # original id
+    text: str  # may be empty
+
+
+def iter_item_texts(
+    dataset_dir: str | Path, *, ranges: list[tuple[int, int]] | None = None, verify: bool = False
+) -> Iterator[ItemText]:
+    """Items in index order from `items/items-*.tar`: all of them, or those in one of the half-open `ranges`.
+
+    Shard i holds the items after those of shards < i, so shards that cannot overlap `ranges` are skipped
+    unread. Keys must run 1..N in order and match each shard's count; `verify` sha256-checks the shards read.
+    """
+    dataset_dir = Path(dataset_dir)
+    where = dataset_dir / MANIFEST
     manifest = load_manifest(dataset_dir)
-    for entry in manifest["shards"]["items"]:
-        for s in iter_samples(Path(dataset_dir) / entry["path"]):
-            yield s["meta.json"]["item"], s["meta.json"]["item_id"], s["text.txt"]
+
+    def wanted(lo: int, hi: int) -> bool:
+        return ranges is None or any(a < hi and lo < b for a, b in ranges)
+
+    shards, first = [], 1  # (entry, first item) of the shards to read
+    for entry in manifest["shards"].get("items", []):
+        if wanted(first, first + int(entry["num_samples"])):
+            shards.append((entry, first))
+        first += int(entry["num_samples"])
+    if first - 1 != manifest["num_items"]:
+        raise DataError(
+            f"{where}: item-text shards (shards.items) hold {first - 1} items but num_items is "
+            f"{manifest['num_items']}; prepare the dataset again"
+        )
+    if verify:
+        verify_shards(dataset_dir, "items", paths=[entry["path"] for entry, _ in shards])
+    for entry, first in shards:
+        file, n = dataset_dir / entry["path"], int(entry["num_samples"])
+        if not file.is_file():
+            raise DataError(f"{where}: item-text shard {file} is missing; prepare the dataset again")
+        expected = first
+        for s in iter_samples(file):
+            key = f"{file}:{s['__key__']}"
+            try:
+                item = int(s["__key__"])
+            except ValueError as err:
+                raise DataError(f"{key}: key is not an item index") from err
+            if item != expected:
+                raise DataError(
+                    f"{key}: expected item {expected} here (item-text shards must list items 1..N in order)"
+                )
+            expected += 1
+            if ranges is not None and not any(a <= item < b for a, b in ranges):
+                continue
+            meta = s.get("meta.json", {})
+            if meta.get("item", item) != item:
+                raise DataError(f"{key}: meta.json says item {meta['item']}, the key says {item}")
+            yield ItemText(item=item, item_id=str(meta.get("item_id", item)), text=s.get("text.txt", ""))
+        if expected != first + n:
+            raise DataError(f"{file}: holds {expected - first} items but the manifest says {n}")
 
 
 class _ShardStream(torch.utils.data.IterableDataset):

@@ -16,11 +16,12 @@ import blair_helpers as H
 
 from data_shards.embedding_shards import (
     EmbeddingShardError,
-    iter_item_texts,
     load_embedding_rows,
     read_embedding_manifest,
     write_embedding_shards,
 )
+from data_shards.io import DataError
+from data_shards.reader import ItemText, iter_item_texts
 from modules.blair import BlairEncoder, load_encoder, weights_sha256
 from trainer.embed import import_vectors
 
@@ -94,13 +95,16 @@ def _dataset(tmp_path: Path) -> tuple[Path, list[str]]:
 
 def test_item_text_reader_checks_order(tmp_path):
     ds, texts = _dataset(tmp_path)
-    got = list(iter_item_texts(ds, [(3, 5), (9, 11)]))
+    got = list(iter_item_texts(ds, ranges=[(3, 5), (9, 11)]))
     assert [t.item for t in got] == [3, 4, 9, 10] and got[0].text == texts[2] and got[0].item_id == "orig3"
+    assert list(iter_item_texts(ds))[12] == ItemText(13, "orig13", "white scarf")  # no ranges: all items
+    (ds / "items" / "items-000000.tar").unlink()  # items 8..13 live in shard 1 only
+    assert [t.item for t in iter_item_texts(ds, ranges=[(8, 14)], verify=True)] == list(range(8, 14))
     manifest = json.loads((ds / "manifest.json").read_text())
     manifest["shards"]["items"].reverse()
     (ds / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(EmbeddingShardError, match="in order"):
-        list(iter_item_texts(ds, [(1, 14)]))
+    with pytest.raises(DataError, match="in order"):
+        list(iter_item_texts(ds, ranges=[(1, 14)]))  # shard 1 (items 8..) is now read first
 
 
 @pytest.mark.multiprocess

@@ -19,15 +19,15 @@ import torch.distributed as dist
 from data_shards.embedding_shards import (
     MANIFEST,
     EmbeddingShardError,
-    iter_item_texts,
     read_dataset_manifest,
-    sha256_file,
     shard_name,
     write_embedding_shard,
     write_embedding_shards,
     write_manifest,
 )
 from data_shards.pairs import resolve_path
+from data_shards.reader import iter_item_texts
+from data_shards.shards import sha256_file
 from modules.blair import (
     BlairEncoder,
     EncoderError,
@@ -147,7 +147,7 @@ def embed_items(config) -> dict[str, Any]:
     )
 
     texts: dict[int, str] = {}
-    for item in iter_item_texts(dataset_dir, [r for _, r in mine]):
+    for item in iter_item_texts(dataset_dir, ranges=[r for _, r in mine]):
         if item.item in texts:
             raise EmbeddingShardError(
                 f"{dataset_dir}: item {item.item} appears twice in the item-text shards"
