@@ -259,7 +259,7 @@ eval_fraction = 0.2
     assert second["before"] == first["before"]  # carried in the checkpoint, not re-measured
     assert second["losses"][:8] == losses
     assert second["recall@10_after"] >= second["recall@10_before"]
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "encoder" / "config.json").is_file() and (
         run_dir / "encoder" / "modules.json"
     ).is_file()

@@ -329,7 +329,7 @@ def train_blair(config) -> dict[str, Any]:
     if world.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tb"))
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
     max_length = cfg.max_length
     k = cfg.recall_k
     results: dict[str, Any] = {"before": state.get("before"), "history": state.get("history", [])}
