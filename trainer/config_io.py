@@ -72,7 +72,8 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config", pre
     unknown = sorted(set(data) - set(fields))
     if unknown:
         names = ", ".join(prefix + k for k in unknown)
-        raise ConfigError(f"{source}: unknown config key(s) {names}; known keys here: {', '.join(sorted(fields))}")
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"{source}: unknown config key(s) {names}; known keys here: {known}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, source=source, key=prefix + name)
