@@ -186,6 +186,19 @@ def test_two_agents_multi_node_rendezvous(tmp_path, dataset):
     assert results["world_size"] == 2 and results["steps"] == 6
 
 
+def test_bf16_autocast_trains_in_process(tmp_path, dataset):
+    """One process (no torchrun): bf16 mixed precision on the CPU gives finite, falling losses."""
+    cfg = load_config(
+        JobConfig,
+        _config(tmp_path, dataset, "bf16"),
+        ["train.precision=bf16", "train.max_steps=12", "checkpoint.resume=never"],
+    )
+    results = train(cfg)
+    losses = [loss for _, loss in results["train_loss"]]
+    assert all(np.isfinite(losses)) and sum(losses[-3:]) < sum(losses[:3])
+    assert 0.0 <= results["test"]["ndcg@10"] <= 1.0
+
+
 def test_missing_dataset_fails_fast_with_instructions(tmp_path):
     cfg = load_config(JobConfig, None, [f"data.root={tmp_path}", "data.name=absent", "model.fusion=none"])
     with pytest.raises(ConfigError, match=r"run `python launch/prepare\.py"):

@@ -98,7 +98,10 @@ class HSTUTrainer:
             device=torch.device("meta"),
             text_fp16=config.sharding.text_dtype == "fp16",
         )
-        self.task = RecommenderTrain(model, config.loss)
+        bf16 = config.train.precision == "bf16" or (
+            config.train.precision == "auto" and self.device.type == "cuda"
+        )
+        self.task = RecommenderTrain(model, config.loss, autocast_dtype=torch.bfloat16 if bf16 else None)
         tokens = config.train.batch_size * config.data.max_seq_len
         self.dmp = shard_model(self.task, config.sharding, device=self.device, batch_tokens=tokens)
         if text_manifest is not None:
@@ -488,6 +491,7 @@ def _hparams(cfg: JobConfig) -> dict[str, Any]:
         "batch_size": cfg.train.batch_size,
         "num_negatives": cfg.loss.num_negatives,
         "loss": cfg.loss.kind,
+        "precision": cfg.train.precision,
     }
 
 

@@ -28,6 +28,8 @@ class TrainConfig:
     """Dense learning-rate schedule after warm-up (cosine decays to 10% over the run's step budget)."""
     grad_clip: float = 1.0
     """Clip the dense gradient norm to this value (0: no clipping). Fused sparse updates are not clipped."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Dense compute: bf16 autocast (fp32 master weights) or fp32; auto = bf16 on CUDA, fp32 on CPU."""
     text_embeddings: str = ""
     """Item-embedding shards (from launch/embed.py) for the frozen text table; needed unless fusion = none."""
 

@@ -21,10 +21,18 @@ from trainer.batch import ModelBatch
 class RecommenderTrain(nn.Module):
     """Wraps a GenerativeRecommender with its training loss and its evaluation encoder."""
 
-    def __init__(self, model: GenerativeRecommender, loss: LossConfig) -> None:
+    def __init__(
+        self, model: GenerativeRecommender, loss: LossConfig, *, autocast_dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.loss_config = loss
+        self.autocast_dtype = autocast_dtype
+
+    def autocast(self, device_type: str) -> torch.autocast:
+        """Mixed precision for the dense part (HSTU, fusion, loss); tables and optimizer state stay fp32."""
+        dtype = self.autocast_dtype or torch.float32
+        return torch.autocast(device_type=device_type, dtype=dtype, enabled=self.autocast_dtype is not None)
 
     def lookup(self, batch: ModelBatch) -> tuple[Tensor, Tensor | None]:
         """Rows of every id in the batch from the ID table and (frozen) text table."""
@@ -43,9 +51,11 @@ class RecommenderTrain(nn.Module):
     def encode(self, batch: ModelBatch) -> tuple[Tensor, Tensor]:
         """Evaluation: (query vector at each row's last position [B, d], fused target vector [B, d])."""
         id_rows, text_rows = self.lookup(batch)
-        history, targets, _ = _split_fused(self, batch, id_rows, text_rows)
-        out = self.model.encoder(history, batch.offsets, batch.timestamps)
-        return out[last_positions(batch.offsets)], torch.nn.functional.normalize(targets, dim=-1)
+        with self.autocast(id_rows.device.type):
+            history, targets, _ = _split_fused(self, batch, id_rows, text_rows)
+            out = self.model.encoder(history, batch.offsets, batch.timestamps)
+        queries = out[last_positions(batch.offsets)].float()
+        return queries, torch.nn.functional.normalize(targets.float(), dim=-1)
 
 
 def _split_fused(
@@ -64,6 +74,13 @@ def _split_fused(
 
 @torch.fx.wrap
 def _loss_from_rows(
+    task: RecommenderTrain, batch: ModelBatch, id_rows: Tensor, text_rows: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    with task.autocast(id_rows.device.type):
+        return _loss(task, batch, id_rows, text_rows)
+
+
+def _loss(
     task: RecommenderTrain, batch: ModelBatch, id_rows: Tensor, text_rows: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     history, targets, negatives = _split_fused(task, batch, id_rows, text_rows)
