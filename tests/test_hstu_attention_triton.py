@@ -1,14 +1,13 @@
 """The fused Triton HSTU attention, run on the CPU through TRITON_INTERPRET=1, against plain-PyTorch oracles.
 
-The interpreter is switched on only while these tests run: the fixture sets TRITON_INTERPRET=1 and
-(re)imports modules.hstu_attention_triton, whose kernels are built at import time, then restores both.
+TRITON_INTERPRET=1 is set by tests/conftest.py before anything imports triton (its `tl.*` helpers are
+built in the mode active at triton's first import).
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-import sys
 
 import pytest
 import torch
@@ -19,14 +18,10 @@ MODULE = "modules.hstu_attention_triton"
 
 @pytest.fixture(scope="module")
 def tri():
-    """modules.hstu_attention_triton imported with TRITON_INTERPRET=1 (kernels run on CPU tensors)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    mod = importlib.reload(sys.modules[MODULE]) if MODULE in sys.modules else importlib.import_module(MODULE)
-    assert mod._INTERPRET
-    yield mod
-    mp.undo()
-    importlib.reload(mod)
+    """modules.hstu_attention_triton with its kernels running in Triton's interpreter on CPU tensors."""
+    mod = importlib.import_module(MODULE)
+    assert mod._INTERPRET, "TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)"
+    return mod
 
 
 def naive_hstu_attention(q, k, v, offsets, timestamps, pos_w, time_w, *, max_seq_len, alpha, denominator):
