@@ -138,27 +138,34 @@ def query_timestamps(timestamps: Tensor, offsets: Tensor) -> Tensor:
     return torch.where(is_last, timestamps, nxt)
 
 
-def _check_inputs(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len) -> None:
+def check_attention_shapes(
+    q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len, *, who: str
+) -> None:
+    """Shape checks shared by every backend (no host sync); `who` names the caller in the message."""
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(
-            f"hstu_attention: expected q, k [T, H, Dqk] and v [T, H, Dv], got q {tuple(q.shape)}, "
+            f"{who}: expected q, k [T, H, Dqk] and v [T, H, Dv], got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if offsets.dim() != 1 or offsets.numel() < 1 or int(offsets[-1]) != q.shape[0]:
-        raise ValueError(f"hstu_attention: offsets must be [B+1] ending at T={q.shape[0]}, got {offsets}")
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"{who}: offsets must be [B+1], got {tuple(offsets.shape)}")
     if timestamps.shape != (q.shape[0],):
-        raise ValueError(
-            f"hstu_attention: timestamps must be [T={q.shape[0]}], got {tuple(timestamps.shape)}"
-        )
+        raise ValueError(f"{who}: timestamps must be [T={q.shape[0]}], got {tuple(timestamps.shape)}")
     if pos_weights.shape != (2 * max_seq_len - 1,):
         raise ValueError(
-            f"hstu_attention: pos_weights must be [2*max_seq_len-1={2 * max_seq_len - 1}], "
+            f"{who}: pos_weights must be [2*max_seq_len-1={2 * max_seq_len - 1}], "
             f"got {tuple(pos_weights.shape)}"
         )
     if time_weights.dim() != 1 or time_weights.numel() < 2:
-        raise ValueError(
-            f"hstu_attention: time_weights must be [num_buckets+1], got {tuple(time_weights.shape)}"
-        )
+        raise ValueError(f"{who}: time_weights must be [num_buckets+1], got {tuple(time_weights.shape)}")
+
+
+def _check_inputs(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len) -> None:
+    check_attention_shapes(
+        q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len, who="hstu_attention"
+    )
+    if int(offsets[-1]) != q.shape[0]:
+        raise ValueError(f"hstu_attention: offsets must end at T={q.shape[0]}, got {offsets}")
 
 
 @dataclass(eq=False)

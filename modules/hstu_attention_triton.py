@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from modules.hstu_attention import check_attention_shapes
+
 TIME_BUCKET_DIVISOR = 0.301
 """bucket(dt) = floor(ln(max(|dt|, 1)) / 0.301), as in the reference research code."""
 
@@ -401,30 +403,13 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
 
 def _check(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len) -> int:
     """Validate shapes/devices; returns the longest sequence length (one host sync)."""
-    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
-        raise ValueError(
-            f"triton_hstu_attention: expected q, k [T, H, Dqk] and v [T, H, Dv], got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
+    check_attention_shapes(
+        q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len, who="triton_hstu_attention"
+    )
     if not _INTERPRET and q.device.type != "cuda":
         raise ValueError(
             "triton_hstu_attention: needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
             f"imported, for CPU tests); got device {q.device}. Use backend='jagged' on CPU."
-        )
-    if offsets.dim() != 1 or offsets.numel() < 1:
-        raise ValueError(f"triton_hstu_attention: offsets must be [B+1], got {tuple(offsets.shape)}")
-    if timestamps.shape != (q.shape[0],):
-        raise ValueError(
-            f"triton_hstu_attention: timestamps must be [T={q.shape[0]}], got {tuple(timestamps.shape)}"
-        )
-    if pos_weights.shape != (2 * max_seq_len - 1,):
-        raise ValueError(
-            f"triton_hstu_attention: pos_weights must be [2*max_seq_len-1={2 * max_seq_len - 1}], "
-            f"got {tuple(pos_weights.shape)}"
-        )
-    if time_weights.dim() != 1 or time_weights.numel() < 2:
-        raise ValueError(
-            f"triton_hstu_attention: time_weights must be [num_buckets+1], got {tuple(time_weights.shape)}"
         )
     if offsets.numel() == 1:
         return 0
