@@ -138,11 +138,14 @@ def test_two_rank_training_loss_falls(tmp_path, dataset):
 def test_sigkilled_worker_resumes_to_identical_parameters(tmp_path, dataset):
     extra = "\n[checkpoint]\ninterval_steps = 5\nkeep_last = 5\n"
     common = ["--nproc-per-node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0"]
+    # A separate rendezvous store per restart round: with the shared one, restarted workers can read the
+    # previous round's gloo addresses (pytorch/pytorch#135712).
+    fresh_store = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     for name, env, restarts in (("straight", {}, "0"), ("killed", {FAULT_INJECTION_ENV: "1:10"}, "1")):
         cfg = _config(tmp_path, dataset, name, extra)
         proc = _torchrun(
             [*common, f"--max-restarts={restarts}", TRAIN, "--config", str(cfg), "train.max_steps=20"],
-            env=env,
+            env={**fresh_store, **env},
         )
         if name == "killed":
             assert "step-000000010" in proc.stdout + proc.stderr, "the restarted workers did not resume"
