@@ -58,6 +58,14 @@ PARALLEL_MIN_BYTES = 32 << 20  # smaller files are validated in-process (startin
 _ARROW_THREADS = True
 
 
+def _json_record(line: bytes, path, line_no: int, stats: SkipStats) -> dict | None:
+    """One JSONL line as a dict, or None with the skip (blank line, malformed JSON) counted."""
+    if not line.strip():
+        stats.skip("blank_line", path, line_no)
+        return None
+    return parse_json_line(line, path, line_no, stats)
+
+
 class _TableSink:
     """Collects one block's valid rows (Arrow tables and single Python rows) in line order."""
 
@@ -192,10 +200,7 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
         sink.write_table(out)
 
     def on_line(line_no: int, line: bytes) -> None:
-        if not line.strip():
-            stats.skip("blank_line", path, line_no)
-            return
-        rec = parse_json_line(line, path, line_no, stats)
+        rec = _json_record(line, path, line_no, stats)
         if rec is None:
             return
         user = get_str(rec, "user_id", path, line_no, stats)
@@ -287,10 +292,7 @@ def _meta_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipSta
         )
 
     def on_line(line_no: int, line: bytes) -> None:
-        if not line.strip():
-            stats.skip("blank_line", path, line_no)
-            return
-        rec = parse_json_line(line, path, line_no, stats)
+        rec = _json_record(line, path, line_no, stats)
         if rec is None:
             return
         item = get_str(rec, "parent_asin", path, line_no, stats)
