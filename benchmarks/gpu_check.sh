@@ -12,6 +12,7 @@ mkdir -p "$LOG"
 PY="${PYTHON:-python3}"
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton_cache_hstu}"
 export PYTHONUNBUFFERED=1
+export TRITON_PRINT_AUTOTUNING=1  # log the config the autotuner picks per shape, for the next tuning pass
 unset TRITON_INTERPRET
 status=0
 

@@ -1,0 +1,178 @@
+"""Compile the fused Triton HSTU kernels ahead of time for an NVIDIA GPU, on any machine (no GPU needed).
+
+    python benchmarks/triton_compile.py                       # every autotune config, sm_90 (H100/H200)
+    python benchmarks/triton_compile.py --dtypes bf16 --kernels fwd --first-config-only   # a quick check
+
+Runs Triton's own NVIDIA backend and its bundled ptxas on every config the autotuner would try, and prints
+the compile time, registers per thread, spill bytes and shared memory of each. This catches what the CPU
+interpreter cannot (layouts, tensor-core shapes, resource limits) and shows which configs spill before any
+GPU time is spent. Compiles into a private, temporary Triton cache, so the times are real.
+Ends with `RESULT compiled=N failed=M ...`; exits 1 if any config failed to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("triton_compile.py: unset TRITON_INTERPRET; ahead-of-time compilation needs the real compiler")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+from triton.compiler import ASTSource
+
+from modules import hstu_attention_triton as hstu
+
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+"""Largest dynamic shared memory per block (bytes) by compute capability."""
+SCALARS = {
+    "alpha": "fp32",
+    "inv_den_const": "fp32",
+    "max_seq_len": "i32",
+    "num_buckets": "i32",
+    "len_key": "i32",
+}
+INDEX_POINTERS = {"OFFSETS": "*i64", "TS": "*i64"}
+FP32_POINTERS = {"POS_W", "TIME_W", "DPOS", "DTIME"}
+"""Bias weights stay fp32 under autocast; their gradients accumulate in fp32 buffers."""
+
+
+def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list[triton.Config], dict]]:
+    """(name, kernel, autotune configs, extra constexprs) of each requested kernel."""
+    table = {
+        "fwd": (hstu._hstu_fwd_kernel, hstu._FWD_CONFIGS, {}),
+        "dq": (hstu._hstu_bwd_dq_kernel, hstu._FWD_CONFIGS, {}),
+        "dkdv": (hstu._hstu_bwd_dkdv_kernel, hstu._DKDV_CONFIGS, {"RAB_GRAD": True}),
+    }
+    return [(name, *table[name]) for name in kernels]
+
+
+def signature(fn: triton.JITFunction, dtype: str) -> tuple[dict[str, str], dict]:
+    """Argument types as the launcher passes them, with 16-byte divisibility on pointers and strides."""
+    sig, attrs = {}, {}
+    for i, param in enumerate(fn.params):
+        name = param.name
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in SCALARS:
+            sig[name] = SCALARS[name]
+        elif name.startswith("stride_"):
+            sig[name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name.isupper():
+            sig[name] = INDEX_POINTERS.get(name, "*fp32" if name in FP32_POINTERS else f"*{dtype}")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise SystemExit(f"triton_compile.py: no type known for argument {name!r} of {fn.__name__}")
+    return sig, attrs
+
+
+def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
+    """Registers, spill bytes and static shared memory that ptxas reports for one kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        cmd = [
+            get_ptxas(arch).path,
+            f"-arch={sm_arch_from_capability(arch)}",
+            "-v",
+            str(src),
+            "-o",
+            os.devnull,
+        ]
+        info = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, info)) else 0  # noqa: E731
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    parser.add_argument("--dqk", type=int, default=128, help="query/key head dimension")
+    parser.add_argument("--dv", type=int, default=128, help="value head dimension")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="input dtypes: bf16, fp16, fp32")
+    parser.add_argument("--kernels", default="fwd,dq,dkdv", help="kernels to compile: fwd, dq, dkdv")
+    parser.add_argument("--first-config-only", action="store_true", help="one config per kernel (CI)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="triton_compile_") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        failed = compile_all(args)
+    sys.exit(1 if failed else 0)
+
+
+def compile_all(args: argparse.Namespace) -> int:
+    """Compile and report every requested (dtype, kernel, config); returns the number that failed."""
+
+    target = GPUTarget("cuda", args.arch, 32)
+    block_dqk, block_dv = hstu._dims(args.dqk, args.dv)
+    limit = SMEM_LIMIT.get(args.arch)
+    header = (
+        f"{'kernel':6s} {'dtype':5s} {'config':34s} {'compile_s':>9s} {'regs':>5s} "
+        f"{'spill_B':>8s} {'smem_KiB':>8s}  status"
+    )
+    print(f"target sm_{args.arch}, Dqk={args.dqk}, Dv={args.dv}, triton {triton.__version__}\n{header}")
+    compiled = failed = 0
+    worst_spill, slowest = 0, 0.0
+    for dtype in args.dtypes.split(","):
+        precision = hstu._dot_precision({"fp32": hstu.torch.float32}.get(dtype, hstu.torch.bfloat16))
+        for name, fn, configs, extra in kernel_specs(args.kernels.split(",")):
+            pruned = hstu._prune_configs(configs, {}, DOT_PREC=precision)
+            for config in pruned[:1] if args.first_config_only else pruned:
+                constants = dict(
+                    DQK=args.dqk, DV=args.dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+                    DEN_IS_LEN=True, DOT_PREC=precision, **extra, **config.kwargs,
+                )  # fmt: skip
+                sig, attrs = signature(fn, dtype)
+                index = {p.name: i for i, p in enumerate(fn.params)}
+                src = ASTSource(
+                    fn, sig, constexprs={(index[k],): v for k, v in constants.items()}, attrs=attrs
+                )
+                label = f"{config.kwargs} w{config.num_warps} s{config.num_stages}"
+                start = time.perf_counter()
+                try:
+                    kernel = triton.compile(
+                        src,
+                        target=target,
+                        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+                    )
+                except Exception as err:  # report every failing config, then fail the run
+                    failed += 1
+                    print(f"{name:6s} {dtype:5s} {label:34s} {'-':>9s} FAILED: {type(err).__name__}: {err}")
+                    continue
+                seconds = time.perf_counter() - start
+                report = ptxas_report(kernel.asm["ptx"], args.arch)
+                smem = int(kernel.metadata.shared)
+                fits = limit is None or smem <= limit
+                spill = report["spill_stores"] + report["spill_loads"]
+                compiled += 1
+                failed += 0 if fits else 1
+                worst_spill, slowest = max(worst_spill, spill), max(slowest, seconds)
+                status = "ok" if fits else f"FAILS: shared memory over {limit} B"
+                print(
+                    f"{name:6s} {dtype:5s} {label:34s} {seconds:9.1f} {report['registers']:5d} "
+                    f"{spill:8d} {smem / 1024:8.1f}  {status}",
+                    flush=True,
+                )
+    print(
+        f"RESULT arch=sm_{args.arch} compiled={compiled} failed={failed} "
+        f"max_spill_bytes={worst_spill} slowest_compile_s={slowest:.1f}"
+    )
+    return failed
+
+
+if __name__ == "__main__":
+    main()
