@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,89 +15,19 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from data_shards.config import DataConfig
-from data_shards.embedding_shards import write_embedding_shards
 from data_shards.prepare import prepare
-from data_shards.synthetic import generate_amazon
 from trainer.config import JobConfig
 from trainer.config_io import ConfigError, load_config
 from trainer.hstu_trainer import FAULT_INJECTION_ENV, train
 
-REPO = Path(__file__).resolve().parent.parent
+from _runs import REPO, free_port, make_tiny_dataset, random_text_embeddings, torchrun, write_config
+
 TRAIN = str(REPO / "launch" / "train.py")
-
-TINY_MODEL = """
-[model]
-embedding_dim = 16
-num_blocks = 1
-num_heads = 2
-qk_dim = 8
-v_dim = 8
-max_seq_len = 20
-dropout = 0.1
-fusion = "none"
-
-[loss]
-num_negatives = 32
-
-[sharding]
-learning_rate = 0.1
-
-[train]
-epochs = 50
-batch_size = 16
-lr = 5e-3
-
-[eval]
-batch_size = 64
-patience = 0
-
-[metrics]
-log_every_steps = 1
-"""
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """A synthetic Amazon-format dataset: ~350 users in 8 sequence shards."""
-    root = tmp_path_factory.mktemp("train_data")
-    reviews, meta = generate_amazon(root / "raw", num_reviews=4000, num_users=350, num_items=150, seed=3)
-    cfg = DataConfig(
-        source="amazon2023",
-        interactions=str(reviews),
-        items=str(meta),
-        root=str(root),
-        name="tiny",
-        max_seq_len=20,
-        users_per_shard=45,
-        min_item_interactions=2,
-    )
-    return prepare(cfg)
-
-
-def _config(tmp_path: Path, dataset: Path, name: str, extra: str = "") -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(
-        f'[run]\nname = "{name}"\noutput_root = "{tmp_path / "runs"}"\nseed = 7\n\n'
-        f'[data]\nroot = "{dataset.parent}"\nname = "{dataset.name}"\nmax_seq_len = 20\n' + TINY_MODEL + extra
-    )
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _torchrun(
-    args: list[str], *, env: dict | None = None, timeout: int = 300, check: bool = True
-) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    return make_tiny_dataset(tmp_path_factory.mktemp("train_data"))
 
 
 def _results(tmp_path: Path, name: str) -> dict:
@@ -119,8 +48,8 @@ def _model_tensors(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.multiprocess
 def test_two_rank_training_loss_falls(tmp_path, dataset):
-    cfg = _config(tmp_path, dataset, "falls", '\n[checkpoint]\nresume = "never"\n')
-    _torchrun(["--standalone", "--nproc-per-node=2", TRAIN, "--config", str(cfg), "train.max_steps=24"])
+    cfg = write_config(tmp_path, dataset, "falls", '\n[checkpoint]\nresume = "never"\n')
+    torchrun(["--standalone", "--nproc-per-node=2", TRAIN, "--config", str(cfg), "train.max_steps=24"])
     results = _results(tmp_path, "falls")
     losses = [loss for _, loss in results["train_loss"]]
     assert len(losses) == 24
@@ -142,8 +71,8 @@ def test_sigkilled_worker_resumes_to_identical_parameters(tmp_path, dataset):
     # previous round's gloo addresses (pytorch/pytorch#135712).
     fresh_store = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     for name, env, restarts in (("straight", {}, "0"), ("killed", {FAULT_INJECTION_ENV: "1:10"}, "1")):
-        cfg = _config(tmp_path, dataset, name, extra)
-        proc = _torchrun(
+        cfg = write_config(tmp_path, dataset, name, extra)
+        proc = torchrun(
             [*common, f"--max-restarts={restarts}", TRAIN, "--config", str(cfg), "train.max_steps=20"],
             env={**fresh_store, **env},
         )
@@ -159,8 +88,8 @@ def test_sigkilled_worker_resumes_to_identical_parameters(tmp_path, dataset):
 
 @pytest.mark.multiprocess
 def test_two_agents_multi_node_rendezvous(tmp_path, dataset):
-    cfg = _config(tmp_path, dataset, "multinode", '\n[checkpoint]\nresume = "never"\n')
-    port = _free_port()
+    cfg = write_config(tmp_path, dataset, "multinode", '\n[checkpoint]\nresume = "never"\n')
+    port = free_port()
     args = [
         sys.executable,
         "-m",
@@ -193,7 +122,7 @@ def test_bf16_autocast_trains_in_process(tmp_path, dataset):
     """One process (no torchrun): bf16 mixed precision on the CPU gives finite, falling losses."""
     cfg = load_config(
         JobConfig,
-        _config(tmp_path, dataset, "bf16"),
+        write_config(tmp_path, dataset, "bf16"),
         ["train.precision=bf16", "train.max_steps=12", "checkpoint.resume=never"],
     )
     results = train(cfg)
@@ -211,34 +140,22 @@ def test_missing_dataset_fails_fast_with_instructions(tmp_path):
 def test_more_ranks_than_shards_fails_fast(tmp_path, dataset):
     data_config = DataConfig(**json.loads((dataset / "manifest.json").read_text())["config"])
     one_shard = prepare(dataclasses.replace(data_config, name="one_shard", users_per_shard=100_000))
-    cfg = _config(tmp_path, one_shard, "toomany")
-    proc = _torchrun(["--standalone", "--nproc-per-node=2", TRAIN, "--config", str(cfg)], check=False)
+    cfg = write_config(tmp_path, one_shard, "toomany")
+    proc = torchrun(["--standalone", "--nproc-per-node=2", TRAIN, "--config", str(cfg)], check=False)
     assert proc.returncode != 0
     assert "1 sequence shards but the job has 2 ranks" in proc.stderr
 
 
 def _embeddings(tmp_path: Path, dataset: Path, dim: int) -> tuple[Path, np.ndarray]:
-    num_items = json.loads((dataset / "manifest.json").read_text())["num_items"]
-    vectors = np.random.default_rng(0).standard_normal((num_items, dim)).astype(np.float16)
     out = tmp_path / f"emb{dim}"
-    write_embedding_shards(
-        out,
-        np.arange(1, num_items + 1),
-        vectors,
-        encoder={"name": "random-test-vectors"},
-        pooling="none",
-        normalized=False,
-        num_items=num_items,
-        items_per_shard=64,
-    )
-    return out, vectors
+    return out, random_text_embeddings(out, dataset, dim)
 
 
 def test_text_dimension_mismatch_fails_fast(tmp_path, dataset):
     emb_dir, _ = _embeddings(tmp_path, dataset, 32)
     cfg = load_config(
         JobConfig,
-        _config(tmp_path, dataset, "textdim"),
+        write_config(tmp_path, dataset, "textdim"),
         ["model.fusion=add", "model.text_dim=64", f"train.text_embeddings={emb_dir}"],
     )
     with pytest.raises(ConfigError, match=r"holds 32-d vectors but model\.text_dim=64"):
@@ -248,14 +165,14 @@ def test_text_dimension_mismatch_fails_fast(tmp_path, dataset):
 @pytest.mark.multiprocess
 def test_text_fusion_two_ranks_keeps_loaded_text_table_frozen(tmp_path, dataset):
     emb_dir, vectors = _embeddings(tmp_path, dataset, 24)
-    cfg = _config(tmp_path, dataset, "fusion", '\n[checkpoint]\nresume = "never"\n')
+    cfg = write_config(tmp_path, dataset, "fusion", '\n[checkpoint]\nresume = "never"\n')
     overrides = [
         "train.max_steps=8",
         "model.fusion=add",
         "model.text_dim=24",
         f"train.text_embeddings={emb_dir}",
     ]
-    _torchrun(["--standalone", "--nproc-per-node=2", TRAIN, "--config", str(cfg), *overrides])
+    torchrun(["--standalone", "--nproc-per-node=2", TRAIN, "--config", str(cfg), *overrides])
     tensors = _model_tensors(tmp_path / "runs/fusion/checkpoints/step-000000008", tmp_path / "f.pt")
     (text_key,) = [k for k in tensors if k.startswith("model.") and "item_text_table" in k]
     table = tensors[text_key]

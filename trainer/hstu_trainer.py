@@ -28,11 +28,9 @@ from tqdm import tqdm
 
 from data_shards.batch import SequenceBatch
 from data_shards.embedding_shards import load_embedding_rows, read_embedding_manifest
-from data_shards.manifest import load_manifest
 from data_shards.reader import SequenceLoader
 from modules.item_embedding import TEXT_TABLE
-from modules.model import GenerativeRecommender
-from sharding.model import local_rows, shard_model
+from sharding.model import local_rows
 from trainer.baselines import evaluate_popularity
 from trainer.batch import ModelBatch, make_model_batch
 from trainer.checkpoint import CheckpointManager
@@ -40,8 +38,8 @@ from trainer.config import JobConfig
 from trainer.config_io import ConfigError, save_config
 from trainer.distributed import World, barrier, destroy_distributed, init_distributed, logger
 from trainer.evaluate import evaluate
+from trainer.model_setup import build_sharded_model, open_dataset
 from trainer.monitor import Monitor, Throughput, memory_gib
-from trainer.train_module import RecommenderTrain
 
 FAULT_INJECTION_ENV = "HSTU_KILL_RANK_AT_STEP"
 """Testing aid: "RANK:STEP" makes that rank SIGKILL itself after STEP on a run's first attempt."""
@@ -80,8 +78,7 @@ class HSTUTrainer:
             save_config(config, self.run_dir / "config.json")
 
         # 2. data: fail fast on anything that would waste the workers' time
-        self.dataset_dir = Path(config.data.root) / config.data.name
-        self.manifest = self._check_dataset()
+        self.dataset_dir, self.manifest = open_dataset(config, world)
         self.num_items = int(self.manifest["num_items"])
         text_manifest = self._check_text_embeddings()
         self.protocol = config.data.split
@@ -91,19 +88,8 @@ class HSTUTrainer:
         self.test_loader = self._loader("test", config.eval.batch_size, shuffle=False)
 
         # 3. model: item tables on meta (DMP allocates only this rank's shard), dense layers seeded alike
-        torch.manual_seed(config.run.seed)
-        model = GenerativeRecommender(
-            num_items=self.num_items,
-            config=config.model,
-            device=torch.device("meta"),
-            text_fp16=config.sharding.text_dtype == "fp16",
-        )
-        bf16 = config.train.precision == "bf16" or (
-            config.train.precision == "auto" and self.device.type == "cuda"
-        )
-        self.task = RecommenderTrain(model, config.loss, autocast_dtype=torch.bfloat16 if bf16 else None)
         tokens = config.train.batch_size * config.data.max_seq_len
-        self.dmp = shard_model(self.task, config.sharding, device=self.device, batch_tokens=tokens)
+        self.dmp = build_sharded_model(config, world, num_items=self.num_items, batch_tokens=tokens)
         if text_manifest is not None:
             self._load_text_rows()
 
@@ -157,27 +143,6 @@ class HSTUTrainer:
         )
 
     # ----------------------------------------------------------------------------------------- set-up
-
-    def _check_dataset(self) -> dict[str, Any]:
-        if not (self.dataset_dir / "manifest.json").is_file():
-            raise ConfigError(
-                f"no dataset at {self.dataset_dir}: "
-                "run `python launch/prepare.py --config <this config>` first"
-            )
-        manifest = load_manifest(self.dataset_dir)
-        num_shards = len(manifest["shards"]["sequences"])
-        if num_shards < self.world.world_size:
-            raise ConfigError(
-                f"{self.dataset_dir} has {num_shards} sequence shards but the job has "
-                f"{self.world.world_size} ranks: every rank needs a shard; "
-                "re-run prepare.py with a smaller data.users_per_shard"
-            )
-        if self.config.model.max_seq_len != self.config.data.max_seq_len:
-            raise ConfigError(
-                f"model.max_seq_len={self.config.model.max_seq_len} differs from data.max_seq_len="
-                f"{self.config.data.max_seq_len}; set both to the same history length"
-            )
-        return manifest
 
     def _check_text_embeddings(self) -> dict[str, Any] | None:
         cfg = self.config
