@@ -25,7 +25,7 @@ class SequenceBatch:
     timestamps: torch.Tensor
     """[sum(lengths)] int64 unix seconds."""
     targets: torch.Tensor
-    """train: [sum(lengths)] next item at every input position; valid/test: [B] the held-out item."""
+    """train: [sum(lengths)] next item at each input position; valid/test: [B] held-out item; all: [0]."""
 
     def _map(self, fn) -> SequenceBatch:
         return SequenceBatch(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
@@ -48,3 +48,20 @@ class SequenceBatch:
     def offsets(self) -> torch.Tensor:
         """[B+1] int64 row offsets into the jagged tensors."""
         return torch.nn.functional.pad(torch.cumsum(self.lengths, 0), (1, 0))
+
+    def most_recent(self, max_len: int) -> SequenceBatch:
+        """The same rows keeping each history's last `max_len` items (per-position targets likewise)."""
+        if self.lengths.numel() == 0 or int(self.lengths.max()) <= max_len:
+            return self
+        offsets = self.offsets
+        ends = torch.repeat_interleave(offsets[1:], self.lengths)
+        keep = torch.arange(int(offsets[-1])) >= ends - max_len
+        per_position = self.targets.numel() == self.item_ids.numel()
+        return SequenceBatch(
+            users=self.users,
+            weights=self.weights,
+            lengths=self.lengths.clamp(max=max_len),
+            item_ids=self.item_ids[keep],
+            timestamps=self.timestamps[keep],
+            targets=self.targets[keep] if per_position else self.targets,
+        )

@@ -25,7 +25,9 @@ from data_shards.batch import SequenceBatch
 from data_shards.io import DataError
 from data_shards.manifest import MANIFEST, load_manifest, verify_shards
 
-Split = Literal["train", "valid", "test"]
+Split = Literal["train", "valid", "test", "all"]
+"""train: next item at every position; valid/test: the held-out item; all: the whole history, no target
+(what recommendation reads)."""
 
 
 def _decode(name: str, data: bytes) -> Any:
@@ -181,8 +183,8 @@ class SequenceLoader:
         verify: bool = False,
         num_workers: int = 0,
     ) -> None:
-        if split not in ("train", "valid", "test"):
-            raise ValueError(f"split must be train, valid or test, got {split!r}")
+        if split not in ("train", "valid", "test", "all"):
+            raise ValueError(f"split must be train, valid, test or all, got {split!r}")
         if protocol not in ("loo3", "paper"):
             raise ValueError(f"protocol must be loo3 or paper, got {protocol!r}")
         if protocol == "paper" and split == "valid":
@@ -258,6 +260,8 @@ class SequenceLoader:
         if self.split == "train":
             end = n - 2 if self.protocol == "loo3" else n - 1
             return items[: end - 1][-m:], ts[: end - 1][-m:], items[1:end][-m:]
+        if self.split == "all":
+            return items[-m:], ts[-m:], items[:0]
         pos = n - 2 if self.split == "valid" else n - 1
         return items[:pos][-m:], ts[:pos][-m:], items[pos : pos + 1]
 

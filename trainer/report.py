@@ -37,3 +37,25 @@ def mean_std_table(rows: dict[str, list[dict[str, float]]]) -> str:
             cells.append(f"{statistics.fmean(values):.4f} ± {std:.4f}")
         lines.append(f"| {name} (n={len(runs)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def recommendation_sample(
+    dataset_dir: str | Path, recommendations: str | Path, user_index: int, n: int
+) -> str:
+    """Markdown lines: one user's last `n` items and their top-`n` recommendations, as item texts."""
+    import pyarrow.parquet as pq
+
+    from data_shards.reader import iter_item_texts, iter_sequences
+
+    table = pq.read_table(recommendations, filters=[("user_index", "=", user_index)]).to_pylist()
+    if not table:
+        raise ValueError(f"{recommendations}: no recommendations for user index {user_index}")
+    (row,) = table
+    history = next(items for user, items, _, _ in iter_sequences(dataset_dir) if user == user_index)
+    wanted = {int(i) for i in history[-n:]} | set(row["item_indices"][:n])
+    texts = {t.item: t.text for t in iter_item_texts(dataset_dir) if t.item in wanted}
+    lines = [f"User {row['user']}, most recent first:", ""]
+    lines += [f"- watched: {texts[int(i)]}" for i in reversed(history[-n:])]
+    picks = zip(row["item_indices"][:n], row["scores"][:n], strict=True)
+    lines += [f"- recommended ({score:.3f}): {texts[i]}" for i, score in picks]
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Config sections of the HSTU training loop ([train]) and its evaluation ([eval])."""
+"""Config sections of the HSTU training loop ([train]), its evaluation ([eval]) and serving ([recommend])."""
 
 from __future__ import annotations
 
@@ -69,3 +69,25 @@ class EvalConfig:
             raise ConfigError(f"eval.metric={self.metric!r} is not one of {sorted(known)}")
         if self.patience < 0:
             raise ConfigError("eval.patience must be >= 0")
+
+
+@dataclass(kw_only=True)
+class RecommendConfig:
+    """Top-K lists for every user of a trained run (launch/recommend.py)."""
+
+    k: int = 10
+    """Items recommended per user."""
+    checkpoint: str = "best"
+    """`best` (the best validation epoch), `latest` (the newest step checkpoint) or a checkpoint folder."""
+    exclude_history: bool = True
+    """Leave out items the user already interacted with (false: repeat consumption is allowed)."""
+    batch_size: int = 256
+    """Users per rank per scoring batch."""
+    output_dir: str = ""
+    """Where the Parquet parts and manifest go; empty = `<run>/recommendations`. Replaced atomically."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.batch_size < 1:
+            raise ConfigError("recommend.k and recommend.batch_size must be >= 1")
+        if not self.checkpoint:
+            raise ConfigError("recommend.checkpoint must be best, latest or a checkpoint folder")
