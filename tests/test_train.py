@@ -163,7 +163,9 @@ def test_text_dimension_mismatch_fails_fast(tmp_path, dataset):
 
 
 @pytest.mark.multiprocess
-def test_text_fusion_two_ranks_keeps_loaded_text_table_frozen(tmp_path, dataset):
+@pytest.mark.parametrize("text_dtype", ["fp32", "fp16"])
+def test_text_fusion_two_ranks_keeps_loaded_text_table_frozen(tmp_path, dataset, text_dtype):
+    """The frozen table ends bit-identical to the loaded vectors, in the configured storage dtype."""
     emb_dir, vectors = _embeddings(tmp_path, dataset, 24)
     cfg = write_config(tmp_path, dataset, "fusion", '\n[checkpoint]\nresume = "never"\n')
     overrides = [
@@ -171,12 +173,14 @@ def test_text_fusion_two_ranks_keeps_loaded_text_table_frozen(tmp_path, dataset)
         "model.fusion=add",
         "model.text_dim=24",
         f"train.text_embeddings={emb_dir}",
+        f"sharding.text_dtype={text_dtype}",
     ]
     torchrun(["--standalone", "--nproc-per-node=2", TRAIN, "--config", str(cfg), *overrides])
     tensors = _model_tensors(tmp_path / "runs/fusion/checkpoints/step-000000008", tmp_path / "f.pt")
     (text_key,) = [k for k in tensors if k.startswith("model.") and "item_text_table" in k]
     table = tensors[text_key]
-    assert torch.equal(table[0], torch.zeros(24)), "padding row must stay zero"
+    assert table.dtype == {"fp32": torch.float32, "fp16": torch.float16}[text_dtype]
+    assert torch.equal(table[0], torch.zeros(24, dtype=table.dtype)), "padding row must stay zero"
     assert torch.equal(table[1:], torch.from_numpy(vectors).to(table.dtype)), (
         "text table changed or misloaded"
     )
