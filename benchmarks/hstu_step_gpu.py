@@ -6,16 +6,14 @@ paper: d=64, 4 blocks, 4 heads, d_qk=d_v=16, length 50, batch 128, 512 shared un
 sampled softmax (temperature 0.05), AdamW lr 1e-3 betas (0.9, 0.98), dropout 0.5, bf16 autocast.
 large: d=512, 8 blocks, 4 heads x 128, lengths uniform in [2048, 4096], batch 8, same loss/optimizer.
 The item table is a plain nn.Embedding trained densely by AdamW (TorchRec's CUDA build cannot travel to
-the GPU machine). The encoder is the team's modules.hstu.HSTUEncoder when it imports; where it cannot
-(its modules import fbgemm_gpu at top level, absent on the GPU machine) a thin layer with the same math,
-calling modules.hstu_attention_triton / the padded reference directly, is used, and the run says so.
+the GPU machine); the encoder and loss are the project's own `modules.hstu.HSTUEncoder` and
+`modules.losses.sampled_softmax_loss`, which import without fbgemm_gpu or TorchRec.
 MFU = model FLOPs (3 x forward matmul FLOPs, causal attention pairs on real tokens) / time / peak.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -23,16 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from hstu_attention import padded_reference, require_cuda  # noqa: E402
+from hstu_attention import require_cuda  # noqa: E402
 
-from modules.hstu_attention_triton import triton_hstu_attention  # noqa: E402
+from modules.config import ModelConfig  # noqa: E402
+from modules.hstu import HSTUEncoder  # noqa: E402
+from modules.losses import sampled_softmax_loss  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -73,83 +72,14 @@ CONFIGS = {
 }
 
 
-def _team_encoder(cfg: StepConfig, attention: str) -> tuple[nn.Module | None, str]:
-    """modules.hstu.HSTUEncoder configured for this run, or (None, why) when it cannot be imported."""
-    try:
-        from modules.config import ModelConfig
-        from modules.hstu import HSTUEncoder
-    except ImportError as e:
-        return None, f"team encoder unavailable ({type(e).__name__}: {e})"
+def _encoder(cfg: StepConfig, attention: str) -> nn.Module:
+    """modules.hstu.HSTUEncoder at this config; `padded` runs the padded `reference` attention backend."""
     mc = ModelConfig(
         embedding_dim=cfg.d, num_blocks=cfg.blocks, num_heads=cfg.heads, qk_dim=cfg.dqk, v_dim=cfg.dv,
         max_seq_len=cfg.max_len, dropout=cfg.dropout,
         attention_backend="triton" if attention == "triton" else "reference",
     )  # fmt: skip
-    return HSTUEncoder(mc), "modules.hstu.HSTUEncoder"
-
-
-class ThinHSTULayer(nn.Module):
-    """Same math as modules.hstu.HSTULayer (for machines where that module cannot be imported)."""
-
-    def __init__(self, cfg: StepConfig, attention: str) -> None:
-        super().__init__()
-        self.cfg, self.attention = cfg, attention
-        self.splits = [cfg.heads * cfg.dv, cfg.heads * cfg.dv, cfg.heads * cfg.dqk, cfg.heads * cfg.dqk]
-        self.uvqk = nn.Parameter(torch.empty(cfg.d, sum(self.splits)).normal_(std=0.02))
-        self.output = nn.Linear(cfg.heads * cfg.dv, cfg.d)
-        self.pos_weights = nn.Parameter(torch.empty(2 * cfg.max_len - 1).normal_(std=0.02))
-        self.time_weights = nn.Parameter(torch.empty(129).normal_(std=0.02))
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: Tensor, offsets: Tensor, timestamps: Tensor) -> Tensor:
-        c, total = self.cfg, x.shape[0]
-        u, v, q, k = torch.split(F.silu(F.layer_norm(x, [c.d], eps=1e-6) @ self.uvqk), self.splits, dim=1)
-        fn = triton_hstu_attention if self.attention == "triton" else padded_reference
-        attn = fn(
-            q.reshape(total, c.heads, c.dqk), k.reshape(total, c.heads, c.dqk),
-            v.reshape(total, c.heads, c.dv),
-            offsets, timestamps, self.pos_weights, self.time_weights, max_seq_len=c.max_len,
-            alpha=1.0 / math.sqrt(c.dqk), denominator=float(c.max_len),
-        ).reshape(total, c.heads * c.dv)  # fmt: skip
-        gated = u * F.layer_norm(attn, [c.heads * c.dv], eps=1e-6)
-        return x + self.output(self.dropout(gated))
-
-
-class ThinEncoder(nn.Module):
-    def __init__(self, cfg: StepConfig, attention: str) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.position = nn.Embedding(cfg.max_len, cfg.d)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(ThinHSTULayer(cfg, attention) for _ in range(cfg.blocks))
-
-    def forward(self, x: Tensor, offsets: Tensor, timestamps: Tensor) -> Tensor:
-        lengths = offsets[1:] - offsets[:-1]
-        starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=x.shape[0])
-        positions = torch.arange(x.shape[0], device=x.device) - starts
-        h = self.dropout(x * math.sqrt(self.cfg.d) + self.position(positions))
-        for layer in self.layers:
-            h = layer(h, offsets, timestamps)
-        return F.normalize(h, p=2.0, dim=-1, eps=1e-6)
-
-
-def _loss_fn():
-    try:
-        from modules.losses import sampled_softmax_loss
-
-        return sampled_softmax_loss, "modules.losses.sampled_softmax_loss"
-    except ImportError:
-
-        def local(queries, positive_ids, positive_vectors, negative_ids, negative_vectors, *, temperature):
-            q = F.normalize(queries, dim=-1)
-            pos = (q * F.normalize(positive_vectors, dim=-1)).sum(-1, keepdim=True)
-            neg = (q @ F.normalize(negative_vectors, dim=-1).T).masked_fill(
-                positive_ids[:, None] == negative_ids[None, :], float("-inf")
-            )
-            logits = torch.cat([pos, neg], dim=1) / temperature
-            return (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
-
-        return local, "local sampled softmax (modules.losses unavailable)"
+    return HSTUEncoder(mc)
 
 
 def model_flops(cfg: StepConfig, lengths: Tensor) -> float:
@@ -166,16 +96,11 @@ def model_flops(cfg: StepConfig, lengths: Tensor) -> float:
 def run(cfg: StepConfig, attention: str, steps: int) -> dict:
     device = "cuda"
     torch.manual_seed(0)
-    encoder, source = _team_encoder(cfg, attention)
-    if encoder is None:
-        print(f"[{cfg.name}/{attention}] {source}; using the thin in-script layer (same math)", flush=True)
-        encoder = ThinEncoder(cfg, attention)
-        source = "thin in-script HSTU layer"
+    encoder = _encoder(cfg, attention)
     table = nn.Embedding(cfg.num_items + 1, cfg.d, padding_idx=0)
     nn.init.normal_(table.weight, std=0.02)
     model = nn.ModuleDict({"encoder": encoder, "table": table}).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0)
-    loss_fn, loss_source = _loss_fn()
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(cfg.min_len, cfg.max_len + 1, (cfg.batch,), generator=g)
     offsets = torch.zeros(cfg.batch + 1, dtype=torch.int64)
@@ -191,7 +116,7 @@ def run(cfg: StepConfig, attention: str, steps: int) -> dict:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             x = model["encoder"](model["table"](items), offsets, timestamps)
             negatives = torch.randint(1, cfg.num_items + 1, (cfg.negatives,), device=device)
-            loss = loss_fn(
+            loss = sampled_softmax_loss(
                 x, targets, model["table"](targets), negatives, model["table"](negatives),
                 temperature=cfg.temperature,
             )  # fmt: skip
@@ -217,7 +142,7 @@ def run(cfg: StepConfig, attention: str, steps: int) -> dict:
     mem_gib = torch.cuda.max_memory_allocated() / 2**30
     res = dict(ms=sec * 1e3, tokens_per_s=total / sec, mfu=mfu, loss=float(loss), mem_gib=mem_gib)
     print(
-        f"[{cfg.name}/{attention}] {source}, {loss_source}: T={total} tokens/step, {res['ms']:.2f} ms/step, "
+        f"[{cfg.name}/{attention}] T={total} tokens/step, {res['ms']:.2f} ms/step, "
         f"{res['tokens_per_s'] / 1e6:.3f} M tokens/s, MFU {100 * mfu:.2f}% (of {peak and peak / 1e12:.0f} "
         f"TFLOP/s), peak mem {res['mem_gib']:.1f} GiB, loss {res['loss']:.4f}",
         flush=True,

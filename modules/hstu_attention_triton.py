@@ -37,28 +37,43 @@ _INTERPRET_BLOCK = 16
 """Block size under TRITON_INTERPRET=1 (CPU tests): small, so short sequences still span several blocks."""
 
 
-def _patch_interpreter_index() -> None:
-    """Triton 3.6's interpreter calls int() on shape-(1,) numpy arrays, an error since NumPy 2.4.
+def _patch_interpreter() -> None:
+    """Two Triton 3.6 interpreter bugs our CPU tests hit; compiled (GPU) kernels are unaffected.
 
-    That breaks every `range(0, runtime_value)` loop under TRITON_INTERPRET=1. Make `__index__` take the
-    single element instead; compiled (GPU) kernels are unaffected.
+    - It calls int() on shape-(1,) numpy arrays, an error since NumPy 2.4, which breaks every
+      `range(0, runtime_value)` loop: `__index__` takes the single element instead.
+    - Its `tl.dot` multiplies bf16 operands as their raw uint16 bits: they are widened to fp32 first
+      (exact: a bf16 is the top half of an fp32).
     """
+    import numpy as np
     from triton.runtime import interpreter
 
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_hstu_patched", False):
+    original_patch = interpreter._patch_lang_tensor
+    if getattr(original_patch, "_hstu_patched", False):
         return
 
-    def patched(tensor, scope):
-        original(tensor, scope)
+    def patch_lang_tensor(tensor, scope):
+        original_patch(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
-    patched._hstu_patched = True
-    interpreter._patch_lang_tensor = patched
+    def widen(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        data = (handle.data.astype(np.uint32) << 16).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    original_dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    patch_lang_tensor._hstu_patched = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    interpreter.InterpreterBuilder.create_dot = create_dot
 
 
 if _INTERPRET:
-    _patch_interpreter_index()
+    _patch_interpreter()
 
 
 # --------------------------------------------------------------------------------------------------

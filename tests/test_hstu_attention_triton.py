@@ -148,11 +148,16 @@ def test_strided_inputs_and_frozen_bias(tri):
     assert pos_w.grad is None and time_w.grad is None
 
 
-def test_half_precision_forward(tri):
-    """fp16 inputs: fp32 accumulation keeps the error at the input's rounding level."""
-    out, ref, _, _ = run_both(tri, [23, 1, 48], denominator=None, dtype=torch.float16)
-    assert out.dtype == torch.float16
-    assert_close(out, ref, "out fp16", 2e-2, 2e-3)
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)])
+def test_half_precision_forward_and_grads(tri, dtype, rtol):
+    """16-bit inputs (bf16 is what training uses on GPUs): fp32 accumulation keeps every error at the
+    input's rounding level; gradients come back in the inputs' dtype (bias gradients in theirs)."""
+    out, ref, leaves, ref_leaves = run_both(tri, [23, 1, 48, 17], denominator=None, dtype=dtype)
+    assert out.dtype == dtype
+    assert_close(out, ref, "out", rtol, 1e-3)
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert a.grad.dtype == a.dtype, name
+        assert_close(a.grad, b.grad, f"grad {name}", rtol, 1e-3)
 
 
 def test_rejects_sequences_longer_than_max_seq_len(tri):
