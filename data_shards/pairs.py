@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from data_shards.io import (
     DataError,
+    FileInfo,
     SkipStats,
     check_file,
     get_str,
@@ -31,6 +34,9 @@ from data_shards.io import (
 )
 
 PairSource = Literal["amazon2023", "steam", "table"]
+Record = tuple[int, str, str]
+"""(line number in its file, item key, cleaned text)."""
+_MEMORY = re.compile(r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 
 
 def resolve_path(path: str) -> str:
@@ -78,6 +84,25 @@ class PairsConfig:
     """Cap on training pairs (0 = all)."""
     seed: int = 0
     """Seed of the hold-out split and sampling."""
+    eval_max_items: int = 0
+    """Candidate catalog of the Recall@K evaluation: every query's own item plus a seeded sample of other
+    items, this many in all (0 = every item; small corpora). Must be 0 or >= eval_max_queries."""
+    dataset_dir: str = ""
+    """Prepared pair folder (manifest.json, train/ eval/ items/ WebDataset shards): `launch/blair_pairs.py`
+    writes it, training streams it. Empty = read the source into memory on every rank (small corpora)."""
+    pairs_per_shard: int = 100_000
+    """prepare: samples per tar shard (train, eval and item shards); every rank needs >= 1 train shard."""
+    memory_limit: str = "2GB"
+    """prepare: DuckDB memory limit; beyond it DuckDB spills to `temp_dir`."""
+    threads: int = 2
+    """prepare: DuckDB threads."""
+    temp_dir: str = ""
+    """prepare: scratch folder for Parquet batches and DuckDB spill files; empty = next to dataset_dir."""
+    overwrite: bool = False
+    """prepare: replace an existing dataset_dir (atomically)."""
+    shuffle_buffer: int = 10_000
+    """training from dataset_dir: pairs in each rank's seeded shuffle buffer (on top of the prepared global
+    shuffle and a per-epoch shard order)."""
 
     def __post_init__(self) -> None:
         if self.min_chars < 0:
@@ -90,6 +115,20 @@ class PairsConfig:
             )
         if self.source == "table" and not self.review_columns:
             raise DataError("blair.pairs.review_columns must name at least one column for source='table'")
+        if self.eval_max_items < 0 or (0 < self.eval_max_items < self.eval_max_queries):
+            raise DataError(
+                f"blair.pairs.eval_max_items={self.eval_max_items}: must be 0 (all items) or >= "
+                f"eval_max_queries ({self.eval_max_queries}) so that every query's own item is a candidate"
+            )
+        for name in ("pairs_per_shard", "threads", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise DataError(f"blair.pairs.{name} must be >= 1, got {getattr(self, name)}")
+        if not _MEMORY.match(self.memory_limit.strip()):
+            raise DataError(
+                f"blair.pairs.memory_limit must look like '2GB' or '512MB', got {self.memory_limit!r}"
+            )
+        if self.dataset_dir and Path(self.dataset_dir).name in ("", ".", ".."):
+            raise DataError(f"blair.pairs.dataset_dir must name a folder, got {self.dataset_dir!r}")
 
 
 @dataclass
@@ -116,10 +155,10 @@ def load_pairs(cfg: PairsConfig) -> PairCorpus:
     """Read the configured source and build the corpus (item texts, train and held-out reviews)."""
     stats = SkipStats()
     if cfg.source == "amazon2023":
-        items, reviews = _amazon(cfg, stats)
+        items, reviews = _collect(cfg, stats, iter_amazon_items, iter_amazon_reviews)
         profile_used = 0
     elif cfg.source == "steam":
-        items, reviews = _steam(cfg, stats)
+        items, reviews = _collect(cfg, stats, iter_steam_items, iter_steam_reviews)
         profile_used = 0
     elif cfg.source == "table":
         items, reviews, profile_used = _table(cfg, stats)
@@ -182,11 +221,10 @@ def _long_enough(text: str, cfg: PairsConfig) -> bool:
     return len(text) > cfg.min_chars
 
 
-def _amazon(cfg: PairsConfig, stats: SkipStats) -> tuple[dict[str, str], list[tuple[str, str]]]:
+def iter_amazon_items(cfg: PairsConfig, stats: SkipStats, info: FileInfo | None = None) -> Iterator[Record]:
+    """Amazon metadata lines -> (line, parent_asin, title + features + description) longer than min_chars."""
     meta_path = check_file(resolve_path(cfg.meta_path), "Amazon item metadata (blair.pairs.meta_path)")
-    reviews_path = check_file(resolve_path(cfg.reviews_path), "Amazon reviews (blair.pairs.reviews_path)")
-    items: dict[str, str] = {}
-    for line_no, rec in iter_json_records(meta_path, stats):
+    for line_no, rec in iter_json_records(meta_path, stats, info=info):
         key = get_str(rec, "parent_asin", meta_path, line_no, stats)
         if key is None:
             continue
@@ -194,12 +232,13 @@ def _amazon(cfg: PairsConfig, stats: SkipStats) -> tuple[dict[str, str], list[tu
         if not _long_enough(text, cfg):
             stats.skip("item_text_too_short", meta_path, line_no, f"{len(text)} chars")
             continue
-        if key in items:
-            stats.skip("duplicate_item", meta_path, line_no, key)
-            continue
-        items[key] = text
-    reviews = []
-    for line_no, rec in iter_json_records(reviews_path, stats):
+        yield line_no, key, text
+
+
+def iter_amazon_reviews(cfg: PairsConfig, stats: SkipStats, info: FileInfo | None = None) -> Iterator[Record]:
+    """Amazon review lines -> (line, parent_asin, title + text) longer than min_chars."""
+    reviews_path = check_file(resolve_path(cfg.reviews_path), "Amazon reviews (blair.pairs.reviews_path)")
+    for line_no, rec in iter_json_records(reviews_path, stats, info=info):
         key = get_str(rec, "parent_asin", reviews_path, line_no, stats)
         if key is None:
             continue
@@ -207,29 +246,30 @@ def _amazon(cfg: PairsConfig, stats: SkipStats) -> tuple[dict[str, str], list[tu
         if not _long_enough(text, cfg):
             stats.skip("review_too_short", reviews_path, line_no, f"{len(text)} chars")
             continue
-        reviews.append((key, text))
-    return items, reviews
+        yield line_no, key, text
 
 
-def _steam(cfg: PairsConfig, stats: SkipStats) -> tuple[dict[str, str], list[tuple[str, str]]]:
+STEAM_ITEM_FIELDS = ("app_name", "publisher", "developer", "genres", "tags", "specs")
+
+
+def iter_steam_items(cfg: PairsConfig, stats: SkipStats, info: FileInfo | None = None) -> Iterator[Record]:
+    """Steam game lines -> (line, id, app_name | publisher | ... | specs) longer than min_chars."""
     games_path = check_file(resolve_path(cfg.meta_path), "Steam games (blair.pairs.meta_path)")
-    reviews_path = check_file(resolve_path(cfg.reviews_path), "Steam reviews (blair.pairs.reviews_path)")
-    items: dict[str, str] = {}
-    fields = ("app_name", "publisher", "developer", "genres", "tags", "specs")
-    for line_no, rec in iter_literal_records(games_path, stats):
+    for line_no, rec in iter_literal_records(games_path, stats, info=info):
         key = get_str(rec, "id", games_path, line_no, stats)
         if key is None:
             continue
-        text = " | ".join(t for t in (text_of(rec.get(f)) for f in fields) if t)
+        text = " | ".join(t for t in (text_of(rec.get(f)) for f in STEAM_ITEM_FIELDS) if t)
         if not _long_enough(text, cfg):
             stats.skip("item_text_too_short", games_path, line_no, f"{len(text)} chars")
             continue
-        if key in items:
-            stats.skip("duplicate_item", games_path, line_no, key)
-            continue
-        items[key] = text
-    reviews = []
-    for line_no, rec in iter_literal_records(reviews_path, stats):
+        yield line_no, key, text
+
+
+def iter_steam_reviews(cfg: PairsConfig, stats: SkipStats, info: FileInfo | None = None) -> Iterator[Record]:
+    """Steam review lines -> (line, product_id, text) longer than min_chars."""
+    reviews_path = check_file(resolve_path(cfg.reviews_path), "Steam reviews (blair.pairs.reviews_path)")
+    for line_no, rec in iter_literal_records(reviews_path, stats, info=info):
         key = get_str(rec, "product_id", reviews_path, line_no, stats)
         if key is None:
             continue
@@ -237,7 +277,21 @@ def _steam(cfg: PairsConfig, stats: SkipStats) -> tuple[dict[str, str], list[tup
         if not _long_enough(text, cfg):
             stats.skip("review_too_short", reviews_path, line_no, f"{len(text)} chars")
             continue
-        reviews.append((key, text))
+        yield line_no, key, text
+
+
+def _collect(
+    cfg: PairsConfig, stats: SkipStats, items_iter, reviews_iter
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """In memory: the first record of each item (later ones counted as duplicate_item) and every review."""
+    items: dict[str, str] = {}
+    path = Path(resolve_path(cfg.meta_path))
+    for line_no, key, text in items_iter(cfg, stats):
+        if key in items:
+            stats.skip("duplicate_item", path, line_no, key)
+            continue
+        items[key] = text
+    reviews = [(key, text) for _, key, text in reviews_iter(cfg, stats)]
     return items, reviews
 
 

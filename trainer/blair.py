@@ -7,12 +7,15 @@ Recall@K after -> checkpoint, HF encoder folder, results.json. Logs and TensorBo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_shards.pairs import PairCorpus, load_pairs, resolve_path
+from data_shards.pair_shards import (
+    Pair,
+    PairStream,
+    iter_pairs,
+    load_pair_manifest,
+    read_candidates,
+    sample_candidates,
+)
+from data_shards.pairs import load_pairs, resolve_path
 from modules.blair import BlairEncoder, EncoderError, info_nce_loss, load_encoder, mask_tokens, mlm_loss
 from trainer.config_io import ConfigError, save_config
 from trainer.distributed import World, init_distributed, logger
@@ -114,30 +125,118 @@ def recall_at_k(
 
 
 def evaluate(
-    model: BlairEncoder, tokenizer, corpus: PairCorpus, *, world: World, cfg, max_length: int
+    model: BlairEncoder, tokenizer, data: PairData, *, world: World, cfg, max_length: int
 ) -> dict[str, float]:
-    """Held-out review -> item retrieval over the whole item catalog of the corpus."""
+    """Held-out review -> item retrieval over the candidate catalog (every query's item + sampled others)."""
     was_training = model.training
     model.eval()
     items = embed_texts(
         model,
         tokenizer,
-        corpus.item_texts,
+        data.candidate_texts,
         world=world,
         batch_size=cfg.eval_batch_size,
         max_length=max_length,
     )
     queries = embed_texts(
-        model,
-        tokenizer,
-        [t for _, t in corpus.eval],
-        world=world,
-        batch_size=cfg.eval_batch_size,
-        max_length=max_length,
+        model, tokenizer, data.query_texts, world=world, batch_size=cfg.eval_batch_size, max_length=max_length
     )
-    targets = torch.tensor([i for i, _ in corpus.eval], device=items.device)
+    targets = torch.from_numpy(np.searchsorted(data.candidates, data.query_items)).to(items.device)
     model.train(was_training)
     return recall_at_k(queries, items, targets, cfg.recall_k)
+
+
+# --------------------------------------------------------------------------- pair data
+
+
+@dataclass
+class PairData:
+    """What training needs from the pairs, in memory or streamed: batches by (epoch, step), the eval set."""
+
+    steps_per_epoch: int
+    epoch_batches: Callable[[int, int], Iterator[list[Pair]]]
+    """(epoch, first batch) -> this rank's batches of that epoch from that one on."""
+    query_items: np.ndarray
+    query_texts: list[str]
+    candidates: np.ndarray
+    """Sorted item indices of the evaluation catalog."""
+    candidate_texts: list[str]
+    counts: dict[str, int]
+    summary: dict[str, Any]
+
+
+def in_memory_pairs(cfg, *, world: World, seed: int) -> PairData:
+    """Every rank reads the whole corpus (deterministic) and takes its slice of each global batch."""
+    corpus = load_pairs(cfg.pairs)
+    logger.info("blair pairs: %s", json.dumps(corpus.counts))
+    if corpus.stats.total:
+        logger.info("%s", corpus.stats.summary())
+    global_batch = cfg.batch_size * world.world_size
+    steps_per_epoch = len(corpus.train) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"blair: {len(corpus.train)} training pairs cannot fill one global batch of {global_batch} "
+            f"(batch_size {cfg.batch_size} x {world.world_size} ranks); lower blair.batch_size"
+        )
+
+    def epoch_batches(epoch: int, start: int) -> Iterator[list[Pair]]:
+        order = np.random.default_rng(seed + epoch).permutation(len(corpus.train))
+        for offset in range(start, steps_per_epoch):
+            lo = offset * global_batch + world.rank * cfg.batch_size
+            batch = []
+            for i in order[lo : lo + cfg.batch_size]:
+                item, review = corpus.train[i]
+                batch.append(Pair(item, review, corpus.item_texts[item], int(i)))
+            yield batch
+
+    query_items = np.asarray([i for i, _ in corpus.eval], dtype=np.int64)
+    candidates = sample_candidates(
+        query_items, len(corpus.item_keys), cfg.pairs.eval_max_items, cfg.pairs.seed
+    )
+    counts = dict(corpus.counts, eval_candidates=len(candidates))
+    return PairData(
+        steps_per_epoch=steps_per_epoch,
+        epoch_batches=epoch_batches,
+        query_items=query_items,
+        query_texts=[t for _, t in corpus.eval],
+        candidates=candidates,
+        candidate_texts=[corpus.item_texts[i] for i in candidates],
+        counts=counts,
+        summary=corpus.summary(),
+    )
+
+
+def streamed_pairs(cfg, *, world: World, seed: int) -> PairData:
+    """Each rank streams its own train shards of the prepared folder `blair.pairs.dataset_dir`."""
+    root = resolve_path(cfg.pairs.dataset_dir)
+    manifest = load_pair_manifest(root, cfg.pairs)
+    stream = PairStream(
+        root, rank=world.rank, world_size=world.world_size, batch_size=cfg.batch_size, seed=seed,
+        shuffle_buffer=cfg.pairs.shuffle_buffer,
+    )  # fmt: skip
+    logger.info("blair pairs (streamed from %s): %s", root, json.dumps(manifest["counts"]))
+    queries = list(iter_pairs(root, "eval"))
+    candidates, texts = read_candidates(root)
+    return PairData(
+        steps_per_epoch=stream.steps_per_epoch,
+        epoch_batches=stream.epoch,
+        query_items=np.asarray([q.item for q in queries], dtype=np.int64),
+        query_texts=[q.review for q in queries],
+        candidates=candidates,
+        candidate_texts=texts,
+        counts=manifest["counts"],
+        summary={
+            "dataset_dir": str(root),
+            "counts": manifest["counts"],
+            "skipped": {"counts": manifest["skipped"], "examples": manifest["skipped_examples"]},
+        },
+    )
+
+
+def _fingerprint(batch: list[Pair]) -> int:
+    """A 60-bit digest of the pairs (and their order) in a batch: what resume tests compare."""
+    digest = hashlib.sha256(b"".join(p.line.to_bytes(8, "little", signed=True) for p in batch)).digest()
+    return int.from_bytes(digest[:8], "little") >> 4
 
 
 # --------------------------------------------------------------------------- DeepSpeed
@@ -259,11 +358,9 @@ def train_blair(config) -> dict[str, Any]:
     torch.manual_seed(seed)
     started = time.perf_counter()
 
-    # Pairs: every rank reads the same corpus (deterministic), then takes its slice of each global batch.
-    corpus = load_pairs(cfg.pairs)
-    logger.info("blair pairs: %s", json.dumps(corpus.counts))
-    if corpus.stats.total:
-        logger.info("%s", corpus.stats.summary())
+    # Pairs: streamed from a prepared folder (each rank its own shards), or the whole corpus in memory.
+    pair_fn = streamed_pairs if cfg.pairs.dataset_dir else in_memory_pairs
+    data = pair_fn(cfg, world=world, seed=seed)
 
     # Encoder (+ MLM head when the MLM loss is on).
     encoder_path = resolve_path(cfg.encoder_path)
@@ -281,12 +378,7 @@ def train_blair(config) -> dict[str, Any]:
     model = BlairEncoder(loaded.model, pooling=cfg.pooling)
 
     global_batch = cfg.batch_size * world.world_size
-    steps_per_epoch = len(corpus.train) // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"blair: {len(corpus.train)} training pairs cannot fill one global batch of {global_batch} "
-            f"(batch_size {cfg.batch_size} x {world.world_size} ranks); lower blair.batch_size"
-        )
+    steps_per_epoch = data.steps_per_epoch
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = cfg.max_steps  # may run past one epoch: the data order is reshuffled per epoch
@@ -336,7 +428,7 @@ def train_blair(config) -> dict[str, Any]:
     if cfg.eval_before and results["before"] is None:
         t0 = time.perf_counter()
         results["before"] = evaluate(
-            engine.module, tokenizer, corpus, world=world, cfg=cfg, max_length=max_length
+            engine.module, tokenizer, data, world=world, cfg=cfg, max_length=max_length
         )
         logger.info("before pretraining: %s (%.1fs)", _fmt(results["before"]), time.perf_counter() - t0)
         if writer:
@@ -344,22 +436,29 @@ def train_blair(config) -> dict[str, Any]:
             writer.add_scalar("eval/mrr", results["before"]["mrr"], 0)
 
     special_ids = list(tokenizer.all_special_ids)
-    gen = torch.Generator().manual_seed(seed * 1000 + world.rank)
+    gen = torch.Generator()
     engine.train()
     logits_shape = None
     t_loop = time.perf_counter()
     steps_done = 0
+    batches: Iterator[list[Pair]] | None = None
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        order = np.random.default_rng(seed + epoch).permutation(len(corpus.train))
-        lo = offset * global_batch + world.rank * cfg.batch_size
-        batch = [corpus.train[i] for i in order[lo : lo + cfg.batch_size]]
-        items = torch.tensor([i for i, _ in batch], device=engine.device)
+        if batches is None or offset == 0:  # a new epoch, or the resumed one from its next batch
+            batches = data.epoch_batches(epoch, offset)
+        batch = next(batches)
+        # MLM masks depend on (seed, rank, step) only, so a resumed run masks as an uninterrupted one would
+        gen.manual_seed(int(np.random.SeedSequence([seed, world.rank, step]).generate_state(1, np.uint64)[0]))
+        items = torch.tensor([p.item for p in batch], device=engine.device)
         q = tokenizer(
-            [t for _, t in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            [p.review for p in batch],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
         )
         d = tokenizer(
-            [corpus.item_texts[i] for i, _ in batch],
+            [p.item_text for p in batch],
             padding=True,
             truncation=True,
             max_length=max_length,
@@ -406,7 +505,15 @@ def train_blair(config) -> dict[str, Any]:
             dist.all_reduce(stats)
             stats /= world.world_size
         lr = engine.get_lr()[0]
-        results["history"].append({"step": step, "loss": float(stats[0]), "infonce": float(stats[1])})
+        fingerprints = gather_no_grad(torch.tensor([_fingerprint(batch)], device=engine.device))
+        results["history"].append(
+            {
+                "step": step,
+                "loss": float(stats[0]),
+                "infonce": float(stats[1]),
+                "batches": fingerprints.tolist(),
+            }
+        )
         if writer and (step % cfg.log_every == 0 or step == total_steps or step == 1):
             writer.add_scalar("loss/total", float(stats[0]), step)
             writer.add_scalar("loss/infonce", float(stats[1]), step)
@@ -424,7 +531,7 @@ def train_blair(config) -> dict[str, Any]:
     train_seconds = time.perf_counter() - t_loop
 
     t0 = time.perf_counter()
-    after = evaluate(engine.module, tokenizer, corpus, world=world, cfg=cfg, max_length=max_length)
+    after = evaluate(engine.module, tokenizer, data, world=world, cfg=cfg, max_length=max_length)
     logger.info("after pretraining: %s (%.1fs)", _fmt(after), time.perf_counter() - t0)
     if writer:
         writer.add_scalar(f"eval/recall@{k}", after[f"recall@{k}"], step)
@@ -456,7 +563,13 @@ def train_blair(config) -> dict[str, Any]:
         "encoder": encoder_path,
         "encoder_dir": str(encoder_dir),
         "mlm_head_initialised": loaded.missing_keys if use_mlm else [],
-        "corpus": corpus.summary(),
+        "corpus": data.summary,
+        "eval": {
+            "queries": len(data.query_texts),
+            "candidates": len(data.candidates),
+            "catalog_items": int(data.counts["items"]),
+        },
+        "batch_fingerprints": [h.get("batches") for h in results["history"]],
         "train_seconds": round(train_seconds, 2),
         "total_seconds": round(time.perf_counter() - started, 2),
         "losses": [h["loss"] for h in results["history"]],
@@ -464,10 +577,10 @@ def train_blair(config) -> dict[str, Any]:
     if world.is_main:
         (run_dir / "results.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
         logger.info(
-            "Recall@%d on %d held-out reviews over %d items: before %s -> after %.4f (results: %s)",
+            "Recall@%d on %d held-out reviews over %d candidate items: before %s -> after %.4f (results: %s)",
             k,
-            corpus.counts["eval_queries"],
-            corpus.counts["items"],
+            len(data.query_texts),
+            len(data.candidates),
             f"{out[f'recall@{k}_before']:.4f}" if results["before"] else "n/a",
             after[f"recall@{k}"],
             run_dir / "results.json",
