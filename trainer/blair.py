@@ -208,7 +208,7 @@ def in_memory_pairs(cfg, *, world: World, seed: int) -> PairData:
 
 def streamed_pairs(cfg, *, world: World, seed: int) -> PairData:
     """Each rank streams its own train shards of the prepared folder `blair.pairs.dataset_dir`."""
-    root = resolve_path(cfg.pairs.dataset_dir)
+    root = cfg.pairs.dataset_dir
     manifest = load_pair_manifest(root, cfg.pairs)
     stream = PairStream(
         root, rank=world.rank, world_size=world.world_size, batch_size=cfg.batch_size, seed=seed,
