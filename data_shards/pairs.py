@@ -9,6 +9,8 @@ Sources (each skip is counted by reason, with file:line examples):
 - `table`: one parquet/CSV table of reviews with item-metadata columns (e.g. the Women's Clothing corpus).
 
 The item text never contains text of a held-out review, so the held-out Recall@K is honest.
+`load_pairs` holds the corpus in memory (small corpora, e.g. the demo); at full scale `pair_shards.py` streams
+the same records (the `iter_*` readers below) into WebDataset pair shards that training reads per rank.
 """
 
 from __future__ import annotations
