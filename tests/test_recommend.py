@@ -24,6 +24,7 @@ from trainer.config_io import ConfigError, load_config
 from trainer.distributed import destroy_distributed, init_distributed
 from trainer.recommend import MANIFEST, Recommender
 from trainer.report import recommendation_sample
+from trainer.run_dir import claim_run_dir
 
 from _runs import REPO, make_tiny_dataset, random_text_embeddings, torchrun, write_config
 
@@ -153,7 +154,13 @@ def test_including_history_never_lowers_the_kth_best_score(trained, tmp_path):
 
 
 def test_unknown_run_and_missing_checkpoint_fail_with_instructions(trained, tmp_path):
-    _, _, config = trained
+    _, runs, config = trained
+    claim_run_dir(runs / "encoder_run", "blair", is_main=True)
+    with (
+        pytest.raises(ConfigError, match=r"holds a blair run: run\.name must name a run of launch/train\.py"),
+        _in_process(config, ["run.name=encoder_run"]),
+    ):
+        pass
     with (
         pytest.raises(ConfigError, match=r"must name a run trained by launch/train\.py"),
         _in_process(config, ["run.name=never_trained"]),

@@ -35,6 +35,7 @@ from data_shards.pairs import load_pairs, resolve_path
 from modules.blair import BlairEncoder, EncoderError, info_nce_loss, load_encoder, mask_tokens, mlm_loss
 from trainer.config_io import ConfigError, save_config
 from trainer.distributed import World, init_distributed, logger
+from trainer.run_dir import claim_run_dir
 
 # --------------------------------------------------------------------------- environment
 
@@ -349,8 +350,8 @@ def train_blair(config) -> dict[str, Any]:
         torch.set_num_threads(cfg.num_threads)
     run_dir = Path(config.run.output_root) / config.run.name
     ckpt_dir = run_dir / "checkpoints"
+    claim_run_dir(run_dir, "blair", is_main=world.is_main)
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
     seed = config.run.seed
     random.seed(seed)

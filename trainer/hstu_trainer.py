@@ -40,6 +40,7 @@ from trainer.distributed import World, barrier, destroy_distributed, init_distri
 from trainer.evaluate import evaluate
 from trainer.model_setup import build_sharded_model, open_dataset
 from trainer.monitor import Monitor, Throughput, memory_gib
+from trainer.run_dir import claim_run_dir
 
 FAULT_INJECTION_ENV = "HSTU_KILL_RANK_AT_STEP"
 """Testing aid: "RANK:STEP" makes that rank SIGKILL itself after STEP on a run's first attempt."""
@@ -73,8 +74,8 @@ class HSTUTrainer:
 
         # 1. run folder and resolved config
         self.run_dir = Path(config.run.output_root) / config.run.name
+        claim_run_dir(self.run_dir, "train", is_main=world.is_main)
         if world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / "config.json")
 
         # 2. data: fail fast on anything that would waste the workers' time

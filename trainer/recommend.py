@@ -37,6 +37,7 @@ from trainer.config_io import ConfigError, from_dict
 from trainer.distributed import World, barrier, destroy_distributed, init_distributed, logger
 from trainer.evaluate import all_gather_rows
 from trainer.model_setup import build_sharded_model, open_dataset
+from trainer.run_dir import run_dir_owner
 
 TRAINED_SECTIONS = ("data", "model", "sharding")
 """Sections taken from the trained run: they fix the dataset and the model's shape."""
@@ -65,6 +66,9 @@ def recommend(config: JobConfig) -> dict[str, Any]:
 def trained_config(config: JobConfig, run_dir: Path) -> JobConfig:
     """This job's config with the data, model and sharding sections of the run's saved `config.json`."""
     path = run_dir / "config.json"
+    owner = run_dir_owner(run_dir)
+    if owner not in (None, "train"):
+        raise ConfigError(f"{run_dir} holds a {owner} run: run.name must name a run of launch/train.py")
     if not path.is_file():
         raise ConfigError(
             f"{path} not found: run.output_root/run.name must name a run trained by launch/train.py"
