@@ -95,7 +95,7 @@ def check_file(path: str | os.PathLike, what: str) -> Path:
     """Return `path` as a Path, or raise DataError naming what the file is for."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{what} file not found: {p} (check the path in the [data] section of your config)")
+        raise DataError(f"{what} file not found: {p} (check that path in your config)")
     return p
 
 
