@@ -1,19 +1,25 @@
 """BLaIR pairs at full scale: raw reviews + metadata -> WebDataset pair shards, out of core; and their reader.
 
-`prepare_pairs(cfg)` streams the source through the same readers and cleaning as `pairs.load_pairs` (every
-skip counted with file:line examples) into Parquet batches, then DuckDB (bounded memory, spilling to disk)
+`prepare_pairs(cfg)` streams the source through the same cleaning as `pairs.load_pairs` (every skip counted
+with file:line examples) into Parquet: Amazon JSONL through the Arrow block parser of `sources/amazon2023.py`
+(per-line Python fallback for the blocks Arrow rejects) in `threads` worker processes; Steam (Python-literal
+lines) and tables through their per-line readers. Then DuckDB (bounded memory, spilling to disk)
 keeps the first record of each item (later ones counted as ``duplicate_item``), drops reviews whose item
 has no metadata (counted), splits held-out vs train by a hash of (seed, review line) with `eval_fraction`,
 orders train pairs by a seeded hash (a global shuffle that never holds the pairs in memory), and writes:
 
-    <dataset_dir>/manifest.json            format_version, kind, config, inputs, counts, skips, shards
-    <dataset_dir>/train/pairs-000000.tar   one sample per pair: review.txt, item.txt, meta.json
-    <dataset_dir>/eval/pairs-000000.tar    held-out queries (at most eval_max_queries), same members
-    <dataset_dir>/items/items-000000.tar   evaluation candidates: text.txt, meta.json, in item order
+    <dataset_dir>/manifest.json             format_version, kind, pair_format, config, inputs, counts, skips,
+                                            shards (path, sha256 of the .tar.gz file, num_samples)
+    <dataset_dir>/train/pairs-000000.tar.gz one member per pair: pair.json {"item", "item_id", "line",
+                                            "review", "item_text"}
+    <dataset_dir>/eval/pairs-000000.tar.gz  held-out queries (at most eval_max_queries), same member
+    <dataset_dir>/items/items-000000.tar.gz evaluation candidates, in item order: item.json {"item",
+                                            "item_id", "text"}
 
-Items are indexed 0..N-1 in sorted key order (as `PairCorpus.item_keys`); meta.json holds {"item", "item_id",
-"line"} (line = the review's line in its file, or its row position for a table). The folder appears
-atomically (built in `<dataset_dir>.tmp`, then renamed) and is byte-identical for the same input and config.
+Items are indexed 0..N-1 in sorted key order (as `PairCorpus.item_keys`); line = the review's line in its
+file, or its row position for a table. Shards are gzipped tars (gzip mtime 0) written by `threads` processes.
+The folder appears atomically (built in `<dataset_dir>.tmp`, then renamed) and is byte-identical for the same
+input and config. A folder of an older `pair_format` is refused with a request to prepare it again.
 `PairStream` reads one rank's train shards for training (same number of batches on every rank, a
 deterministic order per epoch, resumable at any batch).
 """
@@ -21,11 +27,15 @@ deterministic order per epoch, resumable at any batch).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
+import multiprocessing as mp
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,25 +43,32 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_shards.io import DataError, FileInfo, SkipStats
+from data_shards.io import DataError, FileInfo, SkipStats, check_file
 from data_shards.manifest import FORMAT_VERSION, MANIFEST, load_manifest, write_manifest
 from data_shards.pairs import (
+    AMAZON_ITEM_FIELDS,
+    AMAZON_REVIEW_FIELDS,
     PairsConfig,
     _table,
-    iter_amazon_items,
-    iter_amazon_reviews,
+    clean_amazon_item,
+    clean_amazon_review,
     iter_steam_items,
     iter_steam_reviews,
     resolve_path,
 )
 from data_shards.prepare import _cpu_s, _publish
-from data_shards.preprocess import _one, _sq, connect
+from data_shards.preprocess import _one, _parquet, _sq, connect
 from data_shards.reader import iter_samples
 from data_shards.shards import TarShardWriter
 from data_shards.sources import ParquetSink
+from data_shards.sources.amazon2023 import JsonlKind, json_record, read_jsonl_parts
 
 log = logging.getLogger("data_shards")
 KIND = "blair_pairs"
+PAIR_FORMAT = 2
+"""2: one pair.json / item.json member per sample, gzipped shards (1: review.txt + item.txt + meta.json and
+text.txt + meta.json members in plain tars)."""
+GZIP_LEVEL = 3  # shard compression: most of level 6's size at about twice its speed on review text
 _STAGE_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -63,6 +80,14 @@ _STAGE_SCHEMA = pa.schema(
 )
 _FLUSH_ROWS = 16384  # rows per Parquet batch while streaming (a few MB of text)
 _ROW_GROUP = 8192  # rows per row group of the sorted files the tar writer streams
+# what Arrow parses of an Amazon line (other fields are ignored); a value of another type (a number title, a
+# string description...) rejects the block, whose lines then go through json.loads and the same cleaning
+_ARROW_TYPES = {"title": pa.string(), "text": pa.string(), "features": pa.list_(pa.string()),
+                "description": pa.list_(pa.string())}  # fmt: skip
+_AMAZON_FIELDS = {
+    name: pa.schema([("parent_asin", pa.string())] + [(f, _ARROW_TYPES[f]) for f in fields])
+    for name, fields in (("meta", AMAZON_ITEM_FIELDS), ("reviews", AMAZON_REVIEW_FIELDS))
+}
 # Fields that shape a prepared folder: training refuses a folder prepared with other values.
 DATA_FIELDS = (
     "source", "reviews_path", "meta_path", "item_column", "review_columns", "item_columns",
@@ -111,10 +136,24 @@ def sample_candidates(query_items: np.ndarray, num_items: int, max_items: int, s
 
 
 def _stream_source(cfg: PairsConfig, work: Path, stats: SkipStats) -> tuple[list[FileInfo], str, str, int]:
-    """Write items.parquet / reviews.parquet (key, text, ord, h, held); returns inputs, paths, profiles."""
-    items_sink = ParquetSink(work / "items.parquet", _STAGE_SCHEMA, flush_rows=_FLUSH_ROWS)
-    reviews_sink = ParquetSink(work / "reviews.parquet", _STAGE_SCHEMA, flush_rows=_FLUSH_ROWS)
+    """Write work/items/ and work/reviews/ Parquet parts (key, text, ord, h, held); returns inputs, paths,
+    profile reviews used."""
     profile_used = 0
+    if cfg.source == "amazon2023":
+        meta = check_file(resolve_path(cfg.meta_path), "Amazon item metadata (blair.pairs.meta_path)")
+        reviews = check_file(resolve_path(cfg.reviews_path), "Amazon reviews (blair.pairs.reviews_path)")
+        inputs = [FileInfo(path=str(meta)), FileInfo(path=str(reviews))]
+        for name, path, info in (("meta", meta, inputs[0]), ("reviews", reviews, inputs[1])):
+            kind = _amazon_kind(name, cfg)
+            out = work / ("items" if name == "meta" else "reviews")
+            read_jsonl_parts(kind, path, 0, out, stats, info, cfg.threads)
+        return inputs, str(meta), str(reviews), profile_used
+    (work / "items").mkdir()
+    (work / "reviews").mkdir()
+    items_sink = ParquetSink(work / "items" / "part-000000.parquet", _STAGE_SCHEMA, flush_rows=_FLUSH_ROWS)
+    reviews_sink = ParquetSink(
+        work / "reviews" / "part-000000.parquet", _STAGE_SCHEMA, flush_rows=_FLUSH_ROWS
+    )
     if cfg.source == "table":
         reviews_path = meta_path = str(Path(resolve_path(cfg.reviews_path)))
         table_items, table_reviews, profile_used = _table(cfg, stats)  # a table is small: read in memory
@@ -122,22 +161,62 @@ def _stream_source(cfg: PairsConfig, work: Path, stats: SkipStats) -> tuple[list
         reviews = ((k, key, text) for k, (key, text) in enumerate(table_reviews))
         inputs = [FileInfo(path=reviews_path)]
         _fill_info(inputs[0])
-    else:
-        item_iter, review_iter = (
-            (iter_amazon_items, iter_amazon_reviews)
-            if cfg.source == "amazon2023"
-            else (iter_steam_items, iter_steam_reviews)
-        )
+    else:  # steam: Python-literal lines, parsed line by line (Arrow cannot read them)
         meta_path = str(Path(resolve_path(cfg.meta_path)))
         reviews_path = str(Path(resolve_path(cfg.reviews_path)))
         inputs = [FileInfo(path=meta_path), FileInfo(path=reviews_path)]
-        items = item_iter(cfg, stats, info=inputs[0])
-        reviews = review_iter(cfg, stats, info=inputs[1])
-    _sink_records(items, items_sink, cfg, salt=3)
-    _sink_records(reviews, reviews_sink, cfg, salt=2)
+        items = iter_steam_items(cfg, stats, info=inputs[0])
+        reviews = iter_steam_reviews(cfg, stats, info=inputs[1])
+    _sink_records(items, items_sink, cfg, salt=_SALT["meta"])
+    _sink_records(reviews, reviews_sink, cfg, salt=_SALT["reviews"])
     items_sink.close()
     reviews_sink.close()
     return inputs, meta_path, reviews_path, profile_used
+
+
+_SALT = {"meta": 3, "reviews": 2}  # order-hash salts of item and review lines
+
+
+def _stage_table(keys: list[str], texts: list[str], lines: np.ndarray, seed: int, salt: int,
+                 eval_fraction: float) -> pa.Table:  # fmt: skip
+    """Stage-1 rows with the seeded order hash `h` and the held-out flag of each line."""
+    h = mix64(seed, salt, lines).view(np.int64)
+    return pa.table([keys, texts, lines, h, held_out(seed, lines, eval_fraction)], schema=_STAGE_SCHEMA)
+
+
+def _amazon_handlers(path, file_index, sink, stats, empty, *, clean: Callable, min_chars: int, seed: int,
+                     salt: int, eval_fraction: float):  # fmt: skip
+    """`JsonlKind` handlers for pair records: Arrow-parsed blocks and fallback lines both go through `clean`
+    (`clean_amazon_item` / `clean_amazon_review`, what `load_pairs` uses), so skips and texts are the same."""
+
+    def on_table(t: pa.Table, first: int) -> None:
+        keys, texts, lines = [], [], []
+        for i, rec in enumerate(t.to_pylist()):
+            got = clean(rec, path, first + i, stats, min_chars)
+            if got is not None:
+                keys.append(got[0])
+                texts.append(got[1])
+                lines.append(first + i)
+        sink.write_table(
+            _stage_table(keys, texts, np.asarray(lines, dtype=np.int64), seed, salt, eval_fraction)
+        )
+
+    def on_line(line_no: int, line: bytes) -> None:
+        rec = json_record(line, path, line_no, stats)
+        got = None if rec is None else clean(rec, path, line_no, stats, min_chars)
+        if got is not None:
+            line = np.array([line_no], dtype=np.int64)
+            h = int(mix64(seed, salt, line).view(np.int64)[0])
+            sink.append(got[0], got[1], line_no, h, bool(held_out(seed, line, eval_fraction)[0]))
+
+    return on_table, on_line
+
+
+def _amazon_kind(name: str, cfg: PairsConfig) -> JsonlKind:
+    clean = clean_amazon_item if name == "meta" else clean_amazon_review
+    handlers = functools.partial(_amazon_handlers, clean=clean, min_chars=cfg.min_chars, seed=cfg.seed,
+                                 salt=_SALT[name], eval_fraction=cfg.eval_fraction)  # fmt: skip
+    return JsonlKind(handlers, _AMAZON_FIELDS[name], _STAGE_SCHEMA)
 
 
 def _fill_info(info: FileInfo) -> None:
@@ -153,11 +232,8 @@ def _sink_records(records: Iterator[tuple[int, str, str]], sink: ParquetSink, cf
 
     def flush() -> None:
         lines = np.fromiter((r[0] for r in batch), dtype=np.int64, count=len(batch))
-        h = mix64(cfg.seed, salt, lines).view(np.int64)
-        held = held_out(cfg.seed, lines, cfg.eval_fraction)
-        sink.write_table(
-            pa.table([[r[1] for r in batch], [r[2] for r in batch], lines, h, held], schema=_STAGE_SCHEMA)
-        )
+        keys, texts = [r[1] for r in batch], [r[2] for r in batch]
+        sink.write_table(_stage_table(keys, texts, lines, cfg.seed, salt, cfg.eval_fraction))
         batch.clear()
 
     for rec in records:
@@ -179,10 +255,7 @@ def _examples(stats: SkipStats, reason: str, path: str, rows: list[tuple[int, st
 
 
 def _sql_steps(con, cfg: PairsConfig, work: Path, stats: SkipStats, meta_path: str, reviews_path: str):
-    items_raw, reviews = (
-        f"read_parquet({_sq(work / 'items.parquet')})",
-        f"read_parquet({_sq(work / 'reviews.parquet')})",
-    )
+    items_raw, reviews = _parquet(work / "items"), _parquet(work / "reviews")
     n_examples = stats.max_examples
     # first record of each item wins (file order), as in load_pairs; items indexed in sorted key order
     con.execute(
@@ -243,45 +316,58 @@ def _sql_steps(con, cfg: PairsConfig, work: Path, stats: SkipStats, meta_path: s
 # --------------------------------------------------------------------------- stage 3: tar shards
 
 
-def _write_tars(parquet: Path, out_dir: Path, *, prefix: str, per_shard: int, pairs: bool) -> list[dict]:
-    """Stream a sorted Parquet file into tar shards of `per_shard` samples; returns the manifest entries."""
+def _write_tars(parquet: Path, out_dir: Path, *, prefix: str, per_shard: int, pairs: bool,
+                workers: int) -> list[dict]:  # fmt: skip
+    """Stream a sorted Parquet file into gzipped tar shards of `per_shard` samples, `workers` shards at a time
+    (each a row range of the file, written by its own process); returns the manifest entries in order."""
     out_dir.mkdir(parents=True)
-    results: list[dict] = []
-    writer: TarShardWriter | None = None
-    pos = 0
-    cols = ["line", "item", "item_id", "review", "item_text"] if pairs else ["item", "item_id", "text"]
-    for batch in pq.ParquetFile(parquet).iter_batches(batch_size=4096, columns=cols):
-        columns = [c.to_pylist() for c in batch.columns]
-        for row in zip(*columns, strict=True):
-            if writer is None or writer.num_samples >= per_shard:
-                if writer is not None:
-                    results.append(writer.close())
-                writer = TarShardWriter(out_dir / f"{prefix}-{len(results):06d}.tar")
-            if pairs:
-                line, item, item_id, review, item_text = row
-                key = f"{pos:012d}"
-                writer.add(f"{key}.review.txt", review.encode("utf-8"))
-                writer.add(f"{key}.item.txt", item_text.encode("utf-8"))
-                meta = {"item": item, "item_id": item_id, "line": line}
-            else:
-                item, item_id, text = row
-                key = f"{item:010d}"
-                writer.add(f"{key}.text.txt", text.encode("utf-8"))
-                meta = {"item": item, "item_id": item_id}
-            writer.add(f"{key}.meta.json", _json(meta))
-            writer.num_samples += 1
-            pos += 1
-    if writer is not None:
-        results.append(writer.close())
+    num_rows = pq.ParquetFile(parquet).metadata.num_rows
+    tasks = [
+        (str(parquet), str(out_dir / f"{prefix}-{k:06d}.tar.gz"), lo, min(lo + per_shard, num_rows), pairs)
+        for k, lo in enumerate(range(0, num_rows, per_shard))
+    ]
+    if workers <= 1 or len(tasks) <= 1:
+        results = [_write_tar(t) for t in tasks]
+    else:  # fork: the DuckDB connection is closed by now; each child reads its own rows of the file
+        with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context("fork")) as pool:
+            results = list(pool.map(_write_tar, tasks))
     for r in results:
         r["path"] = f"{out_dir.name}/{r['path']}"
     return results
 
 
-def _json(obj: dict) -> bytes:
-    import json
+_js = json.encoder.encode_basestring  # a JSON string literal (C-accelerated, non-ASCII kept as is)
 
-    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+def _write_tar(task: tuple[str, str, int, int, bool]) -> dict:
+    """Rows [lo, hi) of the Parquet file as one shard: pair.json per pair (key = global row, 12 digits) or
+    item.json per item (key = item index, 10 digits)."""
+    parquet, out_path, lo, hi, pairs = task
+    pf = pq.ParquetFile(parquet)
+    starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+    groups = [g for g in range(pf.num_row_groups) if starts[g] < hi and starts[g + 1] > lo]
+    cols = ["item", "item_id", "line", "review", "item_text"] if pairs else ["item", "item_id", "text"]
+    writer = TarShardWriter(Path(out_path), gzip_level=GZIP_LEVEL)
+    pos = int(starts[groups[0]]) if groups else lo
+    for batch in pf.iter_batches(batch_size=4096, row_groups=groups, columns=cols, use_threads=False):
+        columns = [c.to_pylist() for c in batch.columns]
+        for row in zip(*columns, strict=True):
+            if lo <= pos < hi:
+                if pairs:
+                    item, item_id, line, review, item_text = row
+                    name = f"{pos:012d}.pair.json"
+                    body = (f'{{"item":{item},"item_id":{_js(item_id)},"line":{line},"review":{_js(review)},'
+                            f'"item_text":{_js(item_text)}}}')  # fmt: skip
+                else:
+                    item, item_id, text = row
+                    name = f"{item:010d}.item.json"
+                    body = f'{{"item":{item},"item_id":{_js(item_id)},"text":{_js(text)}}}'
+                writer.add(name, body.encode("utf-8"))
+                writer.num_samples += 1
+            pos += 1
+    if writer.num_samples != hi - lo:
+        raise RuntimeError(f"{out_path}: wrote {writer.num_samples} samples, expected rows {lo}..{hi - 1}")
+    return writer.close()
 
 
 # --------------------------------------------------------------------------- prepare
@@ -320,17 +406,18 @@ def prepare_pairs(cfg: PairsConfig) -> Path:
         t2 = time.perf_counter()
         shards = {
             "train": _write_tars(work / "train.parquet", tmp / "train", prefix="pairs",
-                                 per_shard=cfg.pairs_per_shard, pairs=True),
+                                 per_shard=cfg.pairs_per_shard, pairs=True, workers=cfg.threads),
             "eval": _write_tars(work / "eval.parquet", tmp / "eval", prefix="pairs",
-                                per_shard=cfg.pairs_per_shard, pairs=True),
+                                per_shard=cfg.pairs_per_shard, pairs=True, workers=cfg.threads),
             "items": _write_tars(work / "items_out.parquet", tmp / "items", prefix="items",
-                                 per_shard=cfg.pairs_per_shard, pairs=False),
+                                 per_shard=cfg.pairs_per_shard, pairs=False, workers=cfg.threads),
         }  # fmt: skip
         timings["shards_s"] = time.perf_counter() - t2
         skipped = stats.to_dict()
         manifest = {
             "format_version": FORMAT_VERSION,
             "kind": KIND,
+            "pair_format": PAIR_FORMAT,
             "source": cfg.source,
             # only the settings that shape the output: how it ran (threads, memory, folders) changes no byte
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k in DATA_FIELDS},
@@ -373,6 +460,13 @@ def load_pair_manifest(dataset_dir: str | Path, cfg: PairsConfig | None = None) 
     manifest = load_manifest(dataset_dir)
     if manifest.get("kind") != KIND:
         raise DataError(f"{path}: not a BLaIR pair folder (kind {manifest.get('kind')!r}, expected {KIND!r})")
+    version = manifest.get("pair_format", 1)
+    if version != PAIR_FORMAT:
+        raise DataError(
+            f"{path}: pair folder format {version}, this code reads format {PAIR_FORMAT} (one pair.json per "
+            "sample, gzipped shards); prepare it again: `python launch/blair_pairs.py --config <the same "
+            "config> blair.pairs.overwrite=true`"
+        )
     if cfg is not None:
         prepared = manifest["config"]
         diff = [
@@ -402,8 +496,11 @@ def iter_pairs(dataset_dir: str | Path, split: str = "train") -> Iterator[Pair]:
     manifest = load_pair_manifest(dataset_dir)
     for entry in manifest["shards"][split]:
         for s in iter_samples(Path(dataset_dir) / entry["path"]):
-            meta = s["meta.json"]
-            yield Pair(meta["item"], s["review.txt"], s["item.txt"], meta["line"])
+            yield _pair(s["pair.json"])
+
+
+def _pair(d: dict[str, Any]) -> Pair:
+    return Pair(d["item"], d["review"], d["item_text"], d["line"])
 
 
 def read_candidates(dataset_dir: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -412,8 +509,8 @@ def read_candidates(dataset_dir: str | Path) -> tuple[np.ndarray, list[str]]:
     items, texts = [], []
     for entry in manifest["shards"]["items"]:
         for s in iter_samples(Path(dataset_dir) / entry["path"]):
-            items.append(s["meta.json"]["item"])
-            texts.append(s["text.txt"])
+            items.append(s["item.json"]["item"])
+            texts.append(s["item.json"]["text"])
     return np.asarray(items, dtype=np.int64), texts
 
 
@@ -452,8 +549,7 @@ class PairStream:
         buf: list[Pair] = []
         for k in order:
             for s in iter_samples(self.root / self._shards[k]):
-                meta = s["meta.json"]
-                pair = Pair(meta["item"], s["review.txt"], s["item.txt"], meta["line"])
+                pair = _pair(s["pair.json"])
                 if len(buf) < self.shuffle_buffer:
                     buf.append(pair)
                     continue

@@ -10,7 +10,8 @@ Sources (each skip is counted by reason, with file:line examples):
 
 The item text never contains text of a held-out review, so the held-out Recall@K is honest.
 `load_pairs` holds the corpus in memory (small corpora, e.g. the demo); at full scale `pair_shards.py` streams
-the same records (the `iter_*` readers below) into WebDataset pair shards that training reads per rank.
+the same records into WebDataset pair shards that training reads per rank (Amazon through the Arrow block
+reader of `sources/amazon2023.py` with the `clean_amazon_*` functions below; Steam through `iter_steam_*`).
 """
 
 from __future__ import annotations
@@ -223,32 +224,58 @@ def _long_enough(text: str, cfg: PairsConfig) -> bool:
     return len(text) > cfg.min_chars
 
 
+AMAZON_ITEM_FIELDS = ("title", "features", "description")
+AMAZON_REVIEW_FIELDS = ("title", "text")
+
+
+def clean_amazon_item(
+    rec: dict, path: str | Path, line_no: int, stats: SkipStats, min_chars: int
+) -> tuple[str, str] | None:
+    """One metadata record -> (parent_asin, title + features + description), or None with the skip counted.
+
+    Shared by `iter_amazon_items` (line by line) and the block reader of `pair_shards.prepare_pairs`, so both
+    clean and skip identically.
+    """
+    key = get_str(rec, "parent_asin", path, line_no, stats)
+    if key is None:
+        return None
+    text = _join([rec.get(f) for f in AMAZON_ITEM_FIELDS])
+    if len(text) <= min_chars:
+        stats.skip("item_text_too_short", path, line_no, f"{len(text)} chars")
+        return None
+    return key, text
+
+
+def clean_amazon_review(
+    rec: dict, path: str | Path, line_no: int, stats: SkipStats, min_chars: int
+) -> tuple[str, str] | None:
+    """One review record -> (parent_asin, title + text), or None with the skip counted (see above)."""
+    key = get_str(rec, "parent_asin", path, line_no, stats)
+    if key is None:
+        return None
+    text = _join([rec.get(f) for f in AMAZON_REVIEW_FIELDS])
+    if len(text) <= min_chars:
+        stats.skip("review_too_short", path, line_no, f"{len(text)} chars")
+        return None
+    return key, text
+
+
 def iter_amazon_items(cfg: PairsConfig, stats: SkipStats, info: FileInfo | None = None) -> Iterator[Record]:
     """Amazon metadata lines -> (line, parent_asin, title + features + description) longer than min_chars."""
     meta_path = check_file(resolve_path(cfg.meta_path), "Amazon item metadata (blair.pairs.meta_path)")
     for line_no, rec in iter_json_records(meta_path, stats, info=info):
-        key = get_str(rec, "parent_asin", meta_path, line_no, stats)
-        if key is None:
-            continue
-        text = _join([rec.get("title"), rec.get("features"), rec.get("description")])
-        if not _long_enough(text, cfg):
-            stats.skip("item_text_too_short", meta_path, line_no, f"{len(text)} chars")
-            continue
-        yield line_no, key, text
+        got = clean_amazon_item(rec, meta_path, line_no, stats, cfg.min_chars)
+        if got is not None:
+            yield line_no, *got
 
 
 def iter_amazon_reviews(cfg: PairsConfig, stats: SkipStats, info: FileInfo | None = None) -> Iterator[Record]:
     """Amazon review lines -> (line, parent_asin, title + text) longer than min_chars."""
     reviews_path = check_file(resolve_path(cfg.reviews_path), "Amazon reviews (blair.pairs.reviews_path)")
     for line_no, rec in iter_json_records(reviews_path, stats, info=info):
-        key = get_str(rec, "parent_asin", reviews_path, line_no, stats)
-        if key is None:
-            continue
-        text = _join([rec.get("title"), rec.get("text")])
-        if not _long_enough(text, cfg):
-            stats.skip("review_too_short", reviews_path, line_no, f"{len(text)} chars")
-            continue
-        yield line_no, key, text
+        got = clean_amazon_review(rec, reviews_path, line_no, stats, cfg.min_chars)
+        if got is not None:
+            yield line_no, *got
 
 
 STEAM_ITEM_FIELDS = ("app_name", "publisher", "developer", "genres", "tags", "specs")

@@ -50,7 +50,7 @@ def iter_samples(
     """
     sample: dict[str, Any] = {}
     try:
-        with tarfile.open(shard, mode="r|") as tar:
+        with tarfile.open(shard, mode="r|*") as tar:  # plain or gzipped
             for member in tar:
                 if not member.isfile():
                     continue

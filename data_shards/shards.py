@@ -1,5 +1,6 @@
-"""WebDataset shard writing: plain ustar tars (mtime 0, so shards are reproducible byte for byte), hashed
-while written, one sample per user (sequences) or per item (texts).
+"""WebDataset shard writing: ustar tars (mtime 0, so shards are reproducible byte for byte), plain or gzipped
+(`.tar.gz`, gzip header mtime 0 and no file name), hashed while written, one sample per user (sequences) or
+per item (texts).
 
 The tar headers and .npy payloads are built directly (their layout is fixed), which is several times faster
 than `tarfile`/`np.save` per member; `tests/test_data_shards.py` checks both against the standard readers.
@@ -11,7 +12,9 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
+import struct
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -25,6 +28,7 @@ T = TypeVar("T")
 PARALLEL_MIN_USERS = 50_000  # below this, starting worker processes costs more than it saves
 
 _BLOCK = 512
+_GZIP_CHUNK = 1 << 20  # uncompressed bytes handed to zlib at once
 _END = b"\0" * (2 * _BLOCK)
 _MODE_UID_GID = b"0000644\0" + b"0000000\0" + b"0000000\0"
 _MTIME = b"00000000000\0"
@@ -68,17 +72,50 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 
 class TarShardWriter:
-    """Writes members to one tar file and hashes every byte on the way."""
+    """Writes members to one tar file and hashes every byte written to disk (the manifest sha256 is of those).
 
-    def __init__(self, path: Path) -> None:
+    With `gzip_level` (1-9) the tar stream is gzip-compressed as written: one deflate stream with a fixed
+    10-byte header (mtime 0, no file name, OS "unknown"), so the same members give the same bytes.
+    """
+
+    def __init__(self, path: Path, *, gzip_level: int | None = None) -> None:
+        if gzip_level is not None and not 1 <= gzip_level <= 9:
+            raise ValueError(f"gzip_level must be 1..9, got {gzip_level}")
         self.path = path
         self._fh = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
         self._sha = hashlib.sha256()
         self.num_samples = 0
+        self._deflate = None
+        if gzip_level is not None:
+            self._deflate = zlib.compressobj(gzip_level, zlib.DEFLATED, -zlib.MAX_WBITS)
+            self._crc, self._size = 0, 0
+            self._pending: list[bytes | memoryview] = []
+            self._pending_bytes = 0
+            xfl = 2 if gzip_level == 9 else 4 if gzip_level == 1 else 0  # as Python's gzip module sets it
+            self._out(b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + bytes([xfl, 255]))
 
-    def _write(self, data: bytes) -> None:
+    def _out(self, data: bytes | memoryview) -> None:
         self._fh.write(data)
         self._sha.update(data)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        """Append raw tar bytes (gzipped: buffered, then compressed ~1 MiB at a time, fewer zlib calls)."""
+        if self._deflate is None:
+            self._out(data)
+            return
+        self._pending.append(data)
+        self._pending_bytes += memoryview(data).nbytes
+        if self._pending_bytes >= _GZIP_CHUNK:
+            self._compress()
+
+    def _compress(self) -> None:
+        data = b"".join(self._pending)
+        self._pending, self._pending_bytes = [], 0
+        self._crc = zlib.crc32(data, self._crc)
+        self._size += len(data)
+        out = self._deflate.compress(data)
+        if out:
+            self._out(out)
 
     def add(self, name: str, data: bytes) -> None:
         pad = (-len(data)) % _BLOCK
@@ -86,6 +123,9 @@ class TarShardWriter:
 
     def close(self) -> dict:
         self._write(_END)
+        if self._deflate is not None:
+            self._compress()
+            self._out(self._deflate.flush() + struct.pack("<II", self._crc, self._size & 0xFFFFFFFF))
         self._fh.close()
         return {"path": self.path.name, "sha256": self._sha.hexdigest(), "num_samples": self.num_samples}
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
 import hashlib
 import json
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "blair"))
 
 import blair_helpers as H
 
+import data_shards.io as io_mod
+import data_shards.sources.amazon2023 as amazon2023
 from data_shards.io import DataError
 from data_shards.pair_shards import (
     PairStream,
@@ -79,9 +84,21 @@ def _check_same_pairs_as_load_pairs(cfg: PairsConfig, out: Path) -> dict:
     items, texts = read_candidates(out)
     assert items.tolist() == list(range(len(corpus.item_keys))) and texts == corpus.item_texts
     ids = [
-        s["meta.json"]["item_id"] for e in manifest["shards"]["items"] for s in iter_samples(out / e["path"])
+        s["item.json"]["item_id"] for e in manifest["shards"]["items"] for s in iter_samples(out / e["path"])
     ]
-    assert ids == corpus.item_keys  # original ids travel in meta.json
+    assert ids == corpus.item_keys  # original ids travel in item.json
+    for split in ("train", "eval", "items"):  # one member per sample, gzipped, as the manifest says
+        for e in manifest["shards"][split]:
+            shard = out / e["path"]
+            assert (
+                shard.name.endswith(".tar.gz")
+                and hashlib.sha256(shard.read_bytes()).hexdigest() == e["sha256"]
+            )
+            with tarfile.open(shard, "r:gz") as tar:
+                names = tar.getnames()
+            assert len(names) == e["num_samples"] and {n.split(".", 1)[1] for n in names} == {
+                "item.json" if split == "items" else "pair.json"
+            }
     return manifest
 
 
@@ -124,6 +141,36 @@ def test_amazon_shards_match_load_pairs_and_are_byte_reproducible(tmp_path):
     )
     # the capped train pairs are the first 500 of the uncapped global order
     assert [p.line for p in iter_pairs(tmp_path / "capped")] == [p.line for p in iter_pairs(out)][:500]
+
+
+def test_amazon_blocks_in_worker_processes_give_the_same_folder(tmp_path, monkeypatch):
+    """Stage 1 cut into many small blocks (Arrow, with bisection to per-line parsing around the broken lines)
+    in 2 worker processes, from plain and .gz input: load_pairs' pairs and skips, and the same shard bytes
+    as a single in-process block."""
+    reviews, meta = _amazon_input(tmp_path)
+    ref = prepare_pairs(_cfg(reviews, meta, tmp_path / "ref", threads=1))
+
+    def shard_digests(folder: Path) -> dict[str, str]:
+        return {k: v for k, v in _tree_digest(folder).items() if k != "manifest.json"}
+
+    small = 16 << 10  # ~60 blocks of the ~1 MB review file
+    monkeypatch.setattr(amazon2023, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(
+        amazon2023, "iter_line_spans", functools.partial(io_mod.iter_line_spans, block_bytes=small)
+    )
+    monkeypatch.setattr(
+        amazon2023, "iter_line_blocks", functools.partial(io_mod.iter_line_blocks, block_bytes=small)
+    )
+    cfg = _cfg(reviews, meta, tmp_path / "blocks", threads=2)
+    out = prepare_pairs(cfg)
+    _check_same_pairs_as_load_pairs(cfg, out)
+    assert _tree_digest(out) == _tree_digest(ref)  # the manifest too (threads do not shape the output)
+    gz = tmp_path / "reviews.jsonl.gz"
+    gz.write_bytes(gzip.compress(reviews.read_bytes(), mtime=0))
+    cfg = _cfg(gz, meta, tmp_path / "gz", threads=2)
+    out = prepare_pairs(cfg)
+    _check_same_pairs_as_load_pairs(cfg, out)
+    assert shard_digests(out) == shard_digests(ref)
 
 
 def test_steam_shards_match_load_pairs(tmp_path):
@@ -186,6 +233,14 @@ def test_bad_input_and_config_are_clear_errors(tmp_path):
     good, gmeta = _amazon_input(tmp_path, num_reviews=400)
     cfg = _cfg(good, gmeta, out, pairs_per_shard=150)
     prepare_pairs(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    old = tmp_path / "old"  # a folder of the first pair format (no pair_format key): prepare again
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "pair_format"}))
+    with pytest.raises(
+        DataError, match=r"pair folder format 1, this code reads format 2 .* prepare it again"
+    ):
+        PairStream(old, rank=0, world_size=1, batch_size=2, seed=0, shuffle_buffer=8)
     with pytest.raises(DataError, match=r"prepared with blair.pairs min_chars=30 \(config: 10\)"):
         load_pair_manifest(out, _cfg(good, gmeta, out, pairs_per_shard=150, min_chars=10))
     with pytest.raises(DataError, match=r"3 train shard.* cannot feed 4 ranks"):

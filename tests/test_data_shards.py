@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
 import json
 import subprocess
@@ -55,6 +57,34 @@ def test_tar_writer_is_standard_tar(tmp_path):
     with tarfile.open(tmp_path / "x.tar") as tar:
         assert {m.name: tar.extractfile(m).read() for m in tar.getmembers()} == payloads
     assert len(entry["sha256"]) == 64
+
+
+def test_gzip_tar_writer_is_reproducible_and_read_like_plain(tmp_path):
+    """gzip mode: a standard .tar.gz of exactly the plain tar's bytes, mtime 0, the same bytes every time,
+    sha256 of the file on disk; iter_samples reads both; a cut-off .tar.gz is a DataError."""
+    big = "".join(f"review {k}: héllo\n" for k in range(60_000)).encode()  # > the 1 MiB zlib chunk
+    payloads = {"000000001.pair.json": '{"review": "héllo"}'.encode(), "000000002.pair.json": b'{"a": 2}',
+                "000000003.item.txt": big}  # fmt: skip
+    entries = []
+    for name, level in (("plain.tar", None), ("a.tar.gz", 3), ("b.tar.gz", 3)):
+        w = TarShardWriter(tmp_path / name, gzip_level=level)
+        for member, data in payloads.items():
+            w.add(member, data)
+        w.num_samples = 3
+        entries.append(w.close())
+    raw = [(tmp_path / n).read_bytes() for n in ("plain.tar", "a.tar.gz", "b.tar.gz")]
+    assert raw[1] == raw[2] and gzip.decompress(raw[1]) == raw[0]
+    assert raw[1][4:8] == b"\0\0\0\0"  # gzip mtime 0
+    assert entries[1]["sha256"] == hashlib.sha256(raw[1]).hexdigest() != entries[0]["sha256"]
+    with tarfile.open(tmp_path / "a.tar.gz", "r:gz") as tar:
+        assert {m.name: tar.extractfile(m).read() for m in tar.getmembers()} == payloads
+    plain, gz = (list(iter_samples(tmp_path / n)) for n in ("plain.tar", "a.tar.gz"))
+    assert plain == gz and gz[0]["pair.json"] == {"review": "héllo"} and gz[2]["item.txt"] == big.decode()
+    (tmp_path / "cut.tar.gz").write_bytes(raw[1][: len(raw[1]) // 2])
+    with pytest.raises(DataError, match=r"cut\.tar\.gz: unreadable shard"):
+        list(iter_samples(tmp_path / "cut.tar.gz"))
+    with pytest.raises(ValueError, match=r"gzip_level must be 1\.\.9"):
+        TarShardWriter(tmp_path / "c.tar.gz", gzip_level=0)
 
 
 def test_shard_round_trip(tmp_path, raw):

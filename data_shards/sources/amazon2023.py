@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -58,7 +59,7 @@ PARALLEL_MIN_BYTES = 32 << 20  # smaller files are validated in-process (startin
 _ARROW_THREADS = True
 
 
-def _json_record(line: bytes, path, line_no: int, stats: SkipStats) -> dict | None:
+def json_record(line: bytes, path, line_no: int, stats: SkipStats) -> dict | None:
     """One JSONL line as a dict, or None with the skip (blank line, malformed JSON) counted."""
     if not line.strip():
         stats.skip("blank_line", path, line_no)
@@ -200,7 +201,7 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
         sink.write_table(out)
 
     def on_line(line_no: int, line: bytes) -> None:
-        rec = _json_record(line, path, line_no, stats)
+        rec = json_record(line, path, line_no, stats)
         if rec is None:
             return
         user = get_str(rec, "user_id", path, line_no, stats)
@@ -292,7 +293,7 @@ def _meta_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipSta
         )
 
     def on_line(line_no: int, line: bytes) -> None:
-        rec = _json_record(line, path, line_no, stats)
+        rec = json_record(line, path, line_no, stats)
         if rec is None:
             return
         item = get_str(rec, "parent_asin", path, line_no, stats)
@@ -305,9 +306,23 @@ def _meta_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipSta
     return on_table, on_line
 
 
+class JsonlKind(NamedTuple):
+    """How `read_jsonl_parts` validates one kind of JSONL line (picklable: it travels to worker processes).
+
+    `handlers(path, file_index, sink, stats, empty)` returns ``(on_table, on_line)``: the Arrow-block and the
+    per-line handler, which append valid rows of `schema` to `sink` and count skips (and empty texts in
+    ``empty[0]``); `fields` is the explicit schema Arrow parses each block with. Other readers (the BLaIR
+    pairs) pass their own kind, e.g. a `functools.partial` of module-level handlers.
+    """
+
+    handlers: Callable
+    fields: pa.Schema
+    schema: pa.Schema
+
+
 _KINDS = {
-    "reviews": (_review_handlers, REVIEW_FIELDS, INTERACTION_SCHEMA),
-    "meta": (_meta_handlers, META_FIELDS, ITEM_SCHEMA),
+    "reviews": JsonlKind(_review_handlers, REVIEW_FIELDS, INTERACTION_SCHEMA),
+    "meta": JsonlKind(_meta_handlers, META_FIELDS, ITEM_SCHEMA),
 }
 
 
@@ -322,7 +337,7 @@ def _validate_block(job: tuple) -> tuple[SkipStats, int]:
         with open(path, "rb") as fh:
             fh.seek(data[0])
             data = fh.read(data[1])
-    handlers, fields, schema = _KINDS[kind]
+    handlers, fields, schema = _KINDS[kind] if isinstance(kind, str) else kind
     stats, empty = SkipStats(), [0]
     sink = _TableSink(schema)
     on_table, on_line = handlers(path, file_index, sink, stats, empty)
@@ -338,12 +353,19 @@ def _worker_init() -> None:
 
 
 def read_jsonl_parts(
-    kind: str, path: Path, file_index: int, out_dir: Path, stats: SkipStats, info: FileInfo, workers: int
+    kind: str | JsonlKind,
+    path: Path,
+    file_index: int,
+    out_dir: Path,
+    stats: SkipStats,
+    info: FileInfo,
+    workers: int,
 ) -> int:
     """Validate a JSONL(.gz) file block by block into ``out_dir/part-NNNNNN.parquet`` (in line order).
 
     Blocks are parsed by `workers` processes when the file is large; skips are merged in block order, so
-    counts and ``file:line`` examples are exactly those of a sequential read. Returns the empty-text count.
+    counts and ``file:line`` examples are exactly those of a sequential read. `kind`: "reviews" / "meta", or
+    a `JsonlKind`. Returns the empty-text count.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     size = path.stat().st_size
@@ -384,7 +406,8 @@ def read_jsonl_parts(
                 stats.merge(block_stats)
                 empty, parts = empty + n, parts + 1
     if parts == 0:  # an empty file still gives one (empty) part, so readers always find a file
-        pq.write_table(_KINDS[kind][2].empty_table(), out_dir / "part-000000.parquet")
+        schema = (_KINDS[kind] if isinstance(kind, str) else kind).schema
+        pq.write_table(schema.empty_table(), out_dir / "part-000000.parquet")
     return empty
 
 
