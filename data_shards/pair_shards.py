@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_shards.io import DataError, FileInfo, SkipStats, check_file
@@ -177,21 +178,58 @@ def _stream_source(cfg: PairsConfig, work: Path, stats: SkipStats) -> tuple[list
 _SALT = {"meta": 3, "reviews": 2}  # order-hash salts of item and review lines
 
 
-def _stage_table(keys: list[str], texts: list[str], lines: np.ndarray, seed: int, salt: int,
-                 eval_fraction: float) -> pa.Table:  # fmt: skip
+def _stage_table(keys: list[str] | pa.ChunkedArray, texts: list[str] | pa.ChunkedArray, lines: np.ndarray,
+                 seed: int, salt: int, eval_fraction: float) -> pa.Table:  # fmt: skip
     """Stage-1 rows with the seeded order hash `h` and the held-out flag of each line."""
     h = mix64(seed, salt, lines).view(np.int64)
     return pa.table([keys, texts, lines, h, held_out(seed, lines, eval_fraction)], schema=_STAGE_SCHEMA)
 
 
+# ASCII whitespace that `text_of` (str.split) or `get_str` (str.strip) would change (all but one inner space)
+_NOT_PLAIN = r"[\t\n\x0b\x0c\r\x1c-\x1f]|  |^ | $"
+
+
+def _plain(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Per value: ASCII that Python's whitespace cleaning leaves as is (nulls count as plain)."""
+    ascii_ = pc.fill_null(pc.string_is_ascii(col), True)
+    return pc.and_(ascii_, pc.invert(pc.fill_null(pc.match_substring_regex(col, pattern=_NOT_PLAIN), False)))
+
+
+def _plain_reviews(t: pa.Table, min_chars: int) -> tuple[np.ndarray, pa.ChunkedArray]:
+    """Vectorised `clean_amazon_review` for the rows where it is a plain join: key, title and text plain
+    ASCII (so strip/split change nothing), a key, and a long enough text. Returns that row mask and every
+    row's title + text; the other rows (skips, non-ASCII, odd whitespace) go through Python."""
+    title, text = pc.fill_null(t["title"], ""), pc.fill_null(t["text"], "")
+    has_title, has_text = pc.greater(pc.utf8_length(title), 0), pc.greater(pc.utf8_length(text), 0)
+    both = pc.binary_join_element_wise(title, text, " ")
+    joined = pc.if_else(pc.and_(has_title, has_text), both, pc.if_else(has_title, title, text))
+    key = t["parent_asin"]
+    ok = pc.and_(_plain(key), pc.fill_null(pc.greater(pc.utf8_length(key), 0), False))
+    ok = pc.and_(
+        pc.and_(ok, _plain(title)), pc.and_(_plain(text), pc.greater(pc.utf8_length(joined), min_chars))
+    )
+    return ok.to_numpy(zero_copy_only=False), joined
+
+
 def _amazon_handlers(path, file_index, sink, stats, empty, *, clean: Callable, min_chars: int, seed: int,
                      salt: int, eval_fraction: float):  # fmt: skip
-    """`JsonlKind` handlers for pair records: Arrow-parsed blocks and fallback lines both go through `clean`
-    (`clean_amazon_item` / `clean_amazon_review`, what `load_pairs` uses), so skips and texts are the same."""
+    """`JsonlKind` handlers for pair records: Arrow-parsed blocks and fallback lines go through `clean`
+    (`clean_amazon_item` / `clean_amazon_review`, what `load_pairs` uses), so skips and texts are the same;
+    plain review rows take the vectorised equivalent (`_plain_reviews`)."""
 
     def on_table(t: pa.Table, first: int) -> None:
+        rows = np.arange(t.num_rows)
+        if clean is clean_amazon_review:
+            fast, joined = _plain_reviews(t, min_chars)
+            rows = np.flatnonzero(~fast)
+            if len(rows) < t.num_rows:
+                lines = (first + np.flatnonzero(fast)).astype(np.int64)
+                keep = pa.array(fast)
+                sink.write_table(_stage_table(t["parent_asin"].filter(keep), joined.filter(keep), lines, seed,
+                                              salt, eval_fraction))  # fmt: skip
+            t = t.take(rows)
         keys, texts, lines = [], [], []
-        for i, rec in enumerate(t.to_pylist()):
+        for i, rec in zip(rows.tolist(), t.to_pylist(), strict=True):  # in line order: skip examples too
             got = clean(rec, path, first + i, stats, min_chars)
             if got is not None:
                 keys.append(got[0])

@@ -46,6 +46,17 @@ def _amazon_input(tmp_path: Path, num_reviews: int = 3000) -> tuple[Path, Path]:
     long = {"parent_asin": "SHORT1", "title": "the second record of this item is long enough to keep"}
     extra = [json.dumps(dup), "", json.dumps(short), json.dumps(long)]
     meta.write_text("\n".join(lines + extra) + "\n")
+    # whitespace and non-ASCII the cleaning normalises (Python path) next to plain rows (vectorised path)
+    key, pad = first["parent_asin"], "x" * 30
+    odd = [{"title": "double  space title", "text": pad}, {"title": " lead", "text": f"{pad} "},
+           {"title": "tab\there", "text": pad}, {"title": "nbsp\u00a0and\u2003em space", "text": pad},
+           {"title": "sep\x1cchar", "text": pad}, {"title": None, "text": pad}, {"title": "", "text": pad},
+           {"title": "héllo wörld", "text": pad}, {"title": "x" * 30}, {"text": "x" * 31},
+           {"title": "exactly thirty characters long"}, {"text": pad, "parent_asin": f" {key} "},
+           {"title": "plain", "text": pad, "parent_asin": " "}]  # fmt: skip
+    rows = [json.dumps({"parent_asin": key, **o}) for o in odd]
+    with reviews.open("a") as fh:
+        fh.write("\n".join(rows * 3) + "\n")
     return reviews, meta
 
 
@@ -171,6 +182,30 @@ def test_amazon_blocks_in_worker_processes_give_the_same_folder(tmp_path, monkey
     out = prepare_pairs(cfg)
     _check_same_pairs_as_load_pairs(cfg, out)
     assert shard_digests(out) == shard_digests(ref)
+
+
+def test_vectorised_review_cleaning_equals_python():
+    """Random titles/texts/keys with every kind of whitespace: rows `_plain_reviews` takes get exactly
+    clean_amazon_review's text, and no row it takes is one Python would skip."""
+    import pyarrow as pa
+
+    from data_shards.io import SkipStats
+    from data_shards.pair_shards import _plain_reviews
+    from data_shards.pairs import clean_amazon_review
+
+    rng = np.random.default_rng(0)
+    odd = ["\t", "\n", "\r", "\x0b", "\x1c", "\x1f", "\u00a0", "\u2003", "é", "\x85"]
+    alphabet, p = ["a", "b", " ", *odd], [0.5, 0.35, 0.1] + [0.05 / len(odd)] * len(odd)
+
+    def rand() -> str | None:
+        return None if rng.random() < 0.1 else "".join(rng.choice(alphabet, size=rng.integers(0, 12), p=p))
+
+    recs = [{"parent_asin": rand(), "title": rand(), "text": rand()} for _ in range(20_000)]
+    fast, joined = _plain_reviews(pa.Table.from_pylist(recs), min_chars=4)
+    assert 1000 < fast.sum() < len(recs) - 1000  # both paths are exercised
+    for rec, ok, text in zip(recs, fast, joined.to_pylist(), strict=True):
+        if ok:
+            assert clean_amazon_review(rec, "f", 1, SkipStats(), 4) == (rec["parent_asin"], text), rec
 
 
 def test_steam_shards_match_load_pairs(tmp_path):
