@@ -50,15 +50,15 @@ from data_shards.pairs import (
     AMAZON_ITEM_FIELDS,
     AMAZON_REVIEW_FIELDS,
     PairsConfig,
-    _table,
     clean_amazon_item,
     clean_amazon_review,
     iter_steam_items,
     iter_steam_reviews,
     resolve_path,
+    table_pairs,
 )
-from data_shards.prepare import _cpu_s, _publish
-from data_shards.preprocess import _one, _parquet, _sq, connect
+from data_shards.prepare import cpu_seconds, publish_folder
+from data_shards.preprocess import connect, sql_path, sql_read_parquet, sql_scalar
 from data_shards.reader import iter_samples
 from data_shards.shards import TarShardWriter
 from data_shards.sources import ParquetSink
@@ -157,7 +157,7 @@ def _stream_source(cfg: PairsConfig, work: Path, stats: SkipStats) -> tuple[list
     )
     if cfg.source == "table":
         reviews_path = meta_path = str(Path(resolve_path(cfg.reviews_path)))
-        table_items, table_reviews, profile_used = _table(cfg, stats)  # a table is small: read in memory
+        table_items, table_reviews, profile_used = table_pairs(cfg, stats)  # a table is small: read in memory
         items = ((k, key, text) for k, (key, text) in enumerate(table_items.items()))
         reviews = ((k, key, text) for k, (key, text) in enumerate(table_reviews))
         inputs = [FileInfo(path=reviews_path)]
@@ -293,30 +293,30 @@ def _examples(stats: SkipStats, reason: str, path: str, rows: list[tuple[int, st
 
 
 def _sql_steps(con, cfg: PairsConfig, work: Path, stats: SkipStats, meta_path: str, reviews_path: str):
-    items_raw, reviews = _parquet(work / "items"), _parquet(work / "reviews")
+    items_raw, reviews = sql_read_parquet(work / "items"), sql_read_parquet(work / "reviews")
     n_examples = stats.max_examples
     # first record of each item wins (file order), as in load_pairs; items indexed in sorted key order
     con.execute(
         "CREATE TABLE items AS SELECT key, text, (row_number() OVER (ORDER BY key) - 1)::BIGINT AS idx "
         f"FROM (SELECT key, arg_min(text, ord) AS text FROM {items_raw} GROUP BY key)"
     )
-    num_items = _one(con, "SELECT count(*) FROM items")
-    duplicates = _one(con, f"SELECT count(*) FROM {items_raw}") - num_items
+    num_items = sql_scalar(con, "SELECT count(*) FROM items")
+    duplicates = sql_scalar(con, f"SELECT count(*) FROM {items_raw}") - num_items
     if duplicates:
         rows = con.execute(
             "SELECT ord, key FROM (SELECT ord, key, row_number() OVER (PARTITION BY key ORDER BY ord) AS rn "
             f"FROM {items_raw}) WHERE rn > 1 ORDER BY ord LIMIT {n_examples}"
         ).fetchall()
         _examples(stats, "duplicate_item", meta_path, rows, duplicates)
-    missing = _one(con, f"SELECT count(*) FROM {reviews} r ANTI JOIN items i USING (key)")
+    missing = sql_scalar(con, f"SELECT count(*) FROM {reviews} r ANTI JOIN items i USING (key)")
     if missing:
         rows = con.execute(
             f"SELECT ord, key FROM {reviews} r ANTI JOIN items i USING (key) ORDER BY ord LIMIT {n_examples}"
         ).fetchall()
         _examples(stats, "review_item_without_metadata", reviews_path, rows, missing)
     pairs = f"{reviews} r JOIN items i USING (key)"
-    held = _one(con, f"SELECT count(*) FROM {pairs} WHERE r.held")
-    train_all = _one(con, f"SELECT count(*) FROM {pairs} WHERE NOT r.held")
+    held = sql_scalar(con, f"SELECT count(*) FROM {pairs} WHERE r.held")
+    train_all = sql_scalar(con, f"SELECT count(*) FROM {pairs} WHERE NOT r.held")
     if held + train_all == 0:
         raise DataError(f"no usable (review, item) pairs in {reviews_path}: {stats.summary()}; check paths")
     if train_all == 0:
@@ -331,14 +331,15 @@ def _sql_steps(con, cfg: PairsConfig, work: Path, stats: SkipStats, meta_path: s
     ):
         con.execute(
             f"COPY (SELECT {cols} FROM {pairs} WHERE {where} ORDER BY r.h, r.ord {lim}) "
-            f"TO {_sq(work / f'{name}.parquet')} (FORMAT parquet, ROW_GROUP_SIZE {_ROW_GROUP})"
+            f"TO {sql_path(work / f'{name}.parquet')} (FORMAT parquet, ROW_GROUP_SIZE {_ROW_GROUP})"
         )
     query_items = pq.read_table(work / "eval.parquet", columns=["item"])["item"].to_numpy()
     cands = sample_candidates(query_items, num_items, cfg.eval_max_items, cfg.seed)
     con.register("cands", pa.table({"idx": cands}))
     con.execute(
         "COPY (SELECT idx AS item, key AS item_id, text FROM items WHERE idx IN (SELECT idx FROM cands) "
-        f"ORDER BY idx) TO {_sq(work / 'items_out.parquet')} (FORMAT parquet, ROW_GROUP_SIZE {_ROW_GROUP})"
+        f"ORDER BY idx) TO {sql_path(work / 'items_out.parquet')} "
+        f"(FORMAT parquet, ROW_GROUP_SIZE {_ROW_GROUP})"
     )
     counts = {
         "items": num_items,
@@ -415,7 +416,7 @@ def prepare_pairs(cfg: PairsConfig) -> Path:
     """Build `cfg.dataset_dir` (see the module doc) from the configured source; returns its path."""
     if not cfg.dataset_dir:
         raise DataError("blair.pairs.dataset_dir is empty: name the folder the prepared pairs go to")
-    t0, cpu0 = time.perf_counter(), _cpu_s()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     final = Path(cfg.dataset_dir)
     if final.exists() and not cfg.overwrite:
         raise DataError(f"{final} already exists: set blair.pairs.overwrite=true to replace it")
@@ -467,14 +468,14 @@ def prepare_pairs(cfg: PairsConfig) -> Path:
             "shards": shards,
         }
         write_manifest(tmp, manifest)
-        _publish(tmp, final, cfg.overwrite)
+        publish_folder(tmp, final, cfg.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     timings["total_s"] = time.perf_counter() - t0
-    timings["total_cpu_s"] = _cpu_s() - cpu0
+    timings["total_cpu_s"] = cpu_seconds() - cpu0
     log.info("%s", stats.summary())
     log.info(
         "wrote %s: %s; %d train / %d eval / %d item shards; %s",

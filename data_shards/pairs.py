@@ -164,7 +164,7 @@ def load_pairs(cfg: PairsConfig) -> PairCorpus:
         items, reviews = _collect(cfg, stats, iter_steam_items, iter_steam_reviews)
         profile_used = 0
     elif cfg.source == "table":
-        items, reviews, profile_used = _table(cfg, stats)
+        items, reviews, profile_used = table_pairs(cfg, stats)
     else:
         raise DataError(f"unknown pair source {cfg.source!r}")
     return _split(cfg, items, reviews, stats, profile_used=profile_used)
@@ -338,7 +338,8 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
     raise DataError(f"{path}: unsupported table format; use .parquet[.*] or .csv/.tsv")
 
 
-def _table(cfg: PairsConfig, stats: SkipStats) -> tuple[dict[str, str], list[tuple[str, str]], int]:
+def table_pairs(cfg: PairsConfig, stats: SkipStats) -> tuple[dict[str, str], list[tuple[str, str]], int]:
+    """A review table -> (item key -> metadata text, [(item key, review)], profile reviews used)."""
     path = check_file(resolve_path(cfg.reviews_path), "review table (blair.pairs.reviews_path)")
     rows = _read_table(path)
     if not rows:

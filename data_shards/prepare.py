@@ -27,13 +27,14 @@ from data_shards.sources import get_source
 log = logging.getLogger("data_shards")
 
 
-def _cpu_s() -> float:
+def cpu_seconds() -> float:
     """CPU seconds (user + system) used so far by this process and its finished children."""
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
+def publish_folder(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Rename the finished `tmp` folder to `final`; an existing `final` is replaced only when `overwrite`."""
     if final.exists():
         if not overwrite:
             raise DataError(
@@ -49,7 +50,7 @@ def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
 
 def prepare(cfg: DataConfig) -> Path:
     """Build `<cfg.root>/<cfg.name>/` from the raw files named in `cfg`; returns its path."""
-    t0, cpu0 = time.perf_counter(), _cpu_s()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     root = Path(cfg.root)
     final = root / cfg.name
     if final.exists() and not cfg.overwrite:
@@ -68,7 +69,7 @@ def prepare(cfg: DataConfig) -> Path:
         log.info("reading %s input ...", cfg.source)
         src = get_source(cfg.source)(cfg, work, stats)
         timings["validate_s"] = time.perf_counter() - t0
-        timings["validate_cpu_s"] = _cpu_s() - cpu0
+        timings["validate_cpu_s"] = cpu_seconds() - cpu0
         log.info("validated input in %.1fs; %s", timings["validate_s"], stats.summary())
 
         t1 = time.perf_counter()
@@ -79,7 +80,7 @@ def prepare(cfg: DataConfig) -> Path:
         finally:
             con.close()
         timings["preprocess_s"] = time.perf_counter() - t1
-        timings["preprocess_cpu_s"] = _cpu_s() - cpu0 - timings["validate_cpu_s"]
+        timings["preprocess_cpu_s"] = cpu_seconds() - cpu0 - timings["validate_cpu_s"]
 
         t2 = time.perf_counter()
         counts = proc.counts
@@ -95,7 +96,7 @@ def prepare(cfg: DataConfig) -> Path:
         )  # fmt: skip
         timings["shards_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t0
-        timings["total_cpu_s"] = _cpu_s() - cpu0
+        timings["total_cpu_s"] = cpu_seconds() - cpu0
         timings["shards_cpu_s"] = (
             timings["total_cpu_s"] - timings["validate_cpu_s"] - timings["preprocess_cpu_s"]
         )
@@ -120,7 +121,7 @@ def prepare(cfg: DataConfig) -> Path:
             "shards": {"sequences": seq_shards, "items": item_shards},
         }
         write_manifest(tmp, manifest)
-        _publish(tmp, final, cfg.overwrite)
+        publish_folder(tmp, final, cfg.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

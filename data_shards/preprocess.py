@@ -47,17 +47,19 @@ def connect(cfg: DataConfig, temp_dir: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _one(con: duckdb.DuckDBPyConnection, sql: str) -> Any:
+def sql_scalar(con: duckdb.DuckDBPyConnection, sql: str) -> Any:
+    """The single value a query returns."""
     return con.execute(sql).fetchall()[0][0]
 
 
-def _sq(path: Path) -> str:
+def sql_path(path: Path) -> str:
+    """`path` as a quoted SQL string literal."""
     return "'" + path.as_posix().replace("'", "''") + "'"
 
 
-def _parquet(path: Path) -> str:
+def sql_read_parquet(path: Path) -> str:
     """`read_parquet` of a Parquet file, or of every part in a folder of them."""
-    return f"read_parquet({_sq(path / '*.parquet' if path.is_dir() else path)})"
+    return f"read_parquet({sql_path(path / '*.parquet' if path.is_dir() else path)})"
 
 
 def _view(active: set[str]) -> str:
@@ -71,7 +73,7 @@ def _view(active: set[str]) -> str:
 
 
 def _count(con: duckdb.DuckDBPyConnection, active: set[str]) -> int:
-    return _one(con, f"SELECT count(*) FROM {_view(active)}")
+    return sql_scalar(con, f"SELECT count(*) FROM {_view(active)}")
 
 
 def kcore(con: duckdb.DuckDBPyConnection, cfg: DataConfig, n: int, active: set[str]) -> int:
@@ -122,16 +124,16 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
                stats: SkipStats) -> Processed:  # fmt: skip
     """Run every SQL step; raise DataError if nothing is left."""
     t0 = time.perf_counter()
-    inter = _parquet(src.interactions)
-    raw_n = _one(con, f"SELECT count(*) FROM {inter}")
+    inter = sql_read_parquet(src.interactions)
+    raw_n = sql_scalar(con, f"SELECT count(*) FROM {inter}")
     if raw_n == 0:
         raise DataError(
             "no valid interaction in the input (see the skipped reasons above); check the file format"
         )
-    meta_rows = _one(con, f"SELECT count(*) FROM {_parquet(src.items)}")
+    meta_rows = sql_scalar(con, f"SELECT count(*) FROM {sql_read_parquet(src.items)}")
     con.execute(
         "CREATE TABLE meta AS SELECT item_id, arg_min(text, ord) AS text "
-        f"FROM {_parquet(src.items)} GROUP BY item_id"
+        f"FROM {sql_read_parquet(src.items)} GROUP BY item_id"
     )
     # string ids -> dense integer keys once, so dedup, k-core and joins group integers, not strings
     con.execute(
@@ -145,11 +147,11 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
     )
     counts = {
         "raw_interactions": raw_n,
-        "raw_users": _one(con, "SELECT count(*) FROM uids"),
-        "raw_items": _one(con, "SELECT count(*) FROM iids"),
+        "raw_users": sql_scalar(con, "SELECT count(*) FROM uids"),
+        "raw_items": sql_scalar(con, "SELECT count(*) FROM iids"),
     }
     counts["raw_metadata_records"] = meta_rows
-    counts["metadata_items"] = _one(con, "SELECT count(*) FROM meta")
+    counts["metadata_items"] = sql_scalar(con, "SELECT count(*) FROM meta")
     stats.add("duplicate_metadata", meta_rows - counts["metadata_items"])
 
     con.execute(
@@ -176,7 +178,7 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
         if missing:
             con.execute("CREATE OR REPLACE TABLE keep_i AS SELECT ik FROM iids WHERE has_meta")
             active.add("i")
-            dropped = _one(con, "SELECT sum(n)::BIGINT FROM missing")
+            dropped = sql_scalar(con, "SELECT sum(n)::BIGINT FROM missing")
             stats.add("item_without_metadata", dropped)
             stats.examples["item_without_metadata"] = [
                 f"{src.inputs[-1].path}: no record for item {item!r} ({k} interactions)"
@@ -189,7 +191,7 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
     rounds = kcore(con, cfg, n, active)
     con.execute(f"CREATE TABLE fin AS SELECT * FROM {_view(active)}")
     con.execute("DROP TABLE ev")
-    kept_n = _one(con, "SELECT count(*) FROM fin")
+    kept_n = sql_scalar(con, "SELECT count(*) FROM fin")
     stats.add(f"kcore_{cfg.kcore}", n - kept_n)
     if kept_n == 0:
         raise DataError(
@@ -208,7 +210,11 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
         "(ORDER BY TRY_CAST(item_id AS BIGINT) NULLS LAST, item_id) AS idx "
         "FROM iids WHERE ik IN (SELECT DISTINCT ik FROM fin)"
     )
-    kept = (kept_n, _one(con, "SELECT count(*) FROM users"), _one(con, "SELECT count(*) FROM items"))
+    kept = (
+        kept_n,
+        sql_scalar(con, "SELECT count(*) FROM users"),
+        sql_scalar(con, "SELECT count(*) FROM items"),
+    )
     counts.update(kept_interactions=kept[0], kept_users=kept[1], kept_items=kept[2])
 
     # one flat sort by (user, time, input order) instead of per-user ordered list aggregates (~7x cheaper);
@@ -217,21 +223,21 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
     con.execute(
         "COPY (SELECT u.idx AS user, i.idx AS item, e.ts, e.rating "
         "FROM fin e JOIN users u USING (uk) JOIN items i USING (ik) ORDER BY u.idx, e.ts, e.ord) "
-        f"TO {_sq(seq)} (FORMAT parquet, ROW_GROUP_SIZE {SEQ_ROW_GROUP})"
+        f"TO {sql_path(seq)} (FORMAT parquet, ROW_GROUP_SIZE {SEQ_ROW_GROUP})"
     )
     user_file = work / "users.parquet"
     con.execute(
-        f"COPY (SELECT idx AS user, user_id FROM users ORDER BY idx) TO {_sq(user_file)} "
+        f"COPY (SELECT idx AS user, user_id FROM users ORDER BY idx) TO {sql_path(user_file)} "
         f"(FORMAT parquet, ROW_GROUP_SIZE {SEQ_ROW_GROUP})"
     )
     items = work / "item_texts.parquet"
     con.execute(
         "COPY (SELECT i.idx AS item, i.item_id, coalesce(m.text, '') AS text FROM items i "
         "LEFT JOIN meta m USING (item_id) ORDER BY i.idx) "
-        f"TO {_sq(items)} (FORMAT parquet, ROW_GROUP_SIZE 16384)"
+        f"TO {sql_path(items)} (FORMAT parquet, ROW_GROUP_SIZE 16384)"
     )
-    counts["kept_items_without_text"] = _one(
-        con, f"SELECT count(*) FROM read_parquet({_sq(items)}) WHERE text = ''"
+    counts["kept_items_without_text"] = sql_scalar(
+        con, f"SELECT count(*) FROM read_parquet({sql_path(items)}) WHERE text = ''"
     )
     row = con.execute(
         "SELECT min(n), max(n), avg(n), quantile_disc(n, 0.5), quantile_disc(n, 0.9), quantile_disc(n, 0.99) "
