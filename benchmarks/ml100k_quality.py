@@ -43,8 +43,9 @@ def main() -> None:
         print("==>", " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         runs.append(load_results(out / name))
+    label = f"HSTU ({' '.join(args.overrides)})" if args.overrides else "HSTU (ID only)"
     table = mean_std_table(
-        {"most popular": [r["popularity_test"] for r in runs], "HSTU (ID only)": [r["test"] for r in runs]}
+        {"most popular": [r["popularity_test"] for r in runs], label: [r["test"] for r in runs]}
     )
     print(table)
     (out / "results.md").write_text(table + "\n")
