@@ -228,6 +228,21 @@ AMAZON_ITEM_FIELDS = ("title", "features", "description")
 AMAZON_REVIEW_FIELDS = ("title", "text")
 
 
+def _clean_amazon(
+    rec: dict, fields: tuple[str, ...], too_short: str, path: str | Path, line_no: int, stats: SkipStats,
+    min_chars: int,
+) -> tuple[str, str] | None:  # fmt: skip
+    """(parent_asin, `fields` joined) of one record, or None with the skip counted under its reason."""
+    key = get_str(rec, "parent_asin", path, line_no, stats)
+    if key is None:
+        return None
+    text = _join([rec.get(f) for f in fields])
+    if len(text) <= min_chars:
+        stats.skip(too_short, path, line_no, f"{len(text)} chars")
+        return None
+    return key, text
+
+
 def clean_amazon_item(
     rec: dict, path: str | Path, line_no: int, stats: SkipStats, min_chars: int
 ) -> tuple[str, str] | None:
@@ -236,28 +251,14 @@ def clean_amazon_item(
     Shared by `iter_amazon_items` (line by line) and the block reader of `pair_shards.prepare_pairs`, so both
     clean and skip identically.
     """
-    key = get_str(rec, "parent_asin", path, line_no, stats)
-    if key is None:
-        return None
-    text = _join([rec.get(f) for f in AMAZON_ITEM_FIELDS])
-    if len(text) <= min_chars:
-        stats.skip("item_text_too_short", path, line_no, f"{len(text)} chars")
-        return None
-    return key, text
+    return _clean_amazon(rec, AMAZON_ITEM_FIELDS, "item_text_too_short", path, line_no, stats, min_chars)
 
 
 def clean_amazon_review(
     rec: dict, path: str | Path, line_no: int, stats: SkipStats, min_chars: int
 ) -> tuple[str, str] | None:
     """One review record -> (parent_asin, title + text), or None with the skip counted (see above)."""
-    key = get_str(rec, "parent_asin", path, line_no, stats)
-    if key is None:
-        return None
-    text = _join([rec.get(f) for f in AMAZON_REVIEW_FIELDS])
-    if len(text) <= min_chars:
-        stats.skip("review_too_short", path, line_no, f"{len(text)} chars")
-        return None
-    return key, text
+    return _clean_amazon(rec, AMAZON_REVIEW_FIELDS, "review_too_short", path, line_no, stats, min_chars)
 
 
 def iter_amazon_items(cfg: PairsConfig, stats: SkipStats, info: FileInfo | None = None) -> Iterator[Record]:

@@ -316,24 +316,11 @@ def _synthetic_words() -> list[str]:
     return H.SPECIAL + sorted(words) + [".", ","]
 
 
-def _tiny_bert(folder: Path) -> Path:
-    import torch
-    from transformers import BertConfig, BertForMaskedLM
-
-    words = _synthetic_words()
-    H.make_tokenizer(folder, words)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
-    BertForMaskedLM(config).save_pretrained(str(folder))
-    return folder
-
-
 @pytest.mark.multiprocess
 def test_two_rank_deepspeed_run_streams_shards_and_resumes_exactly(tmp_path):
     from trainer.blair import _fingerprint
 
-    encoder = _tiny_bert(tmp_path / "bert")
+    encoder = H.make_tiny_bert(tmp_path / "bert", words=_synthetic_words())
     reviews, meta = generate_amazon(tmp_path / "raw", num_reviews=700, bad_every=0, seed=2)
     pairs_dir = tmp_path / "pairs"
     config = tmp_path / "blair.toml"

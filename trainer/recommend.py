@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from data_shards.batch import SequenceBatch
 from data_shards.id_maps import read_id_map
+from data_shards.prepare import publish_folder
 from data_shards.reader import SequenceLoader
 from modules.jagged import offsets_from_lengths
 from sharding.model import local_item_vectors
@@ -178,7 +179,7 @@ class Recommender:
         }
         if self.world.is_main:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            _replace(tmp, self.output_dir)
+            publish_folder(tmp, self.output_dir, overwrite=True)
             logger.info(
                 "top-%d for %d users from %s -> %s (%.1fs)",
                 self.options.k,
@@ -244,16 +245,3 @@ def _all_gather_object(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def _replace(tmp: Path, final: Path) -> None:
-    """Move the finished `tmp` folder to `final`, replacing an older one only once the new one is complete."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
