@@ -6,7 +6,7 @@
 2. train ID-only HSTU under torchrun (gloo) with the popularity baseline alongside;
 3. pretrain a BLaIR encoder (MiniLM init) with DeepSpeed on the Women's Clothing review corpus;
 4. embed every movie's text with that encoder, and with plain MiniLM (the general-encoder baseline);
-5. train HSTU + frozen text (fusion = add) with each;
+5. train HSTU + frozen text with each (fusion = add, the vectors centered over the catalog first);
 6. write every user's top-10 with the ID-only model (launch/recommend.py, one Parquet part per rank);
 7. write and print `<output>/results.md`: test HR@K / NDCG@K / MRR per model, BLaIR's Recall@10 before/after,
    and one user's history next to their recommendations.
@@ -75,7 +75,7 @@ def main() -> None:
     encoders = {"blair": str(out / "blair" / "encoder"), "minilm": MINILM}
     for name, path in encoders.items():
         _run([*embed, f"run.name=embed_{name}", f"embed.encoder_path={path}"], f"embed items with {name}")
-    fused = ["model.fusion=add", "model.text_dim=384"]
+    fused = ["model.fusion=add", "model.text_dim=384", "model.text_transform=center"]
     for name in encoders:
         emb = f"train.text_embeddings={out / f'embed_{name}' / 'embeddings'}"
         _run([*train, f"run.name=hstu_{name}", *fused, emb], f"train HSTU + {name} text")

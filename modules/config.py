@@ -10,6 +10,7 @@ from trainer.config_io import ConfigError
 
 AttentionBackend = Literal["reference", "jagged", "triton"]
 Fusion = Literal["none", "add", "concat", "gate"]
+TextTransform = Literal["none", "center", "whiten"]
 
 
 @dataclass(kw_only=True)
@@ -42,6 +43,8 @@ class ModelConfig:
     """How the frozen text vector joins the ID embedding: none | add (paper) | concat | gate."""
     text_dim: int = 768
     """Width of the frozen text table (768 for BLaIR/roberta-base, 384 for MiniLM)."""
+    text_transform: TextTransform = "none"
+    """Fitted once over the catalog before training: none (paper) | center | whiten; then unit length."""
     layer_norm_eps: float = 1e-6
     """Epsilon of the parameter-free LayerNorms inside each HSTU layer."""
 
@@ -60,6 +63,11 @@ class ModelConfig:
             raise ConfigError(f"model.alpha must be a positive number or omitted, got {self.alpha}")
         if self.num_time_buckets < 1:
             raise ConfigError(f"model.num_time_buckets must be >= 1, got {self.num_time_buckets}")
+        if self.fusion == "none" and self.text_transform != "none":
+            raise ConfigError(
+                f"model.text_transform={self.text_transform!r} transforms text vectors, but model.fusion="
+                "'none' uses none; set model.fusion (add, concat or gate) or leave text_transform out"
+            )
         if self.fusion != "none" and self.text_dim < 1:
             raise ConfigError(f"model.text_dim must be >= 1 when model.fusion={self.fusion!r}")
         if self.layer_norm_eps <= 0:

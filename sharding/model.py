@@ -18,7 +18,9 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+from modules.config import TextTransform
 from modules.item_embedding import ID_TABLE, TEXT_TABLE, ItemEmbedding
+from modules.text_transform import apply_text_transform, fit_text_transform, text_moments
 from sharding.config import CPU_FUSED_OPTIMIZERS, ShardingConfig
 from sharding.planner import default_topology, make_plan, sharders
 
@@ -128,3 +130,35 @@ def local_item_vectors(model: nn.Module) -> tuple[int, Tensor]:
         raise ValueError("local_item_vectors: ID and text tables are sharded over different row ranges")
     ids = torch.arange(id_rows.start, id_rows.start + id_rows.weight.shape[0], device=id_rows.weight.device)
     return id_rows.start, items.fuse(id_rows.weight.float(), text, ids)
+
+
+@torch.no_grad()
+def transform_text_table(model: nn.Module, mode: TextTransform, pg: dist.ProcessGroup | None = None) -> dict:
+    """Center or whiten the frozen text table in place, fitted over all ranks' rows (modules/text_transform).
+
+    Moments are summed over the world; rank 0 fits the transform and broadcasts it, so every rank applies
+    exactly the same one to its own block. Returns {num_vectors, mean_norm} of the raw table for the log.
+    """
+    block = local_rows(model, TEXT_TABLE)
+    moments = text_moments(block.weight, with_outer=mode == "whiten")
+    sums = [moments.count, moments.total] + ([moments.outer] if moments.outer is not None else [])
+    for tensor in sums:
+        dist.all_reduce(tensor, group=pg)
+    if moments.count < 2:  # checked on every rank, before rank 0 fits, so no rank waits in broadcast
+        raise ValueError(
+            f"model.text_transform={mode!r} needs at least 2 items with a non-zero text vector, the table "
+            f"has {int(moments.count)}; check the embeddings, or set model.text_transform='none'"
+        )
+    dim, device = block.weight.shape[1], block.weight.device
+    mean = torch.zeros(dim, dtype=torch.float64, device=device)
+    matrix = torch.zeros(dim, dim, dtype=torch.float64, device=device) if mode == "whiten" else None
+    if dist.get_rank(pg) == 0:
+        fitted_mean, fitted_matrix = fit_text_transform(moments, mode)
+        mean.copy_(fitted_mean)
+        if matrix is not None:
+            matrix.copy_(fitted_matrix)
+    src = dist.get_global_rank(pg, 0) if pg is not None else 0
+    for tensor in [mean] + ([matrix] if matrix is not None else []):
+        dist.broadcast(tensor, src=src, group=pg)
+    block.weight.copy_(apply_text_transform(block.weight, mean, matrix))
+    return {"num_vectors": int(moments.count), "mean_norm": float(mean.norm())}

@@ -21,6 +21,7 @@ from trainer.config_io import ConfigError, load_config
 from trainer.hstu_trainer import FAULT_INJECTION_ENV, train
 
 from _runs import REPO, free_port, make_tiny_dataset, random_text_embeddings, torchrun, write_config
+from test_text_transform import naive_text_transform
 
 TRAIN = str(REPO / "launch" / "train.py")
 
@@ -163,15 +164,19 @@ def test_text_dimension_mismatch_fails_fast(tmp_path, dataset):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("text_dtype", ["fp32", "fp16"])
-def test_text_fusion_two_ranks_keeps_loaded_text_table_frozen(tmp_path, dataset, text_dtype):
-    """The frozen table ends bit-identical to the loaded vectors, in the configured storage dtype."""
+@pytest.mark.parametrize(
+    ("text_dtype", "text_transform"), [("fp32", "none"), ("fp16", "none"), ("fp32", "whiten")]
+)
+def test_text_fusion_two_ranks_keeps_loaded_text_table_frozen(tmp_path, dataset, text_dtype, text_transform):
+    """The frozen table ends bit-identical to the loaded vectors, in the configured storage dtype; with a
+    text transform, equal to the naive transform fitted over the whole catalog though each rank holds half."""
     emb_dir, vectors = _embeddings(tmp_path, dataset, 24)
     cfg = write_config(tmp_path, dataset, "fusion", '\n[checkpoint]\nresume = "never"\n')
     overrides = [
         "train.max_steps=8",
         "model.fusion=add",
         "model.text_dim=24",
+        f"model.text_transform={text_transform}",
         f"train.text_embeddings={emb_dir}",
         f"sharding.text_dtype={text_dtype}",
     ]
@@ -181,8 +186,12 @@ def test_text_fusion_two_ranks_keeps_loaded_text_table_frozen(tmp_path, dataset,
     table = tensors[text_key]
     assert table.dtype == {"fp32": torch.float32, "fp16": torch.float16}[text_dtype]
     assert torch.equal(table[0], torch.zeros(24, dtype=table.dtype)), "padding row must stay zero"
-    assert torch.equal(table[1:], torch.from_numpy(vectors).to(table.dtype)), (
-        "text table changed or misloaded"
-    )
+    if text_transform == "none":
+        assert torch.equal(table[1:], torch.from_numpy(vectors).to(table.dtype)), (
+            "text table changed or misloaded"
+        )
+    else:
+        expected = naive_text_transform(vectors.astype(np.float64), text_transform)
+        np.testing.assert_allclose(table[1:].numpy(), expected, atol=1e-6)
     (projection,) = [k for k in tensors if k.startswith("model.") and "fusion.projection.weight" in k]
     assert tensors[projection].abs().sum() > 0

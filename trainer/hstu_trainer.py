@@ -30,7 +30,7 @@ from data_shards.batch import SequenceBatch
 from data_shards.embedding_shards import load_embedding_rows, read_embedding_manifest
 from data_shards.reader import SequenceLoader
 from modules.item_embedding import TEXT_TABLE
-from sharding.model import local_rows
+from sharding.model import local_rows, transform_text_table
 from trainer.baselines import evaluate_popularity
 from trainer.batch import ModelBatch, make_model_batch
 from trainer.checkpoint import CheckpointManager
@@ -93,6 +93,14 @@ class HSTUTrainer:
         self.dmp = build_sharded_model(config, world, num_items=self.num_items, batch_tokens=tokens)
         if text_manifest is not None:
             self._load_text_rows()
+            if config.model.text_transform != "none":
+                fitted = transform_text_table(self.dmp, config.model.text_transform)
+                logger.info(
+                    "text_transform=%s fitted over %d item vectors (catalog mean length %.3f)",
+                    config.model.text_transform,
+                    fitted["num_vectors"],
+                    fitted["mean_norm"],
+                )
 
         # 4. optimizers: fused row-wise updates of the ID table in backward; AdamW for dense parameters
         dense_params = dict(in_backward_optimizer_filter(self.dmp.named_parameters()))
@@ -448,6 +456,7 @@ def _hparams(cfg: JobConfig) -> dict[str, Any]:
     return {
         "dataset": cfg.data.name,
         "fusion": cfg.model.fusion,
+        "text_transform": cfg.model.text_transform,
         "embedding_dim": cfg.model.embedding_dim,
         "num_blocks": cfg.model.num_blocks,
         "num_heads": cfg.model.num_heads,
