@@ -13,7 +13,7 @@ from data_shards.prepare import prepare
 from data_shards.reader import iter_sequences
 from data_shards.synthetic import generate_amazon
 from trainer.baselines import evaluate_popularity
-from trainer.report import mean_std_table, metrics_table
+from trainer.report import mean_std_table, metrics_table, paired_difference_table
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +79,13 @@ def test_report_tables():
     other = {k: v + 0.02 for k, v in row.items()}
     summary = mean_std_table({"HSTU": [row, other]})
     assert "| HSTU (n=2) | 0.1100 ± 0.0141 |" in summary
+
+
+def test_paired_difference_table_compares_seed_by_seed():
+    base = [{"hr@10": 0.20, "mrr": 0.10}, {"hr@10": 0.18, "mrr": 0.09}, {"hr@10": 0.22, "mrr": 0.11}]
+    text = [{"hr@10": 0.21, "mrr": 0.10}, {"hr@10": 0.20, "mrr": 0.08}, {"hr@10": 0.21, "mrr": 0.12}]
+    table = paired_difference_table("id", {"id": base, "text": text}, ("hr@10", "mrr"))
+    assert table.splitlines()[0] == "| vs id | Δ hr@10 | Δ mrr | wins (hr@10) |"
+    assert table.splitlines()[2] == "| text | +0.0067 ± 0.0153 | +0.0000 ± 0.0100 | 2/3 |"
+    with pytest.raises(ValueError, match="text has 2 runs, id 3"):
+        paired_difference_table("id", {"id": base, "text": text[:2]})

@@ -39,6 +39,36 @@ def mean_std_table(rows: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def paired_difference_table(
+    baseline: str,
+    rows: dict[str, list[dict[str, float]]],
+    metrics: tuple[str, ...] = ("hr@10", "ndcg@10", "mrr"),
+) -> str:
+    """Markdown table of each model's per-seed difference to `baseline` (same seeds, same order).
+
+    Runs that share a seed share data order and negatives, so the paired difference is what a variant
+    changed; "wins" counts the seeds on which it beat the baseline.
+    """
+    lines = [
+        "| vs " + baseline + " | " + " | ".join(f"Δ {m}" for m in metrics) + " | wins (" + metrics[0] + ") |"
+    ]
+    lines.append("|---|" + "---:|" * (len(metrics) + 1))
+    base = rows[baseline]
+    for name, runs in rows.items():
+        if name == baseline:
+            continue
+        if len(runs) != len(base):
+            raise ValueError(f"paired_difference_table: {name} has {len(runs)} runs, {baseline} {len(base)}")
+        cells = []
+        for m in metrics:
+            diffs = [r[m] - b[m] for r, b in zip(runs, base, strict=True)]
+            std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            cells.append(f"{statistics.fmean(diffs):+.4f} ± {std:.4f}")
+        wins = sum(r[metrics[0]] > b[metrics[0]] for r, b in zip(runs, base, strict=True))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {wins}/{len(runs)} |")
+    return "\n".join(lines)
+
+
 def recommendation_sample(
     dataset_dir: str | Path, recommendations: str | Path, user_index: int, n: int
 ) -> str:
