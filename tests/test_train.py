@@ -193,5 +193,8 @@ def test_text_fusion_two_ranks_keeps_loaded_text_table_frozen(tmp_path, dataset,
     else:
         expected = naive_text_transform(vectors.astype(np.float64), text_transform)
         np.testing.assert_allclose(table[1:].numpy(), expected, atol=1e-6)
+        fit = _results(tmp_path, "fusion")["text_transform_fit"]
+        assert fit["num_vectors"] == len(vectors), "the fit must see every rank's rows"
+        assert fit["mean_norm"] == pytest.approx(np.linalg.norm(vectors.astype(np.float64).mean(0)), rel=1e-9)
     (projection,) = [k for k in tensors if k.startswith("model.") and "fusion.projection.weight" in k]
     assert tensors[projection].abs().sum() > 0

@@ -91,15 +91,16 @@ class HSTUTrainer:
         # 3. model: item tables on meta (DMP allocates only this rank's shard), dense layers seeded alike
         tokens = config.train.batch_size * config.data.max_seq_len
         self.dmp = build_sharded_model(config, world, num_items=self.num_items, batch_tokens=tokens)
+        self.text_fit: dict[str, Any] | None = None
         if text_manifest is not None:
             self._load_text_rows()
             if config.model.text_transform != "none":
-                fitted = transform_text_table(self.dmp, config.model.text_transform)
+                self.text_fit = transform_text_table(self.dmp, config.model.text_transform)
                 logger.info(
                     "text_transform=%s fitted over %d item vectors (catalog mean length %.3f)",
                     config.model.text_transform,
-                    fitted["num_vectors"],
-                    fitted["mean_norm"],
+                    self.text_fit["num_vectors"],
+                    self.text_fit["mean_norm"],
                 )
 
         # 4. optimizers: fused row-wise updates of the ID table in backward; AdamW for dense parameters
@@ -409,6 +410,7 @@ class HSTUTrainer:
             "best_epoch": self.state["best_epoch"],
             "best_valid": self.state["best_metric"],
             "valid_metric": cfg.eval.metric,
+            "text_transform_fit": self.text_fit,
             "test": test,
             "popularity_test": popularity,
             "train_seconds": train_seconds,
