@@ -98,10 +98,11 @@ def main() -> None:
     rows |= {label: [r["test"] for r in runs] for label, runs in results.items()}
     report = [f"test metrics over seeds {' '.join(map(str, args.seeds))}\n", mean_std_table(rows)]
     if len(results) > 1:
-        report += ["", paired_difference_table(next(iter(variants)), rows)]
+        models = {label: rows[label] for label in results}
+        report += ["", paired_difference_table(next(iter(variants)), models)]
         metric = first[0]["valid_metric"]
         valid = {label: [{metric: r["best_valid"]} for r in runs] for label, runs in results.items()}
-        report += ["", f"validation {metric} at the best epoch"]
+        report += ["", f"validation {metric} at the best epoch:", ""]
         report += [paired_difference_table(next(iter(variants)), valid, (metric,))]
     text = "\n".join(report)
     print(text)
