@@ -28,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _scale_runs import measure_in_child, print_rows
+
 
 def _du(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
@@ -95,20 +97,14 @@ def main() -> int:
             t0 = time.perf_counter()
             subprocess.run([*base, "--child", "generate"], check=True)
             gen_s = time.perf_counter() - t0
-            res = subprocess.run([*base, "--child", "prepare"], capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                print(res.stderr[-3000:], file=sys.stderr)
-                return res.returncode
-            rows.append(dict(json.loads(res.stdout.strip().splitlines()[-1]), generate_s=round(gen_s, 1)))
+            rows.append(dict(measure_in_child([*base, "--child", "prepare"]), generate_s=round(gen_s, 1)))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     cols = ["n", "input_gb", "generate_s", "total_s", "cpu_s", "reviews_per_s", "peak_rss_gb", "output_gb",
             "items", "train_pairs", "eval_queries", "candidates", "train_shards", "skipped"]  # fmt: skip
     print(f"DuckDB memory_limit {args.memory_limit}, {args.threads} threads, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY', '')}")  # fmt: skip
-    print(" | ".join(f"{c:>12}" for c in cols))
-    for r in rows:
-        print(" | ".join(f"{r[c]:>12,}" if isinstance(r[c], int) else f"{r[c]:>12}" for c in cols))
+    print_rows(rows, cols)
     for r in rows:
         print(f"n={r['n']}: machine load average {r['load']}")
     for r in rows:

@@ -16,13 +16,14 @@ import logging
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _scale_runs import measure_in_child, print_rows
 
 
 def _one(n: int, workdir: Path, threads: int, memory_limit: str) -> dict:
@@ -89,19 +90,13 @@ def main() -> int:
         try:
             cmd = [sys.executable, __file__, "--child", "--n", str(n), "--workdir", str(work),
                    "--threads", str(args.threads), "--memory-limit", args.memory_limit]  # fmt: skip
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                print(res.stderr[-3000:], file=sys.stderr)
-                return res.returncode
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            rows.append(measure_in_child(cmd))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     cols = ["n", "input_gb", "generate_s", "validate_s", "preprocess_s", "shards_s", "total_s", "cpu_s",
             "reviews_per_s", "peak_rss_gb", "kept_users", "kept_items", "kept_interactions",
             "skipped"]  # fmt: skip
-    print(" | ".join(f"{c:>12}" for c in cols))
-    for r in rows:
-        print(" | ".join(f"{r[c]:>12,}" if isinstance(r[c], int) else f"{r[c]:>12}" for c in cols))
+    print_rows(rows, cols)
     for r in rows:
         print(f"n={r['n']}: CPU seconds by stage {r['cpu_breakdown']}; machine load average {r['load']}")
     for r in rows:
