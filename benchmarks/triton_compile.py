@@ -42,7 +42,8 @@ SCALARS = {
     "num_buckets": "i32",
     "len_key": "i32",
 }
-INDEX_POINTERS = {"OFFSETS": "*i64", "TS": "*i64"}
+INDEX_POINTERS = {"OFFSETS": "*i64", "TS": "*i32"}
+"""Timestamps travel as int32 offsets from each sequence's first one (int64 only for spans past 2**31)."""
 FP32_POINTERS = {"POS_W", "TIME_W", "DPOS", "DTIME"}
 """Bias weights stay fp32 under autocast; their gradients accumulate in fp32 buffers."""
 
@@ -134,7 +135,7 @@ def compile_all(args: argparse.Namespace) -> int:
             for config in pruned[:1] if args.first_config_only else pruned:
                 constants = dict(
                     DQK=args.dqk, DV=args.dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-                    DEN_IS_LEN=True, DOT_PREC=precision, **extra, **config.kwargs,
+                    DEN_IS_LEN=True, DOT_PREC=precision, FAST_MATH=dtype != "fp32", **extra, **config.kwargs,
                 )  # fmt: skip
                 sig, attrs = signature(fn, dtype)
                 index = {p.name: i for i, p in enumerate(fn.params)}

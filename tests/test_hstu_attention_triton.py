@@ -178,3 +178,24 @@ def test_kernels_compile_for_hopper():
     proc = subprocess.run([*cmd, "--first-config-only"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RESULT arch=sm_90 compiled=3 failed=0" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize(("gap_scale", "kernel_dtype"), [(1e6, torch.int32), (3e8, torch.int64)])
+def test_timestamps_relative_to_each_sequence(tri, gap_scale, kernel_dtype):
+    """Kernels get each sequence's timestamps minus its first one, as int32 when every span fits and int64
+    past 2**31 seconds; both give the oracle's buckets."""
+    lengths = [25, 1, 0, 40]
+    q, k, v, offsets, _, pos_w, time_w, n = make_inputs(lengths, seed=11)
+    g = torch.Generator().manual_seed(12)
+    ts = 1_600_000_000 + (torch.rand(sum(lengths), generator=g) * gap_scale).long().cumsum(0)
+    ts[3] -= 5_000  # one out of order
+    _, kernel_ts = tri._check(q, k, v, offsets, ts, pos_w, time_w, n)
+    assert kernel_ts.dtype == kernel_dtype
+    for s0, s1 in ((0, 25), (25, 26), (26, 66)):  # differences within each sequence are kept exactly
+        assert torch.equal(kernel_ts[s0:s1].long() - kernel_ts[s0], ts[s0:s1] - ts[s0])
+    out = tri.triton_hstu_attention(q, k, v, offsets, ts, pos_w, time_w, max_seq_len=n, alpha=0.2,
+                                    denominator=None)  # fmt: skip
+    ref = naive_hstu_attention(
+        q, k, v, offsets, ts, pos_w, time_w, max_seq_len=n, alpha=0.2, denominator=None
+    )
+    assert_close(out, ref, "out", 1e-4, 1e-5)
