@@ -36,14 +36,14 @@ echo "== 1. correctness (bf16 + fp32)" | tee "$LOG/check.log"
 timeout 170 "$PY" benchmarks/hstu_attention.py --check 2>&1 | tee -a "$LOG/check.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-echo "== 2. attention benchmark" | tee "$LOG/bench_attention.log"
+echo "== 2. attention benchmark (${SECONDS}s in)" | tee "$LOG/bench_attention.log"
 timeout 170 "$PY" benchmarks/hstu_attention.py 2>&1 | tee -a "$LOG/bench_attention.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-echo "== 3. HSTU training step" | tee "$LOG/bench_step.log"
+echo "== 3. HSTU training step (${SECONDS}s in)" | tee "$LOG/bench_step.log"
 timeout 130 "$PY" benchmarks/hstu_step_gpu.py --steps 8 2>&1 | tee -a "$LOG/bench_step.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-echo "== summary (exit $status)" | tee "$LOG/summary.txt"
+echo "== summary (exit $status, ${SECONDS}s)" | tee "$LOG/summary.txt"
 grep -h "^RESULT" "$LOG"/check.log "$LOG"/bench_attention.log "$LOG"/bench_step.log | tee -a "$LOG/summary.txt"
 exit $status
