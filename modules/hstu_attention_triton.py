@@ -84,6 +84,7 @@ if _INTERPRET:
 # Kernels
 # --------------------------------------------------------------------------------------------------
 
+_BUCKET_DIVISOR = tl.constexpr(TIME_BUCKET_DIVISOR)
 _LOG2_TO_BUCKET = tl.constexpr(math.log(2.0) / TIME_BUCKET_DIVISOR)
 
 
@@ -109,7 +110,7 @@ def _time_bucket(tq, tk, num_buckets, FAST_MATH: tl.constexpr):
         )
         bucket = (lg2 * _LOG2_TO_BUCKET).to(tl.int32)
     else:
-        bucket = (tl.log(dt) / TIME_BUCKET_DIVISOR).to(tl.int32)
+        bucket = (tl.log(dt) / _BUCKET_DIVISOR).to(tl.int32)
     return tl.minimum(bucket, num_buckets)  # dt >= 1, so bucket >= 0
 
 
@@ -179,9 +180,8 @@ def _hstu_fwd_kernel(
         v = tl.load(V + cols * stride_vt + h * stride_vh + offs_dv[None, :], mask=(offs_dv < DV)[None, :])
         tk = tl.load(TS + seq_start + offs_n)[None, :]
         bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
-        bias = tl.load(POS_W + (pos_row + offs_n[None, :])).to(tl.float32) + tl.load(TIME_W + bucket).to(
-            tl.float32
-        )
+        bias = tl.load(POS_W + (pos_row + offs_n[None, :])).to(tl.float32)
+        bias += tl.load(TIME_W + bucket).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha + bias
         p = s * _sigmoid(s, FAST_MATH)
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -259,9 +259,8 @@ def _hstu_bwd_dq_kernel(
         v = tl.load(V + cols * stride_vt + h * stride_vh + offs_dv[None, :], mask=(offs_dv < DV)[None, :])
         tk = tl.load(TS + seq_start + offs_n)[None, :]
         bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
-        bias = tl.load(POS_W + (pos_row + offs_n[None, :])).to(tl.float32) + tl.load(TIME_W + bucket).to(
-            tl.float32
-        )
+        bias = tl.load(POS_W + (pos_row + offs_n[None, :])).to(tl.float32)
+        bias += tl.load(TIME_W + bucket).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha + bias
         sig = _sigmoid(s, FAST_MATH)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)

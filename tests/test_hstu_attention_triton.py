@@ -174,10 +174,10 @@ def test_kernels_compile_for_hopper():
     shapes and shared memory are only checked there, and no GPU is needed to check them.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(REPO / "benchmarks" / "triton_compile.py"), "--dtypes", "bf16"]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "triton_compile.py"), "--dtypes", "bf16,fp32"]
     proc = subprocess.run([*cmd, "--first-config-only"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "RESULT arch=sm_90 compiled=3 failed=0" in proc.stdout, proc.stdout
+    assert "RESULT arch=sm_90 compiled=6 failed=0" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize(("gap_scale", "kernel_dtype"), [(1e6, torch.int32), (3e8, torch.int64)])
