@@ -169,25 +169,11 @@ def _hstu_fwd_kernel(
         other=0.0,
     )
     tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
-    pos_row = _pos_row(offs_m, seq_len, max_seq_len)[:, None]
+    last_key = tl.minimum(offs_m, seq_len - 1)[:, None]  # causal limit; rows past the end are never stored
+    pos_row = (max_seq_len - 1) - last_key
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     offs_n0 = tl.arange(0, BLOCK_N)
-    # Key blocks left of the diagonal: every key j < m0 <= i is valid; rows i >= seq_len are never stored.
-    for n0 in range(0, m0, BLOCK_N):
-        offs_n = n0 + offs_n0
-        cols = (seq_start + offs_n)[:, None]
-        k = tl.load(K + cols * stride_kt + h * stride_kh + offs_dqk[None, :], mask=(offs_dqk < DQK)[None, :])
-        v = tl.load(V + cols * stride_vt + h * stride_vh + offs_dv[None, :], mask=(offs_dv < DV)[None, :])
-        tk = tl.load(TS + seq_start + offs_n)[None, :]
-        bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
-        bias = tl.load(POS_W + (pos_row + offs_n[None, :])).to(tl.float32)
-        bias += tl.load(TIME_W + bucket).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha + bias
-        p = s * _sigmoid(s, FAST_MATH)
-        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    # Diagonal key blocks: causal mask.
-    hi = tl.minimum(m0 + BLOCK_M, seq_len)
-    for n0 in range(m0, hi, BLOCK_N):
+    for n0 in range(0, tl.minimum(m0 + BLOCK_M, seq_len), BLOCK_N):
         offs_n = n0 + offs_n0
         mask_n = offs_n < seq_len
         cols = (seq_start + offs_n)[:, None]
@@ -202,11 +188,10 @@ def _hstu_fwd_kernel(
             other=0.0,
         )
         tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
-        valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m[:, None]
-        bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
-        bias = tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0).to(tl.float32)
-        bias += tl.load(TIME_W + bucket, mask=valid, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha + bias
+        valid = offs_n[None, :] <= last_key
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha
+        s += tl.load(TIME_W + _time_bucket(tq, tk, num_buckets, FAST_MATH)).to(tl.float32)
+        s += tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0).to(tl.float32)
         p = tl.where(valid, s * _sigmoid(s, FAST_MATH), 0.0)
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     tl.store(
@@ -249,25 +234,11 @@ def _hstu_bwd_dq_kernel(
         other=0.0,
     )
     tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
-    pos_row = _pos_row(offs_m, seq_len, max_seq_len)[:, None]
+    last_key = tl.minimum(offs_m, seq_len - 1)[:, None]
+    pos_row = (max_seq_len - 1) - last_key
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
     offs_n0 = tl.arange(0, BLOCK_N)
-    for n0 in range(0, m0, BLOCK_N):
-        offs_n = n0 + offs_n0
-        cols = (seq_start + offs_n)[:, None]
-        k = tl.load(K + cols * stride_kt + h * stride_kh + offs_dqk[None, :], mask=(offs_dqk < DQK)[None, :])
-        v = tl.load(V + cols * stride_vt + h * stride_vh + offs_dv[None, :], mask=(offs_dv < DV)[None, :])
-        tk = tl.load(TS + seq_start + offs_n)[None, :]
-        bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
-        bias = tl.load(POS_W + (pos_row + offs_n[None, :])).to(tl.float32)
-        bias += tl.load(TIME_W + bucket).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha + bias
-        sig = _sigmoid(s, FAST_MATH)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = dp * sig * (1.0 + s * (1.0 - sig))
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-    hi = tl.minimum(m0 + BLOCK_M, seq_len)
-    for n0 in range(m0, hi, BLOCK_N):
+    for n0 in range(0, tl.minimum(m0 + BLOCK_M, seq_len), BLOCK_N):
         offs_n = n0 + offs_n0
         mask_n = offs_n < seq_len
         cols = (seq_start + offs_n)[:, None]
@@ -282,11 +253,10 @@ def _hstu_bwd_dq_kernel(
             other=0.0,
         )
         tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
-        valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m[:, None]
-        bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
-        bias = tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0).to(tl.float32)
-        bias += tl.load(TIME_W + bucket, mask=valid, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha + bias
+        valid = offs_n[None, :] <= last_key
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha
+        s += tl.load(TIME_W + _time_bucket(tq, tk, num_buckets, FAST_MATH)).to(tl.float32)
+        s += tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0).to(tl.float32)
         sig = _sigmoid(s, FAST_MATH)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = tl.where(valid, dp * sig * (1.0 + s * (1.0 - sig)), 0.0)
