@@ -140,7 +140,7 @@ def run(cfg: StepConfig, attention: str, steps: int) -> dict:
     flops = 3 * model_flops(cfg, lengths)
     mfu = flops / sec / peak if peak else float("nan")
     mem_gib = torch.cuda.max_memory_allocated() / 2**30
-    res = dict(ms=sec * 1e3, tokens_per_s=total / sec, mfu=mfu, loss=float(loss), mem_gib=mem_gib)
+    res = dict(ms=sec * 1e3, tokens_per_s=total / sec, mfu=mfu, loss=float(loss.detach()), mem_gib=mem_gib)
     print(
         f"[{cfg.name}/{attention}] T={total} tokens/step, {res['ms']:.2f} ms/step, "
         f"{res['tokens_per_s'] / 1e6:.3f} M tokens/s, MFU {100 * mfu:.2f}% (of {peak and peak / 1e12:.0f} "
