@@ -6,17 +6,19 @@ rab(i, j) = pos_weights[(j - i) + max_seq_len - 1] + time_weights[bucket(tq_i - 
 from the timestamps. Inputs bf16/fp16/fp32, accumulation fp32.
 
 Tiling (grid = (blocks, heads, sequences); each program reads its sequence's start/length from offsets):
-- forward: one program per query block; loops over key blocks j <= i of the same sequence (off-diagonal
-  blocks unmasked, the diagonal block masked), acc += SiLU(s) @ v in fp32, times 1/den once at the end.
+- forward: one program per query block; one loop over the key blocks up to its last row, masked by
+  j <= min(i, last position), acc += SiLU(s) @ v in fp32, times 1/den once at the end. (One masked loop
+  holds fewer live registers than an unmasked loop plus a diagonal one, and spills less.)
 - backward dk/dv: one program per key block; loops over query blocks i >= j, recomputes s, accumulates
   dv += p^T do and dk += ds^T q; the bias gradients are reduced per tile before touching memory
   (position: diagonal sums through `tl.gather`; time: one masked tile sum per bucket present in the tile),
   then added to fp32 buffers with a few atomics per tile.
 - backward dq: one program per query block, loops over key blocks like the forward (no atomics).
-Per (i, j) pair, the work besides the two products bounds the speed, so it is kept small: timestamps
-travel as int32 offsets from each sequence's first one (int64 only past 68 years), rows (not pairs) are
-clamped for the position index, 1/den and alpha scale the accumulators once, and 16-bit inputs take lg2
-and tanh from one GPU instruction each (FAST_MATH).
+Per (i, j) pair, the work besides the two products bounds the speed (on an H100 the time-bias lookup
+alone costs about 3x the forward; README, GPU status), so it is kept small: timestamps travel as int32
+offsets from each sequence's first one (int64 only past 68 years), the causal limit and position index
+come from per-row values, 1/den and alpha scale the accumulators once, and 16-bit inputs take lg2 and
+tanh from one GPU instruction each (FAST_MATH).
 Import cost: triton + torch only (no fbgemm/torchrec), so the GPU machine can run it.
 """
 
