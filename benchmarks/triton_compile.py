@@ -105,6 +105,9 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     parser.add_argument("--dqk", type=int, default=128, help="query/key head dimension")
     parser.add_argument("--dv", type=int, default=128, help="value head dimension")
+    parser.add_argument(
+        "--num-buckets", type=int, default=128, help="time buckets (time_weights has one more)"
+    )
     parser.add_argument("--dtypes", default="bf16,fp32", help="input dtypes: bf16, fp16, fp32")
     parser.add_argument("--kernels", default="fwd,dq,dkdv", help="kernels to compile: fwd, dq, dkdv")
     parser.add_argument("--first-config-only", action="store_true", help="one config per kernel (CI)")
@@ -122,7 +125,7 @@ def compile_all(args: argparse.Namespace) -> int:
     block_dqk, block_dv = hstu._dims(args.dqk, args.dv)
     limit = SMEM_LIMIT.get(args.arch)
     header = (
-        f"{'kernel':6s} {'dtype':5s} {'config':34s} {'compile_s':>9s} {'regs':>5s} "
+        f"{'kernel':6s} {'dtype':5s} {'config':58s} {'compile_s':>9s} {'regs':>5s} "
         f"{'spill_B':>8s} {'smem_KiB':>8s}  status"
     )
     print(f"target sm_{args.arch}, Dqk={args.dqk}, Dv={args.dv}, triton {triton.__version__}\n{header}")
@@ -135,7 +138,8 @@ def compile_all(args: argparse.Namespace) -> int:
             for config in pruned[:1] if args.first_config_only else pruned:
                 constants = dict(
                     DQK=args.dqk, DV=args.dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-                    DEN_IS_LEN=True, DOT_PREC=precision, FAST_MATH=dtype != "fp32", **extra, **config.kwargs,
+                    DEN_IS_LEN=True, DOT_PREC=precision, FAST_MATH=dtype != "fp32",
+                    BLOCK_BUCKETS=triton.next_power_of_2(args.num_buckets + 1), **extra, **config.kwargs,
                 )  # fmt: skip
                 sig, attrs = signature(fn, dtype)
                 index = {p.name: i for i, p in enumerate(fn.params)}
@@ -152,7 +156,7 @@ def compile_all(args: argparse.Namespace) -> int:
                     )
                 except Exception as err:  # report every failing config, then fail the run
                     failed += 1
-                    print(f"{name:6s} {dtype:5s} {label:34s} {'-':>9s} FAILED: {type(err).__name__}: {err}")
+                    print(f"{name:6s} {dtype:5s} {label:58s} {'-':>9s} FAILED: {type(err).__name__}: {err}")
                     continue
                 seconds = time.perf_counter() - start
                 report = ptxas_report(kernel.asm["ptx"], args.arch)
@@ -164,7 +168,7 @@ def compile_all(args: argparse.Namespace) -> int:
                 worst_spill, slowest = max(worst_spill, spill), max(slowest, seconds)
                 status = "ok" if fits else f"FAILS: shared memory over {limit} B"
                 print(
-                    f"{name:6s} {dtype:5s} {label:34s} {seconds:9.1f} {report['registers']:5d} "
+                    f"{name:6s} {dtype:5s} {label:58s} {seconds:9.1f} {report['registers']:5d} "
                     f"{spill:8d} {smem / 1024:8.1f}  {status}",
                     flush=True,
                 )

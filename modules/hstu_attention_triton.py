@@ -41,6 +41,8 @@ TIME_BUCKET_DIVISOR = 0.301
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRET_BLOCK = 16
 """Block size under TRITON_INTERPRET=1 (CPU tests): small, so short sequences still span several blocks."""
+_INTERPRET_TABLE_GATHER = False
+"""Time-bias lookup under the interpreter (the GPU autotuner tries both); tests set it to cover each."""
 
 
 def _patch_interpreter() -> None:
@@ -117,6 +119,28 @@ def _time_bucket(tq, tk, num_buckets, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
+def _time_table(TIME_W, num_buckets, BLOCK_BUCKETS: tl.constexpr):
+    """time_weights as an fp32 register tensor, zero-padded to BLOCK_BUCKETS; loaded once per program."""
+    offs = tl.arange(0, BLOCK_BUCKETS)
+    return tl.load(TIME_W + offs, mask=offs <= num_buckets, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _time_bias(TIME_W, time_table, bucket, TABLE_GATHER: tl.constexpr):
+    """time_weights[bucket] in fp32, [BLOCK_M, BLOCK_N].
+
+    TABLE_GATHER: looked up in the program's copy of the table (`tl.gather`, staged in shared memory);
+    otherwise one global-memory gather per pair, which on an H100 made the forward L1-bound. The
+    autotuner times both.
+    """
+    if TABLE_GATHER:
+        flat = tl.reshape(bucket, [bucket.shape[0] * bucket.shape[1]])
+        return tl.reshape(tl.gather(time_table, flat, 0), [bucket.shape[0], bucket.shape[1]])
+    else:
+        return tl.load(TIME_W + bucket).to(tl.float32)
+
+
+@triton.jit
 def _pos_row(offs_m, seq_len, max_seq_len):
     """Per query row: pos_weights index of key 0, (max_seq_len - 1) - i, rows past the end clamped.
 
@@ -150,8 +174,8 @@ def _hstu_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     alpha, inv_den_const, max_seq_len, num_buckets, len_key,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest work first
     h = tl.program_id(1)
@@ -173,6 +197,7 @@ def _hstu_fwd_kernel(
     tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
     last_key = tl.minimum(offs_m, seq_len - 1)[:, None]  # causal limit; rows past the end are never stored
     pos_row = (max_seq_len - 1) - last_key
+    time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     offs_n0 = tl.arange(0, BLOCK_N)
     for n0 in range(0, tl.minimum(m0 + BLOCK_M, seq_len), BLOCK_N):
@@ -192,7 +217,7 @@ def _hstu_fwd_kernel(
         tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
         valid = offs_n[None, :] <= last_key
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha
-        s += tl.load(TIME_W + _time_bucket(tq, tk, num_buckets, FAST_MATH)).to(tl.float32)
+        s += _time_bias(TIME_W, time_table, _time_bucket(tq, tk, num_buckets, FAST_MATH), TABLE_GATHER)
         s += tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0).to(tl.float32)
         p = tl.where(valid, s * _sigmoid(s, FAST_MATH), 0.0)
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -210,8 +235,8 @@ def _hstu_bwd_dq_kernel(
     stride_dqt, stride_dqh,
     alpha, inv_den_const, max_seq_len, num_buckets, len_key,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
@@ -238,6 +263,7 @@ def _hstu_bwd_dq_kernel(
     tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
     last_key = tl.minimum(offs_m, seq_len - 1)[:, None]
     pos_row = (max_seq_len - 1) - last_key
+    time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
     offs_n0 = tl.arange(0, BLOCK_N)
     for n0 in range(0, tl.minimum(m0 + BLOCK_M, seq_len), BLOCK_N):
@@ -257,7 +283,7 @@ def _hstu_bwd_dq_kernel(
         tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
         valid = offs_n[None, :] <= last_key
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha
-        s += tl.load(TIME_W + _time_bucket(tq, tk, num_buckets, FAST_MATH)).to(tl.float32)
+        s += _time_bias(TIME_W, time_table, _time_bucket(tq, tk, num_buckets, FAST_MATH), TABLE_GATHER)
         s += tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0).to(tl.float32)
         sig = _sigmoid(s, FAST_MATH)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -277,8 +303,8 @@ def _hstu_bwd_dkdv_kernel(
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     alpha, inv_den_const, max_seq_len, num_buckets, len_key,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, RAB_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
+    DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
+    RAB_GRAD: tl.constexpr, BLOCK: tl.constexpr, TABLE_GATHER: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
@@ -312,6 +338,7 @@ def _hstu_bwd_dkdv_kernel(
     in_band = (src_col >= 0) & (src_col < BLOCK)
     src_col = tl.where(in_band, src_col, 0)
     tt1 = tl.arange(0, 2 * BLOCK)
+    time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     for m0 in range(n0, seq_len, BLOCK):
         offs_m = m0 + tl.arange(0, BLOCK)
         mask_m = offs_m < seq_len
@@ -331,7 +358,7 @@ def _hstu_bwd_dkdv_kernel(
         bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
         pos_row = _pos_row(offs_m, seq_len, max_seq_len)[:, None]
         bias = tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0).to(tl.float32)
-        bias += tl.load(TIME_W + bucket, mask=valid, other=0.0).to(tl.float32)
+        bias += _time_bias(TIME_W, time_table, bucket, TABLE_GATHER)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha + bias  # [BLOCK(i), BLOCK(j)]
         sig = _sigmoid(s, FAST_MATH)
         p = tl.where(valid, s * sig, 0.0)
@@ -372,17 +399,20 @@ def _hstu_bwd_dkdv_kernel(
 # Dqk = Dv = 128 (benchmarks/triton_compile.py); 128x128 tiles overflow shared memory, and wider dk/dv
 # tiles spill tens of KB, so they are not offered.
 _FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TABLE_GATHER": True}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "TABLE_GATHER": True}, num_warps=4, num_stages=3),
 ]
 _DKDV_CONFIGS = [
-    triton.Config({"BLOCK": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK": 32, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK": 32, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK": 32, "TABLE_GATHER": True}, num_warps=4, num_stages=3),
 ]
 _KEY = ["len_key", "DQK", "DV", "DOT_PREC", "DEN_IS_LEN"]
 
@@ -394,7 +424,11 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     """
     if kwargs.get("DOT_PREC") != "ieee":
         return configs
-    return [min(configs, key=lambda c: math.prod(c.kwargs.values()))]
+    return [min(configs, key=lambda c: (c.kwargs["TABLE_GATHER"], math.prod(_tile(c))))]
+
+
+def _tile(config: triton.Config) -> list[int]:
+    return [v for k, v in config.kwargs.items() if k.startswith("BLOCK")]
 
 
 @functools.cache
@@ -419,7 +453,9 @@ def _grid(max_len: int, heads: int, num_seqs: int, block_name: str):
 
 def _blocks(*names: str) -> dict:
     """Explicit block sizes under the interpreter (no autotuning there)."""
-    return dict.fromkeys(names, _INTERPRET_BLOCK) if _INTERPRET else {}
+    if not _INTERPRET:
+        return {}
+    return {**dict.fromkeys(names, _INTERPRET_BLOCK), "TABLE_GATHER": _INTERPRET_TABLE_GATHER}
 
 
 def _len_key(max_len: int) -> int:
@@ -490,7 +526,8 @@ class _HSTUAttention(torch.autograd.Function):
             float(alpha), 0.0 if denominator is None else 1.0 / float(denominator), max_seq_len,
             time_w.numel() - 1, _len_key(max_len),
             DQK=dqk, DV=dv, BLOCK_DQK=bdqk, BLOCK_DV=bdv, DEN_IS_LEN=denominator is None,
-            DOT_PREC=_dot_precision(q.dtype), FAST_MATH=_fast_math(q.dtype), **_blocks("BLOCK_M", "BLOCK_N"),
+            DOT_PREC=_dot_precision(q.dtype), FAST_MATH=_fast_math(q.dtype),
+            BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()), **_blocks("BLOCK_M", "BLOCK_N"),
         )  # fmt: skip
         return out
 
@@ -514,6 +551,7 @@ class _HSTUAttention(torch.autograd.Function):
             common = dict(
                 DQK=dqk, DV=dv_dim, BLOCK_DQK=bdqk, BLOCK_DV=bdv, DEN_IS_LEN=denominator is None,
                 DOT_PREC=_dot_precision(q.dtype), FAST_MATH=_fast_math(q.dtype),
+                BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()),
             )  # fmt: skip
             scalars = (float(alpha), inv_den, max_seq_len, time_w.numel() - 1, _len_key(max_len))
             _, dq_kernel, dkdv_kernel = _kernels()

@@ -113,6 +113,17 @@ def test_forward_and_grads_match_naive_oracle(tri, lengths, denominator, dqk, dv
         assert_close(a.grad, b.grad, f"grad {name}", 1e-4, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_time_table_gather_matches_naive_oracle(tri, monkeypatch, dtype):
+    """The autotuner's other time-bias lookup (`tl.gather` from the program's copy of time_weights)."""
+    monkeypatch.setattr(tri, "_INTERPRET_TABLE_GATHER", True)
+    rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (5e-3, 1e-3)
+    out, ref, leaves, ref_leaves = run_both(tri, [1, 37, 0, 20], denominator=None, dtype=dtype)
+    assert_close(out, ref, "out", rtol, atol)
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
+
+
 def test_matches_team_reference_backend(tri):
     """Same numbers as modules.hstu_attention's reference backend (denominator = max_seq_len there)."""
     hstu_attention = pytest.importorskip("modules.hstu_attention").hstu_attention
@@ -167,17 +178,19 @@ def test_rejects_sequences_longer_than_max_seq_len(tri):
                                   alpha=1.0, denominator=None)  # fmt: skip
 
 
-def test_kernels_compile_for_hopper():
+def test_kernels_compile_for_hopper(tri):
     """The real compiler (not the interpreter) builds all three kernels for sm_90 within its limits.
 
     Runs benchmarks/triton_compile.py in a fresh process without TRITON_INTERPRET: layouts, tensor-core
-    shapes and shared memory are only checked there, and no GPU is needed to check them.
+    shapes and shared memory are only checked there, and no GPU is needed to check them. Every bf16 config
+    is compiled, both time-bias lookups included; fp32 (correctness only) compiles one small tile.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(REPO / "benchmarks" / "triton_compile.py"), "--dtypes", "bf16,fp32"]
-    proc = subprocess.run([*cmd, "--first-config-only"], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "RESULT arch=sm_90 compiled=6 failed=0" in proc.stdout, proc.stdout
+    bf16 = 2 * len(tri._FWD_CONFIGS) + len(tri._DKDV_CONFIGS)  # every config the autotuner may pick
+    assert f"RESULT arch=sm_90 compiled={bf16 + 3} failed=0" in proc.stdout, proc.stdout  # + one fp32 each
 
 
 @pytest.mark.parametrize(("gap_scale", "kernel_dtype"), [(1e6, torch.int32), (3e8, torch.int64)])
