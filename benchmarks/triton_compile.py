@@ -110,7 +110,7 @@ def main() -> None:
     )
     parser.add_argument("--dtypes", default="bf16,fp32", help="input dtypes: bf16, fp16, fp32")
     parser.add_argument("--kernels", default="fwd,dq,dkdv", help="kernels to compile: fwd, dq, dkdv")
-    parser.add_argument("--first-config-only", action="store_true", help="one config per kernel (CI)")
+    parser.add_argument("--first-config-only", action="store_true", help="one config per kernel (quick)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="triton_compile_") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
