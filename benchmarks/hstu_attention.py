@@ -2,6 +2,7 @@
 
     python benchmarks/hstu_attention.py            # benchmark, ends with a RESULT line
     python benchmarks/hstu_attention.py --check    # triton vs padded reference, bf16 and fp32, on the GPU
+    python benchmarks/hstu_attention.py --profile-once   # one tuned fwd+bwd for Nsight Compute
 
 Shapes: H=4, d=128, bf16; (B=64, lengths uniform in [512, 1024]) and (B=16, lengths in [2048, 4096]).
 `triton_frozen_bias` times the backward without the bias-weight gradients (what their reduction costs).
@@ -249,6 +250,29 @@ def run_benchmark(skip_padded: bool) -> None:
     )
 
 
+def run_profile_once() -> None:
+    """One fwd+bwd at (B=16, L<=4096) inside cudaProfilerStart/Stop, after an autotuning pass, for
+    `ncu --profile-from-start off` (gpu_check.sh): only the three tuned kernels are profiled."""
+    from modules.hstu_attention_triton import triton_hstu_attention
+
+    q, k, v, offsets, ts, pos_w, time_w, _ = make_batch(
+        16, 2048, 4096, heads=4, dqk=128, dv=128, max_seq_len=4096, dtype=torch.bfloat16, device="cuda"
+    )
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
+    kw = dict(max_seq_len=4096, alpha=1.0 / math.sqrt(128), denominator=4096.0)
+
+    def step():
+        out = triton_hstu_attention(*leaves[:3], offsets, ts, *leaves[3:], **kw)
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -256,12 +280,16 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="correctness check instead of the benchmark")
     parser.add_argument("--skip-padded", action="store_true", help="leave out the padded PyTorch reference")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny --check on CPU (TRITON_INTERPRET=1)")
+    parser.add_argument("--profile-once", action="store_true", help="one tuned fwd+bwd, for ncu")
     args = parser.parse_args()
     if args.cpu_smoke:
         sys.exit(0 if run_check("cpu", small=True) else 1)
     require_cuda()
     if args.check:
         sys.exit(0 if run_check() else 1)
+    if args.profile_once:
+        run_profile_once()
+        return
     run_benchmark(args.skip_padded)
 
 
