@@ -15,6 +15,8 @@ runs where fbgemm/torchrec are absent.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import math
 import statistics
 import sys
@@ -37,8 +39,12 @@ def require_cuda() -> None:
         )
 
 
-def make_batch(num_seqs, min_len, max_len, *, heads, dqk, dv, max_seq_len, dtype, device, seed=0):
-    """Random jagged batch: q/k/v [T, H, D], offsets [B+1], chronological timestamps, bias weights."""
+def make_batch(num_seqs, min_len, max_len, *, heads, dqk, dv, max_seq_len, dtype, device, seed=0, log_gap=14):
+    """Random jagged batch: q/k/v [T, H, D], offsets [B+1], chronological timestamps, bias weights.
+
+    Gaps are exp(U(0, log_gap)) seconds: 14 gives 1 s to 14 days (about 1 day on average); 22 makes
+    sequences span more than 2**31 s, so the kernels take their int64 timestamp path.
+    """
     g = torch.Generator(device="cpu").manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (num_seqs,), generator=g)
     offsets = torch.zeros(num_seqs + 1, dtype=torch.int64)
@@ -47,7 +53,7 @@ def make_batch(num_seqs, min_len, max_len, *, heads, dqk, dv, max_seq_len, dtype
     q = torch.randn(total, heads, dqk, generator=g) * 0.3
     k = torch.randn(total, heads, dqk, generator=g) * 0.3
     v = torch.randn(total, heads, dv, generator=g)
-    gaps = torch.exp(torch.rand(total, generator=g) * 14).long()  # 1 s to 14 days, ~1 day mean
+    gaps = torch.exp(torch.rand(total, generator=g) * log_gap).long()
     ts = 1_600_000_000 + gaps.cumsum(0)
     pos_w = torch.randn(2 * max_seq_len - 1, generator=g) * 0.1
     time_w = torch.randn(129, generator=g) * 0.1
@@ -105,28 +111,49 @@ def bench(fn, *, warmup=3, iters=10) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def time_lookup(table_gather: bool):
+    """Restrict the kernels to one time-bias lookup (the autotuner would otherwise pick one per shape)."""
+    from modules import hstu_attention_triton as mod
+
+    saved = mod._FWD_CONFIGS, mod._DKDV_CONFIGS, mod._INTERPRET_TABLE_GATHER
+    mod._FWD_CONFIGS = [c for c in saved[0] if c.kwargs["TABLE_GATHER"] == table_gather]
+    mod._DKDV_CONFIGS = [c for c in saved[1] if c.kwargs["TABLE_GATHER"] == table_gather]
+    mod._INTERPRET_TABLE_GATHER = table_gather
+    mod._kernels.cache_clear()
+    try:
+        yield
+    finally:
+        mod._FWD_CONFIGS, mod._DKDV_CONFIGS, mod._INTERPRET_TABLE_GATHER = saved
+        mod._kernels.cache_clear()
+
+
 def run_check(device: str = "cuda", small: bool = False) -> bool:
-    """Triton vs the padded reference on the GPU, forward and all five gradients, bf16 and fp32."""
+    """Triton vs the padded reference, forward and all five gradients, bf16 and fp32, with each time-bias
+    lookup; one case has timestamps spanning more than 2**31 s (the int64 path)."""
     from modules.hstu_attention_triton import triton_hstu_attention
 
     ok = True
     cases = [
-        # (dtype, num_seqs, min_len, max_len, heads, dqk, dv, denominator, rtol)
-        (torch.float32, 7, 1, 300, 2, 32, 16, None, 2e-4),
-        (torch.float32, 5, 1, 200, 4, 16, 16, 200.0, 2e-4),
-        (torch.bfloat16, 6, 1, 700, 4, 128, 128, None, 3e-2),
-        (torch.bfloat16, 16, 1, 50, 4, 16, 16, 50.0, 3e-2),
+        # (dtype, num_seqs, min_len, max_len, heads, dqk, dv, denominator, rtol, log_gap)
+        (torch.float32, 7, 1, 300, 2, 32, 16, None, 2e-4, 14),
+        (torch.float32, 5, 1, 200, 4, 16, 16, 200.0, 2e-4, 22),
+        (torch.bfloat16, 6, 1, 700, 4, 128, 128, None, 3e-2, 14),
+        (torch.bfloat16, 16, 1, 50, 4, 16, 16, 50.0, 3e-2, 22),
     ]
     if small:  # CPU smoke run of this script under TRITON_INTERPRET=1
         cases = [
-            (torch.float32, 3, 1, 40, 2, 16, 16, None, 2e-4),
-            (torch.float16, 3, 1, 40, 2, 16, 16, 40.0, 3e-2),
+            (torch.float32, 3, 1, 40, 2, 16, 16, None, 2e-4, 14),
+            (torch.float16, 3, 1, 40, 2, 16, 16, 40.0, 3e-2, 22),
         ]
-    for dtype, b, lo, hi, heads, dqk, dv, den, rtol in cases:
+    for table_gather, (dtype, b, lo, hi, heads, dqk, dv, den, rtol, log_gap) in itertools.product(
+        (False, True), cases
+    ):
         n = hi
         q, k, v, offsets, ts, pos_w, time_w, lengths = make_batch(
-            b, lo, hi, heads=heads, dqk=dqk, dv=dv, max_seq_len=n, dtype=dtype, device=device, seed=b
-        )
+            b, lo, hi, heads=heads, dqk=dqk, dv=dv, max_seq_len=n, dtype=dtype, device=device, seed=b,
+            log_gap=log_gap,
+        )  # fmt: skip
         lengths[0] = 1  # always include a length-1 sequence
         offsets[1:] = lengths.to(device).cumsum(0)
         total = int(offsets[-1])
@@ -135,24 +162,30 @@ def run_check(device: str = "cuda", small: bool = False) -> bool:
         tri = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
         ref = [x.detach().double().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
         kw = dict(max_seq_len=n, alpha=alpha, denominator=den)
-        out = triton_hstu_attention(tri[0], tri[1], tri[2], offsets, ts, tri[3], tri[4], **kw)
+        grad = torch.randn(total, heads, dv, device=device, dtype=torch.float64)
+        with time_lookup(table_gather):
+            out = triton_hstu_attention(tri[0], tri[1], tri[2], offsets, ts, tri[3], tri[4], **kw)
+            out.backward(grad.to(out.dtype))
         expect = padded_reference(ref[0], ref[1], ref[2], offsets, ts, ref[3], ref[4], **kw)
-        grad = torch.randn(expect.shape, device=device, dtype=torch.float64)
-        out.backward(grad.to(out.dtype))
         expect.backward(grad)
         names = ("out", "dq", "dk", "dv", "d_pos_weights", "d_time_weights")
         pairs = [(out, expect)] + [(a.grad, r.grad) for a, r in zip(tri, ref, strict=True)]
+        lookup = "table_gather" if table_gather else "global"
         for name, (a, r) in zip(names, pairs, strict=True):
             err = (a.double() - r).abs().max().item()
             scale = r.abs().max().item()
             good = math.isfinite(err) and err <= rtol * scale + 1e-6
             ok &= good
             print(
-                f"check {str(dtype).split('.')[-1]:8s} B={b} L<={hi} H={heads} dqk={dqk} dv={dv} den={den}: "
-                f"{name:15s} max err {err:.3e} (scale {scale:.3e}) {'ok' if good else 'FAIL'}",
+                f"check {lookup:12s} {str(dtype).split('.')[-1]:8s} B={b} L<={hi} H={heads} dqk={dqk} "
+                f"dv={dv} den={den} gaps<=e^{log_gap}: {name:15s} max err {err:.3e} (scale {scale:.3e}) "
+                f"{'ok' if good else 'FAIL'}",
                 flush=True,
             )
-    print(f"RESULT check: {'PASS' if ok else 'FAIL'} (triton vs padded reference, bf16 and fp32)")
+    print(
+        f"RESULT check: {'PASS' if ok else 'FAIL'} (triton vs padded reference, bf16 and fp32, "
+        "both time-bias lookups, int32 and int64 timestamps)"
+    )
     return ok
 
 

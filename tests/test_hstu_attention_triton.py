@@ -212,3 +212,13 @@ def test_timestamps_relative_to_each_sequence(tri, gap_scale, kernel_dtype):
         q, k, v, offsets, ts, pos_w, time_w, max_seq_len=n, alpha=0.2, denominator=None
     )
     assert_close(out, ref, "out", 1e-4, 1e-5)
+
+
+def test_gpu_check_harness_runs_in_the_interpreter():
+    """benchmarks/hstu_attention.py's correctness check (the first step of gpu_check.sh) on a tiny CPU case,
+    so a GPU session never spends its device time on a broken harness."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "hstu_attention.py"), "--cpu-smoke"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "RESULT check: PASS" in proc.stdout and "table_gather" in proc.stdout, proc.stdout
