@@ -141,16 +141,6 @@ def _time_bias(TIME_W, time_table, bucket, TABLE_GATHER: tl.constexpr):
 
 
 @triton.jit
-def _pos_row(offs_m, seq_len, max_seq_len):
-    """Per query row: pos_weights index of key 0, (max_seq_len - 1) - i, rows past the end clamped.
-
-    Clamping rows (not every (i, j) pair) keeps every key j <= last row in range, so tiles left of the
-    diagonal load the position bias unmasked.
-    """
-    return (max_seq_len - 1) - tl.minimum(offs_m, seq_len - 1)
-
-
-@triton.jit
 def _seq_info(OFFSETS, b, DEN_IS_LEN: tl.constexpr, inv_den_const):
     seq_start = tl.load(OFFSETS + b).to(tl.int64)
     seq_len = (tl.load(OFFSETS + b + 1) - seq_start).to(tl.int32)
@@ -356,7 +346,7 @@ def _hstu_bwd_dkdv_kernel(
         tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
         valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m[:, None] & mask_n[None, :]
         bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
-        pos_row = _pos_row(offs_m, seq_len, max_seq_len)[:, None]
+        pos_row = (max_seq_len - 1) - tl.minimum(offs_m, seq_len - 1)[:, None]  # index of key 0
         bias = tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0).to(tl.float32)
         bias += _time_bias(TIME_W, time_table, bucket, TABLE_GATHER)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha + bias  # [BLOCK(i), BLOCK(j)]
