@@ -116,16 +116,11 @@ def time_lookup(table_gather: bool):
     """Restrict the kernels to one time-bias lookup (the autotuner would otherwise pick one per shape)."""
     from modules import hstu_attention_triton as mod
 
-    saved = mod._FWD_CONFIGS, mod._DKDV_CONFIGS, mod._INTERPRET_TABLE_GATHER
-    mod._FWD_CONFIGS = [c for c in saved[0] if c.kwargs["TABLE_GATHER"] == table_gather]
-    mod._DKDV_CONFIGS = [c for c in saved[1] if c.kwargs["TABLE_GATHER"] == table_gather]
-    mod._INTERPRET_TABLE_GATHER = table_gather
-    mod._kernels.cache_clear()
+    saved, mod._TABLE_GATHER = mod._TABLE_GATHER, table_gather
     try:
         yield
     finally:
-        mod._FWD_CONFIGS, mod._DKDV_CONFIGS, mod._INTERPRET_TABLE_GATHER = saved
-        mod._kernels.cache_clear()
+        mod._TABLE_GATHER = saved
 
 
 def run_check(device: str = "cuda", small: bool = False) -> bool:

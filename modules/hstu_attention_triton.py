@@ -33,16 +33,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from modules.hstu_attention import check_attention_shapes
-
-TIME_BUCKET_DIVISOR = 0.301
-"""bucket(dt) = floor(ln(max(|dt|, 1)) / 0.301), as in the reference research code."""
+from modules.hstu_attention import TIME_BUCKET_DIVISOR, check_attention_shapes
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRET_BLOCK = 16
 """Block size under TRITON_INTERPRET=1 (CPU tests): small, so short sequences still span several blocks."""
-_INTERPRET_TABLE_GATHER = False
-"""Time-bias lookup under the interpreter (the GPU autotuner tries both); tests set it to cover each."""
+_TABLE_GATHER: bool | None = None
+"""Pin the time-bias lookup (tests, the GPU check): None lets the GPU autotuner try both and the
+interpreter use the global-memory one."""
 
 
 def _patch_interpreter() -> None:
@@ -421,16 +419,25 @@ def _tile(config: triton.Config) -> list[int]:
     return [v for k, v in config.kwargs.items() if k.startswith("BLOCK")]
 
 
-@functools.cache
 def _kernels():
     """(fwd, dq, dkdv) launchers: the raw kernels under the interpreter, autotuned ones on the GPU."""
     if _INTERPRET:
         return _hstu_fwd_kernel, _hstu_bwd_dq_kernel, _hstu_bwd_dkdv_kernel
+    return _autotuned_kernels(_TABLE_GATHER)
+
+
+@functools.cache
+def _autotuned_kernels(table_gather: bool | None):
+    """Autotuned launchers over the configs whose time-bias lookup is `table_gather` (None: all)."""
+
+    def only(configs: list[triton.Config]) -> list[triton.Config]:
+        return [c for c in configs if table_gather in (None, c.kwargs["TABLE_GATHER"])]
+
     prune = {"early_config_prune": _prune_configs}
-    fwd = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by=prune)(_hstu_fwd_kernel)
-    dq = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by=prune)(_hstu_bwd_dq_kernel)
+    fwd = triton.autotune(only(_FWD_CONFIGS), key=_KEY, prune_configs_by=prune)(_hstu_fwd_kernel)
+    dq = triton.autotune(only(_FWD_CONFIGS), key=_KEY, prune_configs_by=prune)(_hstu_bwd_dq_kernel)
     dkdv = triton.autotune(
-        _DKDV_CONFIGS, key=[*_KEY, "RAB_GRAD"], prune_configs_by=prune, reset_to_zero=["DPOS", "DTIME"]
+        only(_DKDV_CONFIGS), key=[*_KEY, "RAB_GRAD"], prune_configs_by=prune, reset_to_zero=["DPOS", "DTIME"]
     )(_hstu_bwd_dkdv_kernel)
     return fwd, dq, dkdv
 
@@ -445,7 +452,7 @@ def _blocks(*names: str) -> dict:
     """Explicit block sizes under the interpreter (no autotuning there)."""
     if not _INTERPRET:
         return {}
-    return {**dict.fromkeys(names, _INTERPRET_BLOCK), "TABLE_GATHER": _INTERPRET_TABLE_GATHER}
+    return {**dict.fromkeys(names, _INTERPRET_BLOCK), "TABLE_GATHER": bool(_TABLE_GATHER)}
 
 
 def _len_key(max_len: int) -> int:
@@ -491,9 +498,7 @@ def _check(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len)
         raise ValueError(
             f"triton_hstu_attention: a sequence has {longest} tokens > max_seq_len={max_seq_len}"
         )
-    if rel_max - rel_min < 2**31:
-        return int(longest), rel.to(torch.int32)
-    return int(longest), ts.contiguous()
+    return int(longest), rel.to(torch.int32) if rel_max - rel_min < 2**31 else rel
 
 
 class _HSTUAttention(torch.autograd.Function):

@@ -116,7 +116,7 @@ def test_forward_and_grads_match_naive_oracle(tri, lengths, denominator, dqk, dv
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_time_table_gather_matches_naive_oracle(tri, monkeypatch, dtype):
     """The autotuner's other time-bias lookup (`tl.gather` from the program's copy of time_weights)."""
-    monkeypatch.setattr(tri, "_INTERPRET_TABLE_GATHER", True)
+    monkeypatch.setattr(tri, "_TABLE_GATHER", True)
     rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (5e-3, 1e-3)
     out, ref, leaves, ref_leaves = run_both(tri, [1, 37, 0, 20], denominator=None, dtype=dtype)
     assert_close(out, ref, "out", rtol, atol)
