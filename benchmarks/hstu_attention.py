@@ -5,7 +5,9 @@
     python benchmarks/hstu_attention.py --profile-once   # one tuned fwd+bwd for Nsight Compute
 
 Shapes: H=4, d=128, bf16; (B=64, lengths uniform in [512, 1024]) and (B=16, lengths in [2048, 4096]).
-`triton_frozen_bias` times the backward without the bias-weight gradients (what their reduction costs).
+`triton` reads rab(i, j) from the bias buffer that one fill kernel writes per call (the GPU default);
+`triton_inline_bias` computes it per pair and head inside the kernels instead; `triton_frozen_bias` times
+the backward without the bias-weight gradients (what their reduction costs).
 Useful FLOPs count causal pairs on real tokens only: fwd = 2 * pairs * H * (Dqk + Dv), fwd+bwd = 3.5 x fwd
 (the FlashAttention convention, recomputation not counted). SDPA runs on the padded batch (causal softmax,
 a speed yardstick, not the same math). Imports only torch/triton and modules.hstu_attention_triton, so it
@@ -111,21 +113,31 @@ def bench(fn, *, warmup=3, iters=10) -> float:
     return statistics.median(times)
 
 
+VARIANTS = {
+    "rab_buffer": (True, None),
+    "inline_global": (False, False),
+    "inline_table_gather": (False, True),
+}
+"""Where the kernels get rab(i, j): name -> (_RAB_TILES, _TABLE_GATHER). The buffer is the GPU default;
+inline, each kernel computes it per pair and head, its time-table lookup a global or a table gather."""
+
+
 @contextlib.contextmanager
-def time_lookup(table_gather: bool):
-    """Restrict the kernels to one time-bias lookup (the autotuner would otherwise pick one per shape)."""
+def kernel_variant(name: str):
+    """Pin the kernels to one way of getting the bias (the defaults pick per memory budget and shape)."""
     from modules import hstu_attention_triton as mod
 
-    saved, mod._TABLE_GATHER = mod._TABLE_GATHER, table_gather
+    saved = mod._RAB_TILES, mod._TABLE_GATHER
+    mod._RAB_TILES, mod._TABLE_GATHER = VARIANTS[name]
     try:
         yield
     finally:
-        mod._TABLE_GATHER = saved
+        mod._RAB_TILES, mod._TABLE_GATHER = saved
 
 
 def run_check(device: str = "cuda", small: bool = False) -> bool:
-    """Triton vs the padded reference, forward and all five gradients, bf16 and fp32, with each time-bias
-    lookup; one case has timestamps spanning more than 2**31 s (the int64 path)."""
+    """Triton vs the padded reference, forward and all five gradients, bf16 and fp32, in each kernel variant
+    (VARIANTS); one case has timestamps spanning more than 2**31 s (the int64 path)."""
     from modules.hstu_attention_triton import triton_hstu_attention
 
     ok = True
@@ -141,9 +153,7 @@ def run_check(device: str = "cuda", small: bool = False) -> bool:
             (torch.float32, 3, 1, 40, 2, 16, 16, None, 2e-4, 14),
             (torch.float16, 3, 1, 40, 2, 16, 16, 40.0, 3e-2, 22),
         ]
-    for table_gather, (dtype, b, lo, hi, heads, dqk, dv, den, rtol, log_gap) in itertools.product(
-        (False, True), cases
-    ):
+    for variant, (dtype, b, lo, hi, heads, dqk, dv, den, rtol, log_gap) in itertools.product(VARIANTS, cases):
         n = hi
         q, k, v, offsets, ts, pos_w, time_w, lengths = make_batch(
             b, lo, hi, heads=heads, dqk=dqk, dv=dv, max_seq_len=n, dtype=dtype, device=device, seed=b,
@@ -158,28 +168,27 @@ def run_check(device: str = "cuda", small: bool = False) -> bool:
         ref = [x.detach().double().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
         kw = dict(max_seq_len=n, alpha=alpha, denominator=den)
         grad = torch.randn(total, heads, dv, device=device, dtype=torch.float64)
-        with time_lookup(table_gather):
+        with kernel_variant(variant):
             out = triton_hstu_attention(tri[0], tri[1], tri[2], offsets, ts, tri[3], tri[4], **kw)
             out.backward(grad.to(out.dtype))
         expect = padded_reference(ref[0], ref[1], ref[2], offsets, ts, ref[3], ref[4], **kw)
         expect.backward(grad)
         names = ("out", "dq", "dk", "dv", "d_pos_weights", "d_time_weights")
         pairs = [(out, expect)] + [(a.grad, r.grad) for a, r in zip(tri, ref, strict=True)]
-        lookup = "table_gather" if table_gather else "global"
         for name, (a, r) in zip(names, pairs, strict=True):
             err = (a.double() - r).abs().max().item()
             scale = r.abs().max().item()
             good = math.isfinite(err) and err <= rtol * scale + 1e-6
             ok &= good
             print(
-                f"check {lookup:12s} {str(dtype).split('.')[-1]:8s} B={b} L<={hi} H={heads} dqk={dqk} "
+                f"check {variant:19s} {str(dtype).split('.')[-1]:8s} B={b} L<={hi} H={heads} dqk={dqk} "
                 f"dv={dv} den={den} gaps<=e^{log_gap}: {name:15s} max err {err:.3e} (scale {scale:.3e}) "
                 f"{'ok' if good else 'FAIL'}",
                 flush=True,
             )
     print(
         f"RESULT check: {'PASS' if ok else 'FAIL'} (triton vs padded reference, bf16 and fp32, "
-        "both time-bias lookups, int32 and int64 timestamps)"
+        f"variants {', '.join(VARIANTS)}, int32 and int64 timestamps)"
     )
     return ok
 
@@ -227,9 +236,17 @@ def run_benchmark(skip_padded: bool) -> None:
             out = triton_hstu_attention(*leaves[:3], offsets, ts, *bias, **kw)
             torch.autograd.grad(out, leaves[:3], grad)
 
+        def inline(fn):
+            def run():
+                with kernel_variant("inline_global"):
+                    fn()
+
+            return run
+
         rows = [
             ("triton", tri_fwd, tri_step),
             ("triton_frozen_bias", tri_fwd, tri_step_frozen_bias),
+            ("triton_inline_bias", inline(tri_fwd), inline(tri_step)),
             ("sdpa_causal_padded", sdpa_fwd, sdpa_step),
         ]
         if not skip_padded:
@@ -268,11 +285,13 @@ def run_benchmark(skip_padded: bool) -> None:
             torch.cuda.empty_cache()
         del qp, kp, vp, leaves
     tri = [summary.get((s, "triton"), 0.0) for s in ("B64_L1024", "B16_L4096")]
+    inline = [summary.get((s, "triton_inline_bias"), 0.0) for s in ("B64_L1024", "B16_L4096")]
     sdpa = [summary.get((s, "sdpa_causal_padded"), 0.0) for s in ("B64_L1024", "B16_L4096")]
     beats = all(t > s for t, s in zip(tri, sdpa, strict=True))
     print(
         f"RESULT hstu_attention fwd+bwd TFLOP/s on {torch.cuda.get_device_name()}: "
-        f"triton {tri[0]:.1f} (B64,L<=1024) {tri[1]:.1f} (B16,L<=4096); sdpa {sdpa[0]:.1f} / {sdpa[1]:.1f}; "
+        f"triton {tri[0]:.1f} (B64,L<=1024) {tri[1]:.1f} (B16,L<=4096); inline bias {inline[0]:.1f} / "
+        f"{inline[1]:.1f}; sdpa {sdpa[0]:.1f} / {sdpa[1]:.1f}; "
         f"target 400 at L<=4096: {'met' if tri[1] >= 400 else 'not met'}; "
         f"beats sdpa at both shapes: {'yes' if beats else 'no'}"
     )

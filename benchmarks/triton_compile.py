@@ -42,20 +42,33 @@ SCALARS = {
     "num_buckets": "i32",
     "len_key": "i32",
 }
-INDEX_POINTERS = {"OFFSETS": "*i64", "TS": "*i32"}
+INDEX_POINTERS = {"OFFSETS": "*i64", "TS": "*i32", "RAB_BASE": "*i64"}
 """Timestamps travel as int32 offsets from each sequence's first one (int64 only for spans past 2**31)."""
 FP32_POINTERS = {"POS_W", "TIME_W", "DPOS", "DTIME"}
 """Bias weights stay fp32 under autocast; their gradients accumulate in fp32 buffers."""
 
 
 def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list[triton.Config], dict]]:
-    """(name, kernel, autotune configs, extra constexprs) of each requested kernel."""
+    """(name, kernel, autotune configs, extra constexprs) of each requested kernel.
+
+    Each attention kernel comes twice: computing the bias per pair, and reading it from the precomputed
+    buffer (`+rab`, with the fill kernel that writes it).
+    """
+    fill = triton.Config({"BLOCK_R": hstu._FILL_BLOCK_ROWS, "BLOCK_C": hstu._RAB_ALIGN}, num_warps=4)
     table = {
         "fwd": (hstu._hstu_fwd_kernel, hstu._FWD_CONFIGS, {}),
         "dq": (hstu._hstu_bwd_dq_kernel, hstu._FWD_CONFIGS, {}),
         "dkdv": (hstu._hstu_bwd_dkdv_kernel, hstu._DKDV_CONFIGS, {"RAB_GRAD": True}),
     }
-    return [(name, *table[name]) for name in kernels]
+    specs = []
+    for name in kernels:
+        if name == "fill":
+            specs.append(("fill", hstu._hstu_rab_fill_kernel, [fill], {}))
+            continue
+        fn, configs, extra = table[name]
+        specs.append((name, fn, configs, {**extra, "RAB_TILES": False}))
+        specs.append((f"{name}+rab", fn, configs, {**extra, "RAB_TILES": True}))
+    return specs
 
 
 def signature(fn: triton.JITFunction, dtype: str) -> tuple[dict[str, str], dict]:
@@ -109,7 +122,9 @@ def main() -> None:
         "--num-buckets", type=int, default=128, help="time buckets (time_weights has one more)"
     )
     parser.add_argument("--dtypes", default="bf16,fp32", help="input dtypes: bf16, fp16, fp32")
-    parser.add_argument("--kernels", default="fwd,dq,dkdv", help="kernels to compile: fwd, dq, dkdv")
+    parser.add_argument(
+        "--kernels", default="fwd,dq,dkdv,fill", help="kernels to compile: fwd, dq, dkdv, fill (bias buffer)"
+    )
     parser.add_argument("--first-config-only", action="store_true", help="one config per kernel (quick)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="triton_compile_") as cache:
@@ -125,7 +140,7 @@ def compile_all(args: argparse.Namespace) -> int:
     block_dqk, block_dv = hstu._dims(args.dqk, args.dv)
     limit = SMEM_LIMIT.get(args.arch)
     header = (
-        f"{'kernel':6s} {'dtype':5s} {'config':58s} {'compile_s':>9s} {'regs':>5s} "
+        f"{'kernel':9s} {'dtype':5s} {'config':58s} {'compile_s':>9s} {'regs':>5s} "
         f"{'spill_B':>8s} {'smem_KiB':>8s}  status"
     )
     print(f"target sm_{args.arch}, Dqk={args.dqk}, Dv={args.dv}, triton {triton.__version__}\n{header}")
@@ -134,13 +149,16 @@ def compile_all(args: argparse.Namespace) -> int:
     for dtype in args.dtypes.split(","):
         precision = hstu._dot_precision({"fp32": hstu.torch.float32}.get(dtype, hstu.torch.bfloat16))
         for name, fn, configs, extra in kernel_specs(args.kernels.split(",")):
-            pruned = hstu._prune_configs(configs, {}, DOT_PREC=precision)
+            pruned = (
+                configs if name == "fill" else hstu._prune_configs(configs, {}, DOT_PREC=precision, **extra)
+            )
             for config in pruned[:1] if args.first_config_only else pruned:
-                constants = dict(
-                    DQK=args.dqk, DV=args.dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-                    DEN_IS_LEN=True, DOT_PREC=precision, FAST_MATH=dtype != "fp32",
-                    BLOCK_BUCKETS=triton.next_power_of_2(args.num_buckets + 1), **extra, **config.kwargs,
-                )  # fmt: skip
+                constants = dict(FAST_MATH=dtype != "fp32", **extra, **config.kwargs)
+                if name != "fill":
+                    constants |= dict(
+                        DQK=args.dqk, DV=args.dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, DEN_IS_LEN=True,
+                        DOT_PREC=precision, BLOCK_BUCKETS=triton.next_power_of_2(args.num_buckets + 1),
+                    )  # fmt: skip
                 sig, attrs = signature(fn, dtype)
                 index = {p.name: i for i, p in enumerate(fn.params)}
                 src = ASTSource(
@@ -156,7 +174,7 @@ def compile_all(args: argparse.Namespace) -> int:
                     )
                 except Exception as err:  # report every failing config, then fail the run
                     failed += 1
-                    print(f"{name:6s} {dtype:5s} {label:58s} {'-':>9s} FAILED: {type(err).__name__}: {err}")
+                    print(f"{name:9s} {dtype:5s} {label:58s} {'-':>9s} FAILED: {type(err).__name__}: {err}")
                     continue
                 seconds = time.perf_counter() - start
                 report = ptxas_report(kernel.asm["ptx"], args.arch)
@@ -168,7 +186,7 @@ def compile_all(args: argparse.Namespace) -> int:
                 worst_spill, slowest = max(worst_spill, spill), max(slowest, seconds)
                 status = "ok" if fits else f"FAILS: shared memory over {limit} B"
                 print(
-                    f"{name:6s} {dtype:5s} {label:58s} {seconds:9.1f} {report['registers']:5d} "
+                    f"{name:9s} {dtype:5s} {label:58s} {seconds:9.1f} {report['registers']:5d} "
                     f"{spill:8d} {smem / 1024:8.1f}  {status}",
                     flush=True,
                 )

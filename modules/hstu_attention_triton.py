@@ -2,8 +2,16 @@
 
 Same math as `modules.hstu_attention.hstu_attention` (see that module's docstring):
 out[i] = sum_{j <= i, same sequence} SiLU(alpha * <q_i, k_j> + rab(i, j)) / den * v_j, with
-rab(i, j) = pos_weights[(j - i) + max_seq_len - 1] + time_weights[bucket(tq_i - t_j)] computed in-kernel
+rab(i, j) = pos_weights[(j - i) + max_seq_len - 1] + time_weights[bucket(tq_i - t_j)], the bucket taken
 from the timestamps. Inputs bf16/fp16/fp32, accumulation fp32.
+
+Where rab comes from: on the GPU, by default, one fill kernel writes rab(i, j) of every causal pair into a
+buffer (sum of L^2 / 2 entries in the inputs' dtype; row i padded to a multiple of 64 keys) once per call,
+and the attention kernels read it as 16-byte-vectorised tiles. Computing it inline instead costs each pair
+a bucket logarithm and two table gathers per head and per kernel, which on an H100 made the forward
+L1-bound at about a third of its bias-free speed (README, GPU status); the buffer does that work once for
+all heads. The inline path remains for batches whose buffer would pass `_RAB_MEMORY_FRACTION` of the
+GPU's memory, and under the interpreter.
 
 Tiling (grid = (blocks, heads, sequences); each program reads its sequence's start/length from offsets):
 - forward: one program per query block; one loop over the key blocks up to its last row, masked by
@@ -14,11 +22,10 @@ Tiling (grid = (blocks, heads, sequences); each program reads its sequence's sta
   (position: diagonal sums through `tl.gather`; time: one masked tile sum per bucket present in the tile),
   then added to fp32 buffers with a few atomics per tile.
 - backward dq: one program per query block, loops over key blocks like the forward (no atomics).
-Per (i, j) pair, the work besides the two products bounds the speed (on an H100 the time-bias lookup
-alone costs about 3x the forward; README, GPU status), so it is kept small: timestamps travel as int32
-offsets from each sequence's first one (int64 only past 68 years), the causal limit and position index
-come from per-row values, 1/den and alpha scale the accumulators once, and 16-bit inputs take lg2 and
-tanh from one GPU instruction each (FAST_MATH).
+Per (i, j) pair, the work besides the two products bounds the speed, so it is kept small: timestamps
+travel as int32 offsets from each sequence's first one (int64 only past 68 years), the causal limit and
+position index come from per-row values, 1/den and alpha scale the accumulators once, and 16-bit inputs
+take lg2 and tanh from one GPU instruction each (FAST_MATH).
 Import cost: triton + torch only (no fbgemm/torchrec), so the GPU machine can run it.
 """
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -41,6 +49,16 @@ _INTERPRET_BLOCK = 16
 _TABLE_GATHER: bool | None = None
 """Pin the time-bias lookup (tests, the GPU check): None lets the GPU autotuner try both and the
 interpreter use the global-memory one."""
+_RAB_TILES: bool | None = None
+"""Pin where the bias comes from (tests, the GPU check): True, the precomputed bias buffer; False, computed
+per pair and head in the attention kernels; None, the buffer on the GPU when it fits `_RAB_MEMORY_FRACTION`
+of the device's memory, per-pair computation under the interpreter."""
+_RAB_MEMORY_FRACTION = 1 / 32
+"""Largest share of the GPU's memory the transient bias buffer may take (2.5 GB on an 80 GB H100: a batch of
+16 sequences of 4096 events needs 0.3 GB in bf16)."""
+_RAB_ALIGN = 64
+"""Each row i of the bias buffer holds round_up(i + 1, _RAB_ALIGN) keys: a multiple of every key block, so
+the kernels' unmasked tile loads stay inside their sequence, and of 16 bytes, so they are vectorised."""
 
 
 def _patch_interpreter() -> None:
@@ -88,6 +106,7 @@ if _INTERPRET:
 
 _BUCKET_DIVISOR = tl.constexpr(TIME_BUCKET_DIVISOR)
 _LOG2_TO_BUCKET = tl.constexpr(math.log(2.0) / TIME_BUCKET_DIVISOR)
+_ALIGN = tl.constexpr(_RAB_ALIGN)
 
 
 @triton.jit
@@ -157,13 +176,82 @@ def _load_query_times(TS, seq_start, offs_m, seq_len):
 
 
 @triton.jit
+def _rab_row_start(i):
+    """Offset of row i in its sequence's part of the bias buffer: sum of round_up(i' + 1, A) over i' < i."""
+    i = i.to(tl.int64)
+    full, part = i // _ALIGN, i % _ALIGN
+    return (_ALIGN * _ALIGN // 2) * full * (full + 1) + _ALIGN * part * (full + 1)
+
+
+@triton.jit
+def _rab_tile(RAB, rab_base, rows, offs_n):
+    """Precomputed bias of rows [M, 1] (within the sequence) x keys offs_n [N], fp32.
+
+    Unmasked: a key block starting at or before a row's last key ends inside the row's allocation or in
+    later rows of the same sequence, and entries past the diagonal are only ever masked out.
+    """
+    start = tl.multiple_of(rab_base + _rab_row_start(rows), [_ALIGN, _ALIGN])
+    return tl.load(RAB + start + offs_n[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _hstu_rab_fill_kernel(
+    RAB, RAB_BASE, OFFSETS, TS, POS_W, TIME_W, max_seq_len, num_buckets,
+    FAST_MATH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Writes rab(i, j) = pos + time bias for j <= i (zero past the diagonal) over every row's allocation.
+
+    Shared by all heads and by the three attention kernels, so each pair's bucket and two table lookups are
+    done once per call instead of once per head and kernel.
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    seq_start = tl.load(OFFSETS + b)
+    seq_len = (tl.load(OFFSETS + b + 1) - seq_start).to(tl.int32)
+    m0 = pid_m * BLOCK_R
+    if m0 >= seq_len:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_R)
+    mask_m = (offs_m < seq_len)[:, None]
+    start = tl.load(RAB_BASE + b) + _rab_row_start(offs_m[:, None])
+    row_len = ((offs_m // _ALIGN + 1) * _ALIGN)[:, None]
+    tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
+    pos_row = (max_seq_len - 1) - offs_m[:, None]
+    last_row = tl.minimum(m0 + BLOCK_R, seq_len) - 1
+    for n0 in range(0, (last_row // _ALIGN + 1) * _ALIGN, BLOCK_C):
+        offs_n = n0 + tl.arange(0, BLOCK_C)
+        mask_n = offs_n < seq_len
+        tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
+        valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m
+        bias = tl.load(TIME_W + _time_bucket(tq, tk, num_buckets, FAST_MATH), mask=valid, other=0.0)
+        bias += tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0)
+        tl.store(
+            RAB + start + offs_n[None, :], bias.to(RAB.dtype.element_ty), mask=mask_m & (offs_n < row_len)
+        )
+
+
+@triton.jit
+def _bias(
+    RAB, rab_base, last_key, TS, seq_start, offs_n, mask_n, valid, tq, pos_row, POS_W, TIME_W, time_table,
+    num_buckets, FAST_MATH: tl.constexpr, TABLE_GATHER: tl.constexpr, RAB_TILES: tl.constexpr,
+):  # fmt: skip
+    """rab(i, j) of one [M, N] tile in fp32: read from the bias buffer, or computed from the timestamps."""
+    if RAB_TILES:
+        return _rab_tile(RAB, rab_base, last_key, offs_n)
+    else:
+        tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
+        bias = _time_bias(TIME_W, time_table, _time_bucket(tq, tk, num_buckets, FAST_MATH), TABLE_GATHER)
+        return bias + tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _hstu_fwd_kernel(
-    Q, K, V, OUT, OFFSETS, TS, POS_W, TIME_W,
+    Q, K, V, OUT, OFFSETS, TS, POS_W, TIME_W, RAB, RAB_BASE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     alpha, inv_den_const, max_seq_len, num_buckets, len_key,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
+    RAB_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest work first
     h = tl.program_id(1)
@@ -182,8 +270,9 @@ def _hstu_fwd_kernel(
         mask=mask_m[:, None] & (offs_dqk < DQK)[None, :],
         other=0.0,
     )
-    tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
     last_key = tl.minimum(offs_m, seq_len - 1)[:, None]  # causal limit; rows past the end are never stored
+    rab_base = tl.load(RAB_BASE + b)
+    tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
     pos_row = (max_seq_len - 1) - last_key
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -202,11 +291,10 @@ def _hstu_fwd_kernel(
             mask=mask_n[:, None] & (offs_dv < DV)[None, :],
             other=0.0,
         )
-        tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
         valid = offs_n[None, :] <= last_key
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha
-        s += _time_bias(TIME_W, time_table, _time_bucket(tq, tk, num_buckets, FAST_MATH), TABLE_GATHER)
-        s += tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0).to(tl.float32)
+        s += _bias(RAB, rab_base, last_key, TS, seq_start, offs_n, mask_n, valid, tq, pos_row, POS_W, TIME_W,
+                   time_table, num_buckets, FAST_MATH, TABLE_GATHER, RAB_TILES)  # fmt: skip
         p = tl.where(valid, s * _sigmoid(s, FAST_MATH), 0.0)
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     tl.store(
@@ -218,13 +306,13 @@ def _hstu_fwd_kernel(
 
 @triton.jit
 def _hstu_bwd_dq_kernel(
-    Q, K, V, DO, DQ, OFFSETS, TS, POS_W, TIME_W,
+    Q, K, V, DO, DQ, OFFSETS, TS, POS_W, TIME_W, RAB, RAB_BASE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     alpha, inv_den_const, max_seq_len, num_buckets, len_key,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
+    RAB_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
@@ -248,8 +336,9 @@ def _hstu_bwd_dq_kernel(
         mask=mask_m[:, None] & (offs_dv < DV)[None, :],
         other=0.0,
     )
-    tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
     last_key = tl.minimum(offs_m, seq_len - 1)[:, None]
+    rab_base = tl.load(RAB_BASE + b)
+    tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
     pos_row = (max_seq_len - 1) - last_key
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
@@ -268,11 +357,10 @@ def _hstu_bwd_dq_kernel(
             mask=mask_n[:, None] & (offs_dv < DV)[None, :],
             other=0.0,
         )
-        tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
         valid = offs_n[None, :] <= last_key
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha
-        s += _time_bias(TIME_W, time_table, _time_bucket(tq, tk, num_buckets, FAST_MATH), TABLE_GATHER)
-        s += tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0).to(tl.float32)
+        s += _bias(RAB, rab_base, last_key, TS, seq_start, offs_n, mask_n, valid, tq, pos_row, POS_W, TIME_W,
+                   time_table, num_buckets, FAST_MATH, TABLE_GATHER, RAB_TILES)  # fmt: skip
         sig = _sigmoid(s, FAST_MATH)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = tl.where(valid, dp * sig * (1.0 + s * (1.0 - sig)), 0.0)
@@ -286,13 +374,13 @@ def _hstu_bwd_dq_kernel(
 
 @triton.jit
 def _hstu_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV_OUT, DPOS, DTIME, OFFSETS, TS, POS_W, TIME_W,
+    Q, K, V, DO, DK, DV_OUT, DPOS, DTIME, OFFSETS, TS, POS_W, TIME_W, RAB, RAB_BASE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     alpha, inv_den_const, max_seq_len, num_buckets, len_key,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
-    RAB_GRAD: tl.constexpr, BLOCK: tl.constexpr, TABLE_GATHER: tl.constexpr,
+    RAB_TILES: tl.constexpr, RAB_GRAD: tl.constexpr, BLOCK: tl.constexpr, TABLE_GATHER: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
@@ -327,6 +415,7 @@ def _hstu_bwd_dkdv_kernel(
     src_col = tl.where(in_band, src_col, 0)
     tt1 = tl.arange(0, 2 * BLOCK)
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
+    rab_base = tl.load(RAB_BASE + b)
     for m0 in range(n0, seq_len, BLOCK):
         offs_m = m0 + tl.arange(0, BLOCK)
         mask_m = offs_m < seq_len
@@ -343,10 +432,13 @@ def _hstu_bwd_dkdv_kernel(
         )
         tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
         valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m[:, None] & mask_n[None, :]
-        bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
-        pos_row = (max_seq_len - 1) - tl.minimum(offs_m, seq_len - 1)[:, None]  # index of key 0
-        bias = tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0).to(tl.float32)
-        bias += _time_bias(TIME_W, time_table, bucket, TABLE_GATHER)
+        bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)  # (dead code with the buffer, frozen bias)
+        last_row = tl.minimum(offs_m, seq_len - 1)[:, None]
+        if RAB_TILES:
+            bias = _rab_tile(RAB, rab_base, last_row, offs_n)
+        else:
+            bias = tl.load(POS_W + ((max_seq_len - 1) - last_row + offs_n[None, :]), mask=valid, other=0.0)
+            bias = bias.to(tl.float32) + _time_bias(TIME_W, time_table, bucket, TABLE_GATHER)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha + bias  # [BLOCK(i), BLOCK(j)]
         sig = _sigmoid(s, FAST_MATH)
         p = tl.where(valid, s * sig, 0.0)
@@ -402,14 +494,21 @@ _DKDV_CONFIGS = [
     triton.Config({"BLOCK": 32, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK": 32, "TABLE_GATHER": True}, num_warps=4, num_stages=3),
 ]
-_KEY = ["len_key", "DQK", "DV", "DOT_PREC", "DEN_IS_LEN"]
+_KEY = ["len_key", "DQK", "DV", "DOT_PREC", "DEN_IS_LEN", "RAB_TILES"]
+_FILL_BLOCK_ROWS = 32
+"""Rows per program of the bias-buffer fill (its columns go by _RAB_ALIGN)."""
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """fp32 inputs (exact "ieee" products) serve correctness checks, not speed: compile one small tile.
+    """Drop configs that cannot differ or cannot pay off.
 
-    Large fp32 tiles spill heavily and take ptxas minutes each (benchmarks/triton_compile.py measures it).
+    With the bias buffer (RAB_TILES) the time-table lookup is not used, so TABLE_GATHER configs would only
+    repeat the others. fp32 inputs (exact "ieee" products) serve correctness checks, not speed: one small
+    tile is compiled, as large fp32 tiles spill heavily and take ptxas minutes each
+    (benchmarks/triton_compile.py measures it).
     """
+    if kwargs.get("RAB_TILES"):
+        configs = [c for c in configs if not c.kwargs["TABLE_GATHER"]]
     if kwargs.get("DOT_PREC") != "ieee":
         return configs
     return [min(configs, key=lambda c: (c.kwargs["TABLE_GATHER"], math.prod(_tile(c))))]
@@ -468,8 +567,26 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _check(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len) -> tuple[int, Tensor]:
-    """Validate shapes/devices; returns the longest sequence and the timestamps for the kernels (one sync)."""
+class _Batch(NamedTuple):
+    """What the kernels need to know about a jagged batch beyond its tensors (computed with one sync)."""
+
+    longest: int
+    timestamps: Tensor
+    """Each sequence's timestamps minus its first one: int32, or int64 where a span passes 2**31 s."""
+    rab_base: Tensor
+    """[B] int64: where each sequence's rows start in the bias buffer."""
+    rab_numel: int
+    """Elements of the bias buffer for the whole batch."""
+
+
+def _rab_numel(lengths: Tensor) -> Tensor:
+    """Bias-buffer elements a sequence of each length takes: row i holds round_up(i + 1, _RAB_ALIGN) keys."""
+    full, part = lengths // _RAB_ALIGN, lengths % _RAB_ALIGN
+    return _RAB_ALIGN * _RAB_ALIGN * full * (full + 1) // 2 + _RAB_ALIGN * part * (full + 1)
+
+
+def _check(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len) -> _Batch:
+    """Validate shapes/devices and measure the batch (one sync)."""
     check_attention_shapes(
         q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len, who="triton_hstu_attention"
     )
@@ -480,15 +597,18 @@ def _check(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len)
         )
     total = q.shape[0]
     ts = timestamps.to(torch.int64)
+    no_rows = torch.zeros(max(offsets.numel() - 1, 0), dtype=torch.int64, device=q.device)
     if offsets.numel() == 1 or total == 0:
-        return 0, ts.contiguous()
+        return _Batch(0, ts.contiguous(), no_rows, 0)
     lengths = offsets[1:] - offsets[:-1]
     # Each sequence's timestamps relative to its first one: the kernels only take differences within a
     # sequence, and these offsets fit int32 (half the per-pair integer work) unless a user spans 68 years.
     first = ts[offsets[:-1].clamp(max=total - 1)]
     rel = ts - torch.repeat_interleave(first, lengths.clamp(min=0), output_size=total)
-    stats = torch.stack([lengths.max(), lengths.min(), offsets[-1] - total, rel.min(), rel.max()]).tolist()
-    longest, shortest, tail, rel_min, rel_max = stats
+    rab_sizes = _rab_numel(lengths.clamp(min=0).to(torch.int64))
+    rab_ends = rab_sizes.cumsum(0)
+    stats = [lengths.max(), lengths.min(), offsets[-1] - total, rel.min(), rel.max(), rab_ends[-1]]
+    longest, shortest, tail, rel_min, rel_max, rab_numel = torch.stack(stats).tolist()
     if tail != 0 or shortest < 0:
         raise ValueError(
             f"triton_hstu_attention: offsets must be non-decreasing and end at T={total}, "
@@ -498,73 +618,101 @@ def _check(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len)
         raise ValueError(
             f"triton_hstu_attention: a sequence has {longest} tokens > max_seq_len={max_seq_len}"
         )
-    return int(longest), rel.to(torch.int32) if rel_max - rel_min < 2**31 else rel
+    kernel_ts = rel.to(torch.int32) if rel_max - rel_min < 2**31 else rel
+    return _Batch(int(longest), kernel_ts, rab_ends - rab_sizes, int(rab_numel))
+
+
+def _use_rab_tiles(batch: _Batch, q: Tensor) -> bool:
+    """Precompute the bias buffer when it fits the memory budget (or as `_RAB_TILES` pins it)."""
+    if _RAB_TILES is not None:
+        return _RAB_TILES
+    if _INTERPRET:
+        return False
+    budget = torch.cuda.get_device_properties(q.device).total_memory * _RAB_MEMORY_FRACTION
+    return batch.rab_numel * q.element_size() <= budget
+
+
+def _fill_rab(batch: _Batch, offsets, pos_w, time_w, max_seq_len: int, dtype: torch.dtype) -> Tensor:
+    """The bias buffer: rab(i, j) of every causal pair, shared by all heads, in the inputs' dtype."""
+    rab = torch.empty(batch.rab_numel, dtype=dtype, device=pos_w.device)
+    num_seqs = offsets.numel() - 1
+    rows = _INTERPRET_BLOCK if _INTERPRET else _FILL_BLOCK_ROWS
+    _hstu_rab_fill_kernel[(triton.cdiv(batch.longest, rows), num_seqs)](
+        rab, batch.rab_base, offsets, batch.timestamps, pos_w, time_w, max_seq_len, time_w.numel() - 1,
+        FAST_MATH=_fast_math(dtype), BLOCK_R=rows, BLOCK_C=_RAB_ALIGN, num_warps=4,
+    )  # fmt: skip
+    return rab
 
 
 class _HSTUAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, offsets, timestamps, pos_w, time_w, max_len, max_seq_len, alpha, denominator):
-        total, heads, dqk = q.shape
-        dv = v.shape[2]
-        out = torch.empty(total, heads, dv, dtype=q.dtype, device=q.device)
+    def forward(ctx, q, k, v, offsets, pos_w, time_w, batch, max_seq_len, alpha, denominator):
+        total, heads, _ = q.shape
+        out = torch.empty(total, heads, v.shape[2], dtype=q.dtype, device=q.device)
         num_seqs = offsets.numel() - 1
-        ctx.save_for_backward(q, k, v, offsets, timestamps, pos_w, time_w)
-        ctx.cfg = (max_len, max_seq_len, alpha, denominator)
-        if total == 0 or num_seqs == 0 or max_len == 0:
+        ctx.save_for_backward(q, k, v, offsets, pos_w, time_w)
+        ctx.cfg = (batch, max_seq_len, alpha, denominator)
+        if total == 0 or num_seqs == 0 or batch.longest == 0:
             return out.zero_()
-        bdqk, bdv = _dims(dqk, dv)
+        rab, common = _launch_args(q, v, offsets, pos_w, time_w, batch, max_seq_len, alpha, denominator)
         fwd, _, _ = _kernels()
-        fwd[_grid(max_len, heads, num_seqs, "BLOCK_M")](
-            q, k, v, out, offsets, timestamps, pos_w, time_w,
+        fwd[_grid(batch.longest, heads, num_seqs, "BLOCK_M")](
+            q, k, v, out, offsets, batch.timestamps, pos_w, time_w, rab, batch.rab_base,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1),
-            float(alpha), 0.0 if denominator is None else 1.0 / float(denominator), max_seq_len,
-            time_w.numel() - 1, _len_key(max_len),
-            DQK=dqk, DV=dv, BLOCK_DQK=bdqk, BLOCK_DV=bdv, DEN_IS_LEN=denominator is None,
-            DOT_PREC=_dot_precision(q.dtype), FAST_MATH=_fast_math(q.dtype),
-            BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()), **_blocks("BLOCK_M", "BLOCK_N"),
+            out.stride(0), out.stride(1), **common, **_blocks("BLOCK_M", "BLOCK_N"),
         )  # fmt: skip
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, offsets, timestamps, pos_w, time_w = ctx.saved_tensors
-        max_len, max_seq_len, alpha, denominator = ctx.cfg
-        total, heads, dqk = q.shape
-        dv_dim = v.shape[2]
+        q, k, v, offsets, pos_w, time_w = ctx.saved_tensors
+        batch, max_seq_len, alpha, denominator = ctx.cfg
+        heads = q.shape[1]
         num_seqs = offsets.numel() - 1
         do = _last_dim_contiguous(grad_out.to(q.dtype))
         dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
         dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
         dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
-        rab_grad = ctx.needs_input_grad[5] or ctx.needs_input_grad[6]
         dpos = torch.zeros(pos_w.numel(), dtype=torch.float32, device=q.device)
         dtime = torch.zeros(time_w.numel(), dtype=torch.float32, device=q.device)
-        if total > 0 and num_seqs > 0 and max_len > 0:
-            bdqk, bdv = _dims(dqk, dv_dim)
-            inv_den = 0.0 if denominator is None else 1.0 / float(denominator)
-            common = dict(
-                DQK=dqk, DV=dv_dim, BLOCK_DQK=bdqk, BLOCK_DV=bdv, DEN_IS_LEN=denominator is None,
-                DOT_PREC=_dot_precision(q.dtype), FAST_MATH=_fast_math(q.dtype),
-                BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()),
-            )  # fmt: skip
-            scalars = (float(alpha), inv_den, max_seq_len, time_w.numel() - 1, _len_key(max_len))
+        if q.shape[0] > 0 and num_seqs > 0 and batch.longest > 0:
+            rab, common = _launch_args(q, v, offsets, pos_w, time_w, batch, max_seq_len, alpha, denominator)
             _, dq_kernel, dkdv_kernel = _kernels()
-            dkdv_kernel[_grid(max_len, heads, num_seqs, "BLOCK")](
-                q, k, v, do, dk, dv, dpos, dtime, offsets, timestamps, pos_w, time_w,
+            dkdv_kernel[_grid(batch.longest, heads, num_seqs, "BLOCK")](
+                q, k, v, do, dk, dv, dpos, dtime, offsets, batch.timestamps, pos_w, time_w,
+                rab, batch.rab_base,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                *scalars, **common, RAB_GRAD=rab_grad, **_blocks("BLOCK"),
+                **common, RAB_GRAD=ctx.needs_input_grad[4] or ctx.needs_input_grad[5], **_blocks("BLOCK"),
             )  # fmt: skip
-            dq_kernel[_grid(max_len, heads, num_seqs, "BLOCK_M")](
-                q, k, v, do, dq, offsets, timestamps, pos_w, time_w,
+            dq_kernel[_grid(batch.longest, heads, num_seqs, "BLOCK_M")](
+                q, k, v, do, dq, offsets, batch.timestamps, pos_w, time_w, rab, batch.rab_base,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-                *scalars, **common, **_blocks("BLOCK_M", "BLOCK_N"),
+                **common, **_blocks("BLOCK_M", "BLOCK_N"),
             )  # fmt: skip
-        dpos_out = dpos.to(pos_w.dtype) if ctx.needs_input_grad[5] else None
-        dtime_out = dtime.to(time_w.dtype) if ctx.needs_input_grad[6] else None
-        return dq, dk, dv, None, None, dpos_out, dtime_out, None, None, None, None
+        dpos_out = dpos.to(pos_w.dtype) if ctx.needs_input_grad[4] else None
+        dtime_out = dtime.to(time_w.dtype) if ctx.needs_input_grad[5] else None
+        return dq, dk, dv, None, dpos_out, dtime_out, None, None, None, None
+
+
+def _launch_args(q, v, offsets, pos_w, time_w, batch: _Batch, max_seq_len, alpha, denominator):
+    """(bias buffer or a placeholder pointer, the arguments every attention kernel takes by name).
+
+    The buffer is filled per call (forward, then again in backward) rather than kept: it is quick to
+    rebuild, and holding it per layer until backward would cost O(sum of squared lengths) memory each.
+    """
+    rab_tiles = _use_rab_tiles(batch, q)
+    rab = _fill_rab(batch, offsets, pos_w, time_w, max_seq_len, q.dtype) if rab_tiles else q
+    block_dqk, block_dv = _dims(q.shape[2], v.shape[2])
+    common = dict(
+        alpha=float(alpha), inv_den_const=0.0 if denominator is None else 1.0 / float(denominator),
+        max_seq_len=max_seq_len, num_buckets=time_w.numel() - 1, len_key=_len_key(batch.longest),
+        DQK=q.shape[2], DV=v.shape[2], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        DEN_IS_LEN=denominator is None, DOT_PREC=_dot_precision(q.dtype), FAST_MATH=_fast_math(q.dtype),
+        BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()), RAB_TILES=rab_tiles,
+    )  # fmt: skip
+    return rab, common
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -596,12 +744,12 @@ def triton_hstu_attention(
     Differentiable in q, k, v, pos_weights and time_weights. Same arguments and math as
     `modules.hstu_attention.hstu_attention` (minus `backend`).
     """
-    max_len, timestamps = _check(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len)
+    batch = _check(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len)
     k = _last_dim_contiguous(k.to(q.dtype))
     v = _last_dim_contiguous(v.to(q.dtype))
     q = _last_dim_contiguous(q)
     offsets = offsets.to(torch.int64).contiguous()
     return _HSTUAttention.apply(
-        q, k, v, offsets, timestamps, pos_weights.contiguous(), time_weights.contiguous(),
-        max_len, max_seq_len, alpha, denominator,
+        q, k, v, offsets, pos_weights.contiguous(), time_weights.contiguous(), batch, max_seq_len, alpha,
+        denominator,
     )  # fmt: skip

@@ -124,6 +124,79 @@ def test_time_table_gather_matches_naive_oracle(tri, monkeypatch, dtype):
         assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
 
 
+def naive_rab(offsets, timestamps, pos_w, time_w, max_seq_len):
+    """Per sequence, the [n, n] bias rab(i, j) for j <= i (zero above the diagonal), from the formula."""
+    out = []
+    for b in range(offsets.numel() - 1):
+        s0, s1 = int(offsets[b]), int(offsets[b + 1])
+        ts = timestamps[s0:s1]
+        tq = torch.cat([ts[1:], ts[-1:]])
+        i = torch.arange(s1 - s0)
+        dt = (tq[:, None] - ts[None, :]).abs().clamp(min=1).float()
+        bucket = (torch.log(dt) / 0.301).long().clamp(0, time_w.numel() - 1)
+        rab = pos_w[i[None, :] - i[:, None] + max_seq_len - 1] + time_w[bucket]
+        out.append(torch.where(i[None, :] <= i[:, None], rab, 0.0))
+    return out
+
+
+def test_bias_buffer_layout_and_fill(tri):
+    """Row i of a sequence holds round_up(i + 1, 64) keys, rows back to back, sequences back to back; the
+    fill kernel writes every pair's bias there (zeros past the diagonal) and nothing outside."""
+    align = tri._RAB_ALIGN
+    lengths = torch.tensor([0, 1, 63, 64, 65, 130, 7])
+    naive = [sum(-(-(i + 1) // align) * align for i in range(n)) for n in lengths.tolist()]
+    assert tri._rab_numel(lengths).tolist() == naive
+    q, k, v, offsets, ts, pos_w, time_w, n = make_inputs(lengths.tolist(), seed=4)
+    batch = tri._check(q, k, v, offsets, ts, pos_w, time_w, n)
+    assert batch.rab_numel == sum(naive)
+    assert batch.rab_base.tolist() == [sum(naive[:b]) for b in range(len(naive))]
+    rab = tri._fill_rab(batch, offsets, pos_w, time_w, n, torch.float32)
+    expected = naive_rab(offsets, ts, pos_w, time_w, n)
+    cursor = 0
+    for seq, length in zip(expected, lengths.tolist(), strict=True):
+        for i in range(length):
+            row_len = -(-(i + 1) // align) * align
+            want = seq.new_zeros(row_len)
+            want[: i + 1] = seq[i, : i + 1]
+            torch.testing.assert_close(rab[cursor : cursor + row_len], want)
+            cursor += row_len
+    assert cursor == rab.numel()
+
+
+def test_bias_buffer_tile_reads_stay_inside_their_sequence(tri):
+    """The kernels read bias tiles without masks: every tile any config visits must lie within its
+    sequence's part of the buffer (rows past the end are clamped to the last one)."""
+    tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tri._FWD_CONFIGS}
+    tiles |= {(tri._INTERPRET_BLOCK, tri._INTERPRET_BLOCK)}
+    dkdv = {c.kwargs["BLOCK"] for c in tri._DKDV_CONFIGS} | {tri._INTERPRET_BLOCK}
+    lengths = torch.arange(1, 300)
+    row_start = torch.cat([torch.zeros(1, dtype=torch.int64), tri._rab_numel(lengths)])  # of rows 0..299
+    for length in lengths.tolist():
+        reads = []  # (first row, last row, first key, keys) of every tile visited
+        for bm, bn in tiles:
+            for m0 in range(0, length, bm):
+                reads += [(m0, m0 + bm - 1, n0, bn) for n0 in range(0, min(m0 + bm, length), bn)]
+        for block in dkdv:
+            for n0 in range(0, length, block):
+                reads += [(m0, m0 + block - 1, n0, block) for m0 in range(n0, length, block)]
+        for first, last, n0, width in reads:
+            rows = torch.arange(first, last + 1).clamp(max=length - 1)
+            assert int(row_start[rows].max()) + n0 + width <= int(row_start[length]), (length, first, n0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol", "atol"), [(torch.float32, 1e-4, 1e-5), (torch.bfloat16, 4e-2, 1e-3)]
+)
+def test_bias_buffer_path_matches_naive_oracle(tri, monkeypatch, dtype, rtol, atol):
+    """The kernels reading rab from the precomputed buffer (the GPU default when it fits): forward and all
+    five gradients, on lengths that cross the buffer's 64-key rows and the 16-row interpreter blocks."""
+    monkeypatch.setattr(tri, "_RAB_TILES", True)
+    out, ref, leaves, ref_leaves = run_both(tri, [1, 70, 0, 17, 64], denominator=None, dtype=dtype)
+    assert_close(out, ref, "out", rtol, atol)
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
+
+
 def test_matches_team_reference_backend(tri):
     """Same numbers as modules.hstu_attention's reference backend (denominator = max_seq_len there)."""
     hstu_attention = pytest.importorskip("modules.hstu_attention").hstu_attention
@@ -183,14 +256,18 @@ def test_kernels_compile_for_hopper(tri):
 
     Runs benchmarks/triton_compile.py in a fresh process without TRITON_INTERPRET: layouts, tensor-core
     shapes and shared memory are only checked there, and no GPU is needed to check them. Every bf16 config
-    is compiled, both time-bias lookups included; fp32 (correctness only) compiles one small tile.
+    is compiled, with and without the bias buffer and with both time-bias lookups; fp32 (correctness only)
+    compiles one small tile.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(REPO / "benchmarks" / "triton_compile.py"), "--dtypes", "bf16,fp32"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    bf16 = 2 * len(tri._FWD_CONFIGS) + len(tri._DKDV_CONFIGS)  # every config the autotuner may pick
-    assert f"RESULT arch=sm_90 compiled={bf16 + 3} failed=0" in proc.stdout, proc.stdout  # + one fp32 each
+    with_buffer = [tri._prune_configs(c, {}, RAB_TILES=True) for c in (tri._FWD_CONFIGS, tri._DKDV_CONFIGS)]
+    bf16 = 2 * len(tri._FWD_CONFIGS) + len(tri._DKDV_CONFIGS) + 2 * len(with_buffer[0]) + len(with_buffer[1])
+    fp32 = 3 * 2  # one small tile per kernel, with and without the buffer
+    compiled = bf16 + fp32 + 2  # and the buffer's fill kernel in each dtype
+    assert f"RESULT arch=sm_90 compiled={compiled} failed=0" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize(("gap_scale", "kernel_dtype"), [(1e6, torch.int32), (3e8, torch.int64)])
@@ -202,7 +279,7 @@ def test_timestamps_relative_to_each_sequence(tri, gap_scale, kernel_dtype):
     g = torch.Generator().manual_seed(12)
     ts = 1_600_000_000 + (torch.rand(sum(lengths), generator=g) * gap_scale).long().cumsum(0)
     ts[3] -= 5_000  # one out of order
-    _, kernel_ts = tri._check(q, k, v, offsets, ts, pos_w, time_w, n)
+    kernel_ts = tri._check(q, k, v, offsets, ts, pos_w, time_w, n).timestamps
     assert kernel_ts.dtype == kernel_dtype
     for s0, s1 in ((0, 25), (25, 26), (26, 66)):  # differences within each sequence are kept exactly
         assert torch.equal(kernel_ts[s0:s1].long() - kernel_ts[s0], ts[s0:s1] - ts[s0])
@@ -221,4 +298,7 @@ def test_gpu_check_harness_runs_in_the_interpreter():
     cmd = [sys.executable, str(REPO / "benchmarks" / "hstu_attention.py"), "--cpu-smoke"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "RESULT check: PASS" in proc.stdout and "table_gather" in proc.stdout, proc.stdout
+    assert "RESULT check: PASS" in proc.stdout, proc.stdout
+    assert all(
+        f"check {name}" in proc.stdout for name in ("rab_buffer", "inline_global", "inline_table_gather")
+    )
