@@ -13,7 +13,7 @@ L1-bound at about a third of its bias-free speed (README, GPU status); the buffe
 all heads. The inline path remains for batches whose buffer would pass `_RAB_MEMORY_FRACTION` of the
 GPU's memory, and under the interpreter.
 
-Tiling (grid = (blocks, heads, sequences); each program reads its sequence's start/length from offsets):
+Tiling (grid = (heads, blocks, sequences); each program reads its sequence's start/length from offsets):
 - forward: one program per query block; one loop over the key blocks up to its last row, masked by
   j <= min(i, last position), acc += SiLU(s) @ v in fp32, times 1/den once at the end. (One masked loop
   holds fewer live registers than an unmasked loop plus a diagonal one, and spills less.)
@@ -253,8 +253,8 @@ def _hstu_fwd_kernel(
     DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
     RAB_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest work first
-    h = tl.program_id(1)
+    h = tl.program_id(0)  # heads vary fastest: the H reads of a bias tile follow each other (L2 hits)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # longest work first
     b = tl.program_id(2)
     seq_start, seq_len, inv_den = _seq_info(OFFSETS, b, DEN_IS_LEN, inv_den_const)
     m0 = pid_m * BLOCK_M
@@ -314,8 +314,8 @@ def _hstu_bwd_dq_kernel(
     DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
     RAB_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = tl.program_id(2)
     seq_start, seq_len, inv_den = _seq_info(OFFSETS, b, DEN_IS_LEN, inv_den_const)
     m0 = pid_m * BLOCK_M
@@ -382,8 +382,8 @@ def _hstu_bwd_dkdv_kernel(
     DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
     RAB_TILES: tl.constexpr, RAB_GRAD: tl.constexpr, BLOCK: tl.constexpr, TABLE_GATHER: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(0)
+    pid_n = tl.program_id(1)  # the first key blocks have the most query blocks: longest work first
     b = tl.program_id(2)
     seq_start, seq_len, inv_den = _seq_info(OFFSETS, b, DEN_IS_LEN, inv_den_const)
     n0 = pid_n * BLOCK
@@ -542,9 +542,10 @@ def _autotuned_kernels(table_gather: bool | None):
 
 
 def _grid(max_len: int, heads: int, num_seqs: int, block_name: str):
+    """(heads, blocks, sequences): the heads of one block run side by side and share its bias tiles in L2."""
     if _INTERPRET:
-        return (triton.cdiv(max_len, _INTERPRET_BLOCK), heads, num_seqs)
-    return lambda meta: (triton.cdiv(max_len, meta[block_name]), heads, num_seqs)
+        return (heads, triton.cdiv(max_len, _INTERPRET_BLOCK), num_seqs)
+    return lambda meta: (heads, triton.cdiv(max_len, meta[block_name]), num_seqs)
 
 
 def _blocks(*names: str) -> dict:
