@@ -19,7 +19,8 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
   holds fewer live registers than an unmasked loop plus a diagonal one, and spills less.)
 - backward dk/dv: one program per key block; loops over query blocks i >= j, recomputes s, accumulates
   dv += p^T do and dk += ds^T q; the bias gradients are reduced per tile before touching memory
-  (position: diagonal sums through `tl.gather`; time: one masked tile sum per bucket present in the tile),
+  (position: diagonal sums through `tl.gather`; time: masked tile sums over the buckets present in the
+  tile, four buckets per reduction),
   then added to fp32 buffers with a few atomics per tile.
 - backward dq: one program per query block, loops over key blocks like the forward (no atomics).
 Per (i, j) pair, the work besides the two products bounds the speed, so it is kept small: timestamps
@@ -155,6 +156,11 @@ def _time_bias(TIME_W, time_table, bucket, TABLE_GATHER: tl.constexpr):
         return tl.reshape(tl.gather(time_table, flat, 0), [bucket.shape[0], bucket.shape[1]])
     else:
         return tl.load(TIME_W + bucket).to(tl.float32)
+
+
+@triton.jit
+def _min_max(lo_a, hi_a, lo_b, hi_b):
+    return tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
 
 
 @triton.jit
@@ -414,6 +420,7 @@ def _hstu_bwd_dkdv_kernel(
     in_band = (src_col >= 0) & (src_col < BLOCK)
     src_col = tl.where(in_band, src_col, 0)
     tt1 = tl.arange(0, 2 * BLOCK)
+    four = tl.arange(0, 4)
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     rab_base = tl.load(RAB_BASE + b)
     for m0 in range(n0, seq_len, BLOCK):
@@ -453,12 +460,16 @@ def _hstu_bwd_dkdv_kernel(
             pos_idx = (n0 - m0) + tt1 - (BLOCK - 1) + (max_seq_len - 1)
             pos_ok = (tt1 < 2 * BLOCK - 1) & (pos_idx >= 0) & (pos_idx < 2 * max_seq_len - 1)
             tl.atomic_add(DPOS + pos_idx, diag, mask=pos_ok & (diag != 0.0))
-            # Time bias: one masked tile sum per bucket present in the tile's valid part.
-            b_lo = tl.min(tl.min(tl.where(valid, bucket, num_buckets + 1), axis=1), axis=0)
-            b_hi = tl.max(tl.max(tl.where(valid, bucket, -1), axis=1), axis=0)
-            for bk in range(b_lo, b_hi + 1):
-                part = tl.sum(tl.sum(tl.where(bucket == bk, ds, 0.0), axis=1), axis=0)
-                tl.atomic_add(DTIME + bk, part * inv_den)
+            # Time bias: masked tile sums over the buckets present in the tile's valid part, four buckets per
+            # reduction (one cross-warp exchange per four buckets; tiles away from the diagonal span few).
+            lo, hi = tl.reduce(
+                (tl.where(valid, bucket, num_buckets + 1), tl.where(valid, bucket, -1)), 1, _min_max
+            )
+            b_lo, b_hi = tl.reduce((lo, hi), 0, _min_max)
+            for bk in range(b_lo, b_hi + 1, 4):
+                onehot = bucket[None, :, :] == (bk + four)[:, None, None]  # [4, BLOCK, BLOCK]
+                part = tl.sum(tl.sum(tl.where(onehot, ds[None, :, :], 0.0), axis=2), axis=1)
+                tl.atomic_add(DTIME + bk + four, part * inv_den, mask=bk + four <= b_hi)
     tl.store(
         DK + cols * stride_dkt + h * stride_dkh + offs_dqk[None, :],
         (dk * (alpha * inv_den)).to(DK.dtype.element_ty),
