@@ -11,7 +11,7 @@ and the attention kernels read it as 16-byte-vectorised tiles. Computing it inli
 a bucket logarithm and two table gathers per head and per kernel, which on an H100 made the forward
 L1-bound at about a third of its bias-free speed (README, GPU status); the buffer does that work once for
 all heads. The inline path remains for batches whose buffer would pass `_RAB_MEMORY_FRACTION` of the
-GPU's memory, and under the interpreter.
+GPU's memory or finds no room (with a warning), and under the interpreter.
 
 Tiling (grid = (heads, blocks, sequences); each program reads its sequence's start/length from offsets):
 - forward: one program per query block; one loop over the key blocks up to its last row, masked by
@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -714,8 +715,20 @@ def _launch_args(q, v, offsets, pos_w, time_w, batch: _Batch, max_seq_len, alpha
     The buffer is filled per call (forward, then again in backward) rather than kept: it is quick to
     rebuild, and holding it per layer until backward would cost O(sum of squared lengths) memory each.
     """
-    rab_tiles = _use_rab_tiles(batch, q)
-    rab = _fill_rab(batch, offsets, pos_w, time_w, max_seq_len, q.dtype) if rab_tiles else q
+    rab, rab_tiles = q, _use_rab_tiles(batch, q)  # q: a placeholder pointer the inline path never reads
+    if rab_tiles:
+        try:
+            rab = _fill_rab(batch, offsets, pos_w, time_w, max_seq_len, q.dtype)
+        except torch.OutOfMemoryError:
+            if _RAB_TILES:
+                raise
+            gib = batch.rab_numel * q.element_size() / 2**30
+            warnings.warn(
+                f"triton_hstu_attention: no room for the {gib:.2f} GiB bias buffer; computing the bias "
+                "inline for this call (slower, same result)",
+                stacklevel=2,
+            )
+            rab_tiles = False
     block_dqk, block_dv = _dims(q.shape[2], v.shape[2])
     common = dict(
         alpha=float(alpha), inv_den_const=0.0 if denominator is None else 1.0 / float(denominator),

@@ -197,6 +197,24 @@ def test_bias_buffer_path_matches_naive_oracle(tri, monkeypatch, dtype, rtol, at
         assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
 
 
+def test_bias_buffer_out_of_memory_falls_back_to_inline(tri, monkeypatch):
+    """A GPU too full for the buffer (as the default chose it) gets the inline path and a warning, not an
+    error; pinned to the buffer, the error stands."""
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(tri, "_use_rab_tiles", lambda batch, q: True)
+    monkeypatch.setattr(tri, "_fill_rab", no_room)
+    with pytest.warns(UserWarning, match="computing the bias inline"):
+        out, ref, leaves, ref_leaves = run_both(tri, [9, 1, 30], denominator=None)
+    assert_close(out, ref, "out", 1e-4, 1e-5)
+    assert_close(leaves[4].grad, ref_leaves[4].grad, "grad time_weights", 1e-4, 1e-5)
+    monkeypatch.setattr(tri, "_RAB_TILES", True)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_both(tri, [9, 1, 30], denominator=None)
+
+
 def test_matches_team_reference_backend(tri):
     """Same numbers as modules.hstu_attention's reference backend (denominator = max_seq_len there)."""
     hstu_attention = pytest.importorskip("modules.hstu_attention").hstu_attention
