@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import math
 import statistics
 import sys
@@ -135,25 +134,57 @@ def kernel_variant(name: str):
         mod._RAB_TILES, mod._TABLE_GATHER = saved
 
 
+@contextlib.contextmanager
+def pinned_configs(fwd_config, dkdv_config):
+    """Autotune over one config per kernel: runs exactly that config (the check covers every config)."""
+    from modules import hstu_attention_triton as mod
+
+    saved = mod._FWD_CONFIGS, mod._DKDV_CONFIGS
+    mod._FWD_CONFIGS, mod._DKDV_CONFIGS = [fwd_config], [dkdv_config]
+    mod._autotuned_kernels.cache_clear()
+    try:
+        yield
+    finally:
+        mod._FWD_CONFIGS, mod._DKDV_CONFIGS = saved
+        mod._autotuned_kernels.cache_clear()
+
+
+def config_pairs(variant: str) -> list[tuple]:
+    """(forward/dq config, dk/dv config) pairs covering every config the autotuner may run in a variant."""
+    from modules import hstu_attention_triton as mod
+
+    rab_tiles, table_gather = VARIANTS[variant]
+
+    def allowed(config) -> bool:
+        gather = config.kwargs["TABLE_GATHER"]
+        return not gather if rab_tiles else table_gather in (None, gather)
+
+    fwd = [c for c in mod._FWD_CONFIGS if allowed(c)]
+    dkdv = [c for c in mod._DKDV_CONFIGS if allowed(c)]
+    return [(fwd[i % len(fwd)], dkdv[i % len(dkdv)]) for i in range(max(len(fwd), len(dkdv)))]
+
+
 def run_check(device: str = "cuda", small: bool = False) -> bool:
     """Triton vs the padded reference, forward and all five gradients, bf16 and fp32, in each kernel variant
-    (VARIANTS); one case has timestamps spanning more than 2**31 s (the int64 path)."""
+    (VARIANTS); one case has timestamps spanning more than 2**31 s (the int64 path). The first bf16 case
+    (the benchmark's head dims) also runs every autotune config, not just the one the autotuner picks."""
     from modules.hstu_attention_triton import triton_hstu_attention
 
     ok = True
     cases = [
-        # (dtype, num_seqs, min_len, max_len, heads, dqk, dv, denominator, rtol, log_gap)
-        (torch.float32, 7, 1, 300, 2, 32, 16, None, 2e-4, 14),
-        (torch.float32, 5, 1, 200, 4, 16, 16, 200.0, 2e-4, 22),
-        (torch.bfloat16, 6, 1, 700, 4, 128, 128, None, 3e-2, 14),
-        (torch.bfloat16, 16, 1, 50, 4, 16, 16, 50.0, 3e-2, 22),
+        # (dtype, num_seqs, min_len, max_len, heads, dqk, dv, denominator, rtol, log_gap, every config)
+        (torch.float32, 7, 1, 300, 2, 32, 16, None, 2e-4, 14, False),
+        (torch.float32, 5, 1, 200, 4, 16, 16, 200.0, 2e-4, 22, False),
+        (torch.bfloat16, 6, 1, 700, 4, 128, 128, None, 3e-2, 14, True),
+        (torch.bfloat16, 16, 1, 50, 4, 16, 16, 50.0, 3e-2, 22, False),
     ]
-    if small:  # CPU smoke run of this script under TRITON_INTERPRET=1
+    if small:  # CPU smoke run under TRITON_INTERPRET=1, which ignores configs: the sweep runs the harness
         cases = [
-            (torch.float32, 3, 1, 40, 2, 16, 16, None, 2e-4, 14),
-            (torch.float16, 3, 1, 40, 2, 16, 16, 40.0, 3e-2, 22),
+            (torch.float32, 3, 1, 40, 2, 16, 16, None, 2e-4, 14, False),
+            (torch.float16, 3, 1, 40, 2, 16, 16, 40.0, 3e-2, 22, True),
         ]
-    for variant, (dtype, b, lo, hi, heads, dqk, dv, den, rtol, log_gap) in itertools.product(VARIANTS, cases):
+    names = ("out", "dq", "dk", "dv", "d_pos_weights", "d_time_weights")
+    for dtype, b, lo, hi, heads, dqk, dv, den, rtol, log_gap, every_config in cases:
         n = hi
         q, k, v, offsets, ts, pos_w, time_w, lengths = make_batch(
             b, lo, hi, heads=heads, dqk=dqk, dv=dv, max_seq_len=n, dtype=dtype, device=device, seed=b,
@@ -163,34 +194,44 @@ def run_check(device: str = "cuda", small: bool = False) -> bool:
         offsets[1:] = lengths.to(device).cumsum(0)
         total = int(offsets[-1])
         q, k, v, ts = q[:total], k[:total], v[:total], ts[:total]
-        alpha = 1.0 / math.sqrt(dqk)
-        tri = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
-        ref = [x.detach().double().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
-        kw = dict(max_seq_len=n, alpha=alpha, denominator=den)
+        kw = dict(max_seq_len=n, alpha=1.0 / math.sqrt(dqk), denominator=den)
         grad = torch.randn(total, heads, dv, device=device, dtype=torch.float64)
-        with kernel_variant(variant):
-            out = triton_hstu_attention(tri[0], tri[1], tri[2], offsets, ts, tri[3], tri[4], **kw)
-            out.backward(grad.to(out.dtype))
+        ref = [x.detach().double().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
         expect = padded_reference(ref[0], ref[1], ref[2], offsets, ts, ref[3], ref[4], **kw)
         expect.backward(grad)
-        names = ("out", "dq", "dk", "dv", "d_pos_weights", "d_time_weights")
-        pairs = [(out, expect)] + [(a.grad, r.grad) for a, r in zip(tri, ref, strict=True)]
-        for name, (a, r) in zip(names, pairs, strict=True):
-            err = (a.double() - r).abs().max().item()
-            scale = r.abs().max().item()
-            good = math.isfinite(err) and err <= rtol * scale + 1e-6
-            ok &= good
-            print(
-                f"check {variant:19s} {str(dtype).split('.')[-1]:8s} B={b} L<={hi} H={heads} dqk={dqk} "
-                f"dv={dv} den={den} gaps<=e^{log_gap}: {name:15s} max err {err:.3e} (scale {scale:.3e}) "
-                f"{'ok' if good else 'FAIL'}",
-                flush=True,
-            )
+        expected = [expect.detach()] + [r.grad for r in ref]
+        runs = [(variant, None) for variant in VARIANTS]
+        if every_config:
+            runs += [(variant, pair) for variant in VARIANTS for pair in config_pairs(variant)]
+        for variant, pair in runs:
+            tri = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
+            pinned = pinned_configs(*pair) if pair else contextlib.nullcontext()
+            with kernel_variant(variant), pinned:
+                out = triton_hstu_attention(tri[0], tri[1], tri[2], offsets, ts, tri[3], tri[4], **kw)
+                out.backward(grad.to(out.dtype))
+            label = "autotuned" if pair is None else " | ".join(config_label(c) for c in pair)
+            for name, a, r in zip(names, [out] + [x.grad for x in tri], expected, strict=True):
+                err = (a.double() - r).abs().max().item()
+                scale = r.abs().max().item()
+                good = math.isfinite(err) and err <= rtol * scale + 1e-6
+                ok &= good
+                print(
+                    f"check {variant:19s} {label:34s} {str(dtype).split('.')[-1]:8s} B={b} L<={hi} H={heads} "
+                    f"dqk={dqk} dv={dv} den={den} gaps<=e^{log_gap}: {name:15s} max err {err:.3e} "
+                    f"(scale {scale:.3e}) {'ok' if good else 'FAIL'}",
+                    flush=True,
+                )
     print(
         f"RESULT check: {'PASS' if ok else 'FAIL'} (triton vs padded reference, bf16 and fp32, "
-        f"variants {', '.join(VARIANTS)}, int32 and int64 timestamps)"
+        f"variants {', '.join(VARIANTS)}, every autotune config, int32 and int64 timestamps)"
     )
     return ok
+
+
+def config_label(config) -> str:
+    blocks = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK"))
+    gather = " gather" if config.kwargs.get("TABLE_GATHER") else ""
+    return f"{blocks} w{config.num_warps} s{config.num_stages}{gather}"
 
 
 def run_benchmark(skip_padded: bool) -> None:
