@@ -440,7 +440,7 @@ def _hstu_bwd_dkdv_kernel(
         )
         tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
         valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m[:, None] & mask_n[None, :]
-        bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)  # (dead code with the buffer, frozen bias)
+        bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)  # compiled out with the buffer and no RAB_GRAD
         last_row = tl.minimum(offs_m, seq_len - 1)[:, None]
         if RAB_TILES:
             bias = _rab_tile(RAB, rab_base, last_row, offs_n)
