@@ -155,12 +155,10 @@ def config_pairs(variant: str) -> list[tuple]:
 
     rab_tiles, table_gather = VARIANTS[variant]
 
-    def allowed(config) -> bool:
-        gather = config.kwargs["TABLE_GATHER"]
-        return not gather if rab_tiles else table_gather in (None, gather)
+    def tuned(configs):
+        return mod._prune_configs(mod._lookup_configs(configs, table_gather), {}, RAB_TILES=rab_tiles)
 
-    fwd = [c for c in mod._FWD_CONFIGS if allowed(c)]
-    dkdv = [c for c in mod._DKDV_CONFIGS if allowed(c)]
+    fwd, dkdv = tuned(mod._FWD_CONFIGS), tuned(mod._DKDV_CONFIGS)
     return [(fwd[i % len(fwd)], dkdv[i % len(dkdv)]) for i in range(max(len(fwd), len(dkdv)))]
 
 
@@ -229,9 +227,10 @@ def run_check(device: str = "cuda", small: bool = False) -> bool:
 
 
 def config_label(config) -> str:
-    blocks = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK"))
+    from modules.hstu_attention_triton import _tile
+
     gather = " gather" if config.kwargs.get("TABLE_GATHER") else ""
-    return f"{blocks} w{config.num_warps} s{config.num_stages}{gather}"
+    return f"{'x'.join(map(str, _tile(config)))} w{config.num_warps} s{config.num_stages}{gather}"
 
 
 def run_benchmark(skip_padded: bool) -> None:

@@ -54,7 +54,6 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
     Each attention kernel comes twice: computing the bias per pair, and reading it from the precomputed
     buffer (`+rab`, with the fill kernel that writes it).
     """
-    fill = triton.Config({"BLOCK_R": hstu._FILL_BLOCK_ROWS, "BLOCK_C": hstu._RAB_ALIGN}, num_warps=4)
     table = {
         "fwd": (hstu._hstu_fwd_kernel, hstu._FWD_CONFIGS, {}),
         "dq": (hstu._hstu_bwd_dq_kernel, hstu._FWD_CONFIGS, {}),
@@ -63,7 +62,7 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
     specs = []
     for name in kernels:
         if name == "fill":
-            specs.append(("fill", hstu._hstu_rab_fill_kernel, [fill], {}))
+            specs.append(("fill", hstu._hstu_rab_fill_kernel, [hstu._FILL_CONFIG], {}))
             continue
         fn, configs, extra = table[name]
         specs.append((name, fn, configs, {**extra, "RAB_TILES": False}))

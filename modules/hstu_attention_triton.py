@@ -507,8 +507,8 @@ _DKDV_CONFIGS = [
     triton.Config({"BLOCK": 32, "TABLE_GATHER": True}, num_warps=4, num_stages=3),
 ]
 _KEY = ["len_key", "DQK", "DV", "DOT_PREC", "DEN_IS_LEN", "RAB_TILES"]
-_FILL_BLOCK_ROWS = 32
-"""Rows per program of the bias-buffer fill (its columns go by _RAB_ALIGN)."""
+_FILL_CONFIG = triton.Config({"BLOCK_R": 32, "BLOCK_C": _RAB_ALIGN}, num_warps=4)
+"""The bias-buffer fill's one launch config (rows per program; columns by _RAB_ALIGN)."""
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -530,6 +530,11 @@ def _tile(config: triton.Config) -> list[int]:
     return [v for k, v in config.kwargs.items() if k.startswith("BLOCK")]
 
 
+def _lookup_configs(configs: list[triton.Config], table_gather: bool | None) -> list[triton.Config]:
+    """The configs whose time-bias lookup is `table_gather` (None: all)."""
+    return [c for c in configs if table_gather in (None, c.kwargs["TABLE_GATHER"])]
+
+
 def _kernels():
     """(fwd, dq, dkdv) launchers: the raw kernels under the interpreter, autotuned ones on the GPU."""
     if _INTERPRET:
@@ -540,15 +545,15 @@ def _kernels():
 @functools.cache
 def _autotuned_kernels(table_gather: bool | None):
     """Autotuned launchers over the configs whose time-bias lookup is `table_gather` (None: all)."""
-
-    def only(configs: list[triton.Config]) -> list[triton.Config]:
-        return [c for c in configs if table_gather in (None, c.kwargs["TABLE_GATHER"])]
-
     prune = {"early_config_prune": _prune_configs}
-    fwd = triton.autotune(only(_FWD_CONFIGS), key=_KEY, prune_configs_by=prune)(_hstu_fwd_kernel)
-    dq = triton.autotune(only(_FWD_CONFIGS), key=_KEY, prune_configs_by=prune)(_hstu_bwd_dq_kernel)
+    fwd_configs = _lookup_configs(_FWD_CONFIGS, table_gather)
+    fwd = triton.autotune(fwd_configs, key=_KEY, prune_configs_by=prune)(_hstu_fwd_kernel)
+    dq = triton.autotune(fwd_configs, key=_KEY, prune_configs_by=prune)(_hstu_bwd_dq_kernel)
     dkdv = triton.autotune(
-        only(_DKDV_CONFIGS), key=[*_KEY, "RAB_GRAD"], prune_configs_by=prune, reset_to_zero=["DPOS", "DTIME"]
+        _lookup_configs(_DKDV_CONFIGS, table_gather),
+        key=[*_KEY, "RAB_GRAD"],
+        prune_configs_by=prune,
+        reset_to_zero=["DPOS", "DTIME"],
     )(_hstu_bwd_dkdv_kernel)
     return fwd, dq, dkdv
 
@@ -649,10 +654,10 @@ def _fill_rab(batch: _Batch, offsets, pos_w, time_w, max_seq_len: int, dtype: to
     """The bias buffer: rab(i, j) of every causal pair, shared by all heads, in the inputs' dtype."""
     rab = torch.empty(batch.rab_numel, dtype=dtype, device=pos_w.device)
     num_seqs = offsets.numel() - 1
-    rows = _INTERPRET_BLOCK if _INTERPRET else _FILL_BLOCK_ROWS
-    _hstu_rab_fill_kernel[(triton.cdiv(batch.longest, rows), num_seqs)](
+    blocks = {**_FILL_CONFIG.kwargs, **({"BLOCK_R": _INTERPRET_BLOCK} if _INTERPRET else {})}
+    _hstu_rab_fill_kernel[(triton.cdiv(batch.longest, blocks["BLOCK_R"]), num_seqs)](
         rab, batch.rab_base, offsets, batch.timestamps, pos_w, time_w, max_seq_len, time_w.numel() - 1,
-        FAST_MATH=_fast_math(dtype), BLOCK_R=rows, BLOCK_C=_RAB_ALIGN, num_warps=4,
+        FAST_MATH=_fast_math(dtype), num_warps=_FILL_CONFIG.num_warps, **blocks,
     )  # fmt: skip
     return rab
 
