@@ -18,7 +18,7 @@ from data_shards.config import DataConfig
 from data_shards.prepare import prepare
 from trainer.config import JobConfig
 from trainer.config_io import ConfigError, load_config
-from trainer.hstu_trainer import FAULT_INJECTION_ENV, train
+from trainer.hstu_trainer import FAULT_INJECTION_ENV, HSTUTrainer, train
 
 from _runs import REPO, free_port, make_tiny_dataset, random_text_embeddings, torchrun, write_config
 from test_text_transform import naive_text_transform
@@ -130,6 +130,27 @@ def test_bf16_autocast_trains_in_process(tmp_path, dataset):
     losses = [loss for _, loss in results["train_loss"]]
     assert all(np.isfinite(losses)) and sum(losses[-3:]) < sum(losses[:3])
     assert 0.0 <= results["test"]["ndcg@10"] <= 1.0
+
+
+def test_max_steps_mid_epoch_starts_no_untrained_batch(tmp_path, dataset, monkeypatch):
+    """Stopping at train.max_steps mid-epoch feeds the pipeline exactly those steps: no batch beyond the last
+    step is read or has its input all-to-all started (and left un-waited when the process group goes)."""
+    pulled = []
+    model_batches = HSTUTrainer._model_batches
+
+    def counted(self, batches, *, epoch, first):
+        for batch in model_batches(self, batches, epoch=epoch, first=first):
+            pulled.append(epoch)
+            yield batch
+
+    monkeypatch.setattr(HSTUTrainer, "_model_batches", counted)
+    cfg = load_config(
+        JobConfig,
+        write_config(tmp_path, dataset, "max_steps"),
+        ["train.max_steps=3", "checkpoint.resume=never"],
+    )
+    results = train(cfg)
+    assert results["steps"] == 3 and pulled == [0, 0, 0]
 
 
 def test_missing_dataset_fails_fast_with_instructions(tmp_path):

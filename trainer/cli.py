@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -40,7 +41,12 @@ def parse_job_config(
 
 
 def run_main(main: Callable[[], T]) -> T:
-    """Run an entry point; user errors (config, data, embeddings, encoder) end with one line and exit 2."""
+    """Run an entry point; user errors (config, data, embeddings, encoder) end with one line and exit 2.
+
+    A native crash (an abort or segfault in a C++ library) prints every thread's Python stack first, so a
+    rank that dies under torchrun says where it was.
+    """
+    faulthandler.enable(all_threads=True)
     try:
         return main()
     except (ConfigError, DataError, EmbeddingShardError, EncoderError) as err:

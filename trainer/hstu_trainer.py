@@ -7,6 +7,7 @@ though the train pipeline reads batches ahead.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -267,12 +268,18 @@ class HSTUTrainer:
         return self._finish(train_seconds)
 
     def _train_epoch(self, epoch: int) -> bool:
-        """One (possibly resumed) epoch of pipelined steps; True when train.max_steps is reached."""
+        """One (possibly resumed) epoch of pipelined steps; True when train.max_steps is reached.
+
+        With train.max_steps the pipeline is fed exactly the steps left, so it drains like at an epoch's end
+        and leaves no input all-to-all of an untrained batch in flight (un-waited collectives at exit).
+        """
         cfg = self.config
         first = self.state["step_in_epoch"]
         self.train_loader.set_epoch(epoch)
         self.train_loader.load_state_dict({"epoch": epoch, "batches_yielded": first})
         batches = self._model_batches(iter(self.train_loader), epoch=epoch, first=first)
+        if cfg.train.max_steps:
+            batches = itertools.islice(batches, max(cfg.train.max_steps - self.state["step"], 0))
         pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device)
         self.dmp.train()
         self.meter = Throughput()
@@ -284,13 +291,9 @@ class HSTUTrainer:
             disable=not self.world.is_main,
             leave=False,
         )
-        reached_max = False
         start = time.perf_counter()
         try:
             while True:
-                if cfg.train.max_steps and self.state["step"] >= cfg.train.max_steps:
-                    reached_max = True
-                    break
                 torch.manual_seed(step_seed(cfg.run.seed, self.world.rank, self.state["step"]))
                 try:
                     loss = pipeline.progress(batches)
@@ -310,7 +313,7 @@ class HSTUTrainer:
             pipeline.detach()
             progress.close()
             self.trained["seconds"] += time.perf_counter() - start
-        return reached_max
+        return bool(cfg.train.max_steps) and self.state["step"] >= cfg.train.max_steps
 
     def _after_step(self, loss: Tensor) -> None:
         cfg = self.config
