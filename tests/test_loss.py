@@ -42,3 +42,24 @@ def test_in_batch_logq_and_duplicate_masking():
         }
         expected += math.log(sum(math.exp(x) for x in logits.values())) - logits[i]
     assert abs(float(loss) - expected / 4) < 1e-4
+
+
+def test_losses_keep_fp32_logits_under_bf16_autocast():
+    """A confident model's gradient survives bf16 autocast: logits are not rounded to bf16's ~0.004 steps."""
+    g = torch.Generator().manual_seed(2)
+    p = F.normalize(torch.randn(16, 32, generator=g), dim=-1)
+    q = (p + 0.3 * torch.randn(16, 32, generator=g)).requires_grad_()
+    ids = torch.arange(1, 17)
+    neg = torch.randn(8, 32, generator=g)
+    neg_ids = torch.arange(100, 108)
+    cases = {
+        "in_batch": lambda: in_batch_softmax_loss(q, ids, p, temperature=0.05),
+        "sampled": lambda: sampled_softmax_loss(q, ids, p, neg_ids, neg, temperature=0.05),
+    }
+    for name, loss_fn in cases.items():
+        (ref_grad,) = torch.autograd.grad(loss_fn(), q)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn()
+        (grad,) = torch.autograd.grad(loss, q)
+        assert loss.dtype == torch.float32, name
+        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7), name
