@@ -33,8 +33,8 @@ class ModelConfig:
     """Dropout on the input embeddings and on each layer's U * LayerNorm(AV) before W_o."""
     attention_backend: AttentionBackend = "jagged"
     """`reference` (padded oracle), `jagged` (no compute on padding) or `triton` (GPU kernels)."""
-    alpha: float | None = None
-    """Scale on Q K^T; None means 1/sqrt(qk_dim). The research code used 1.0."""
+    alpha: float = 1.0
+    """Scale on Q K^T: 1.0 as in the research code (1/sqrt(qk_dim) is the transformer-style choice)."""
     denominator: Literal["max_seq_len", "seq_len"] = "max_seq_len"
     """Divide SiLU attention by max_seq_len (reference) or by each sequence's own length."""
     num_time_buckets: int = 128
@@ -59,8 +59,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ConfigError(f"model.alpha must be a positive number or omitted, got {self.alpha}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"model.alpha must be a positive number, got {self.alpha}")
         if self.num_time_buckets < 1:
             raise ConfigError(f"model.num_time_buckets must be >= 1, got {self.num_time_buckets}")
         if self.fusion == "none" and self.text_transform != "none":
@@ -72,11 +72,6 @@ class ModelConfig:
             raise ConfigError(f"model.text_dim must be >= 1 when model.fusion={self.fusion!r}")
         if self.layer_norm_eps <= 0:
             raise ConfigError(f"model.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
-
-    @property
-    def resolved_alpha(self) -> float:
-        """The Q K^T scale actually used."""
-        return self.alpha if self.alpha is not None else 1.0 / math.sqrt(self.qk_dim)
 
     @property
     def resolved_denominator(self) -> float | None:

@@ -50,7 +50,7 @@ class HSTULayer(nn.Module):
             self.pos_weights,
             self.time_weights,
             max_seq_len=c.max_seq_len,
-            alpha=c.resolved_alpha,
+            alpha=c.alpha,
             denominator=c.resolved_denominator,
             backend=c.attention_backend,
             plan=plan,

@@ -38,6 +38,8 @@ def test_command_line_beats_file_beats_defaults(tmp_path):
         ("", ["train.epochs=0"], r"train\.epochs must be >= 1"),
         ("[train\n", [], r"invalid TOML"),
         ("", ["train.lr"], r"must look like section\.key=value"),
+        ("", ["train.betas=[0.9]"], r"train\.betas must hold 2 values"),
+        ("", ["train.betas=[0.9, 'x']"], r"train\.betas\[1\] must be a number"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path, text, overrides, message):

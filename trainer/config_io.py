@@ -110,8 +110,13 @@ def _coerce(tp: Any, value: Any, *, source: str, key: str) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
-        (inner, *_) = get_args(tp) or (Any,)
-        items = [_coerce(inner, v, source=source, key=f"{key}[{i}]") for i, v in enumerate(value)]
+        args = get_args(tp) or (Any,)
+        if origin is tuple and Ellipsis not in args:  # tuple[float, float]: a fixed number of values
+            if len(value) != len(args):
+                raise ConfigError(f"{source}: {key} must hold {len(args)} values, got {value!r}")
+            pairs = enumerate(zip(args, value, strict=True))
+            return tuple(_coerce(a, v, source=source, key=f"{key}[{i}]") for i, (a, v) in pairs)
+        items = [_coerce(args[0], v, source=source, key=f"{key}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
