@@ -165,6 +165,10 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 yield rows[i]
 
 
+NO_TRUNCATION = 1 << 30
+"""A max_seq_len that keeps whole histories: evaluation excludes all of them, the model reads the tail."""
+
+
 class SequenceLoader:
     """Iterable of `SequenceBatch` for one rank; `len()` is the same on every rank (see the module doc)."""
 

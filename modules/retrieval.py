@@ -52,13 +52,20 @@ def count_above_target(
     history_ids: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> Tensor:
-    """[B] int64: items of this block scoring strictly above each target (target, history, id 0 excluded)."""
+    """[B] int64: items of this block scoring strictly above each target (target, history, id 0 excluded).
+
+    A NaN score counts as above the target, and a non-finite target score is beaten by every candidate, so
+    a diverged model ranks its targets last instead of first (NaN compares false with everything).
+    """
     pairs = _history_pairs(history_offsets, history_ids, queries.shape[0])
     counts = torch.zeros(queries.shape[0], dtype=torch.int64, device=queries.device)
+    target_broken = ~torch.isfinite(target_scores)[:, None]
     for lo in range(0, rows.shape[0], chunk_size):
         hi = min(lo + chunk_size, rows.shape[0])
         scores = _masked_chunk_scores(queries, rows, lo, hi, row_start, pairs, target_ids)
-        counts += (scores > target_scores[:, None]).sum(dim=1)
+        candidate = ~torch.isneginf(scores)
+        above = (scores > target_scores[:, None]) | (candidate & (scores.isnan() | target_broken))
+        counts += above.sum(dim=1)
     return counts
 
 

@@ -9,10 +9,26 @@ from torch import Tensor
 from modules.retrieval import DEFAULT_CHUNK, count_above_target, merge_topk, topk_block
 
 
+def target_scores(
+    queries: Tensor, target_ids: Tensor, rows: Tensor, *, row_start: int, pg: dist.ProcessGroup | None = None
+) -> Tensor:
+    """[B] score of each target's own catalog row: the owning rank's dot product, summed over the group.
+
+    Taken from the same rows every other item is scored with, so a target is never compared with itself
+    computed another way (e.g. fused under autocast).
+    """
+    local = target_ids - row_start
+    owned = (local >= 0) & (local < rows.shape[0])
+    scores = torch.zeros(queries.shape[0], dtype=queries.dtype, device=queries.device)
+    scores[owned] = (queries[owned] * rows[local[owned]].to(queries.dtype)).sum(-1)
+    if dist.is_initialized():
+        dist.all_reduce(scores, op=dist.ReduceOp.SUM, group=pg)
+    return scores
+
+
 def distributed_target_ranks(
     queries: Tensor,
     target_ids: Tensor,
-    target_vectors: Tensor,
     rows: Tensor,
     *,
     row_start: int,
@@ -22,11 +38,10 @@ def distributed_target_ranks(
     chunk_size: int = DEFAULT_CHUNK,
 ) -> Tensor:
     """[B] 1-based exact ranks: local counts of items above the target, summed with all_reduce."""
-    target_scores = (queries * target_vectors).sum(-1)
     counts = count_above_target(
         queries,
         target_ids,
-        target_scores,
+        target_scores(queries, target_ids, rows, row_start=row_start, pg=pg),
         rows,
         row_start=row_start,
         history_offsets=history_offsets,

@@ -113,11 +113,9 @@ def main(out_dir: str) -> None:
             history_ids=hist_ids,
             chunk_size=5,
         )
-        target_vecs = inner.item_vectors(targets)
         ranks = distributed_target_ranks(
             queries,
             targets,
-            target_vecs,
             vectors,
             row_start=start,
             history_offsets=hist_offsets,
@@ -134,7 +132,7 @@ def main(out_dir: str) -> None:
     ref_ranks = 1 + count_above_target(
         queries,
         targets,
-        (queries * target_vecs).sum(-1),
+        (queries * full[targets]).sum(-1),
         full,
         row_start=0,
         history_offsets=hist_offsets,

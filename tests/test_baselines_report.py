@@ -33,15 +33,16 @@ def dataset(tmp_path_factory):
     return prepare(cfg)
 
 
-def _naive_popularity(dataset, *, num_items: int, max_seq_len: int, ks: list[int]) -> dict[str, float]:
-    """Count training items (all but the last two), rank each test target by count, ties to the smaller id."""
+def _naive_popularity(dataset, *, num_items: int, ks: list[int]) -> dict[str, float]:
+    """Count training items (all but the last two), rank each test target by count (ties to the smaller id)
+    among the items outside its whole history."""
     sequences = [items for _, items, _, _ in iter_sequences(dataset)]
     counts = np.zeros(num_items + 1)
     for items in sequences:
         np.add.at(counts, items[:-2], 1)
     sums = {f"hr@{k}": 0.0 for k in ks} | {f"ndcg@{k}": 0.0 for k in ks} | {"mrr": 0.0}
     for items in sequences:
-        history, target = set(items[:-1][-max_seq_len:].tolist()), int(items[-1])
+        history, target = set(items[:-1].tolist()), int(items[-1])
         candidates = [i for i in range(1, num_items + 1) if i == target or i not in history]
         ordered = sorted(candidates, key=lambda i: (-counts[i], i))
         rank = ordered.index(target) + 1
@@ -56,9 +57,9 @@ def test_popularity_baseline_matches_naive_ranking(dataset):
     num_items = json.loads((dataset / "manifest.json").read_text())["num_items"]
     ks = [1, 5, 20]
     got = evaluate_popularity(
-        dataset, num_items=num_items, split="test", protocol="loo3", max_seq_len=10, ks=ks, batch_size=37
+        dataset, num_items=num_items, split="test", protocol="loo3", ks=ks, batch_size=37
     )
-    want = _naive_popularity(dataset, num_items=num_items, max_seq_len=10, ks=ks)
+    want = _naive_popularity(dataset, num_items=num_items, ks=ks)
     assert got.keys() == want.keys()
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=1e-12), key

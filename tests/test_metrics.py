@@ -65,3 +65,14 @@ def test_block_ranks_and_topk_match_numpy():
 
     _, ids = merge_topk(torch.cat(tops_s, 1), torch.cat(tops_i, 1), 6)
     assert ids.tolist() == exp_top
+
+
+def test_non_finite_scores_rank_the_target_last():
+    """NaN never wins a comparison, so a diverged model would rank every target first without this rule."""
+    catalog = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [float("nan"), 0.0]])
+    queries = torch.tensor([[float("nan"), 1.0], [1.0, 0.0]])
+    targets = torch.tensor([2, 1])
+    target_scores = (queries * catalog[targets]).sum(-1)
+    counts = count_above_target(queries, targets, target_scores, catalog, row_start=0)
+    # row 0: NaN query, every candidate (ids 1, 3, 4) beats it; row 1: only the NaN item 4 is above.
+    assert counts.tolist() == [3, 1]

@@ -85,7 +85,7 @@ def _naive_top_k(rec: Recommender, dataset: Path) -> tuple[list[list[int]], np.n
         generator=None,
     )
     with torch.no_grad():
-        queries, _ = rec.dmp.module.encode(model_batch)
+        queries = rec.dmp.module.encode(model_batch)
         start, rows = local_item_vectors(rec.dmp.module)
     assert start == 0 and rows.shape[0] == rec.num_items + 1
     scores = queries @ F.normalize(rows.float(), dim=-1).T

@@ -16,9 +16,14 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from data_shards.config import DataConfig
 from data_shards.prepare import prepare
+from data_shards.reader import NO_TRUNCATION, SequenceLoader
+from modules.metrics import rank_metrics
+from sharding.model import local_item_vectors
 from trainer.config import JobConfig
 from trainer.config_io import ConfigError, load_config
+from trainer.distributed import destroy_distributed, init_distributed
 from trainer.hstu_trainer import FAULT_INJECTION_ENV, HSTUTrainer, train
+from trainer.monitor import TrainingDiverged
 
 from _runs import REPO, free_port, make_tiny_dataset, random_text_embeddings, torchrun, write_config
 from test_text_transform import naive_text_transform
@@ -151,6 +156,104 @@ def test_max_steps_mid_epoch_starts_no_untrained_batch(tmp_path, dataset, monkey
     )
     results = train(cfg)
     assert results["steps"] == 3 and pulled == [0, 0, 0]
+
+
+def _in_process(tmp_path: Path, dataset: Path, name: str, overrides: list[str]) -> dict:
+    return train(load_config(JobConfig, write_config(tmp_path, dataset, name), overrides))
+
+
+def test_evaluation_excludes_history_beyond_the_model_window(tmp_path, dataset):
+    """The model reads the last data.max_seq_len items, but every item the user had is out of the ranking."""
+    window = 4
+    cfg = load_config(
+        JobConfig,
+        write_config(tmp_path, dataset, "window"),
+        [f"data.max_seq_len={window}", f"model.max_seq_len={window}", "checkpoint.resume=never"],
+    )
+    world = init_distributed()
+    trainer = HSTUTrainer(cfg, world)
+    try:
+        got = trainer._evaluate(trainer.test_loader)
+        module = trainer.dmp.module
+        module.eval()
+        catalog = torch.nn.functional.normalize(local_item_vectors(module)[1].float(), dim=-1)
+        loader = SequenceLoader(
+            dataset, split="test", batch_size=cfg.eval.batch_size, max_seq_len=NO_TRUNCATION, shuffle=False
+        )
+        ranks, longer = [], 0
+        for batch in loader:
+            with torch.no_grad():
+                queries = module.encode(trainer._eval_batch(batch.most_recent(window)))
+            offsets = batch.offsets
+            for row in range(batch.batch_size):
+                if batch.weights[row] == 0:
+                    continue
+                history = batch.item_ids[offsets[row] : offsets[row + 1]]
+                longer += len(history) > window
+                scores = catalog @ queries[row]
+                target = int(batch.targets[row])
+                target_score = float(scores[target])
+                scores[0] = scores[history] = scores[target] = float("-inf")
+                ranks.append(1 + int((scores > target_score).sum()))
+    finally:
+        trainer.close()
+        destroy_distributed()
+    assert longer > 50, "the dataset must have histories longer than the model window"
+    want = rank_metrics(torch.tensor(ranks), ks=cfg.eval.ks)
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_resume_takes_the_new_learning_rate(tmp_path, dataset):
+    """`--resume auto train.lr=...` trains on with the new lr, not the checkpoint's scheduler base lr."""
+    _in_process(tmp_path, dataset, "lr", ["train.max_steps=4"])
+    overrides = ["train.max_steps=6", "train.lr=5e-4"]
+    cfg = load_config(JobConfig, write_config(tmp_path, dataset, "lr"), overrides)
+    world = init_distributed()
+    trainer = HSTUTrainer(cfg, world)
+    try:
+        assert trainer.state["step"] == 4
+        assert trainer.adamw.param_groups[0]["lr"] == pytest.approx(5e-4 * trainer._lr_factor(4))
+        trainer.fit()
+        assert trainer.scheduler.base_lrs == [5e-4]
+        assert trainer.adamw.param_groups[0]["lr"] == pytest.approx(5e-4 * trainer._lr_factor(6))
+    finally:
+        trainer.close()
+        destroy_distributed()
+
+
+def test_early_stopped_run_stays_stopped_on_resume(tmp_path, dataset):
+    """Re-running an early-stopped command (resume auto) only re-tests it; raising the patience goes on."""
+    stop = ["eval.patience=1", "train.epochs=30"]
+    first = _in_process(tmp_path, dataset, "early", stop)
+    assert first["epochs"] < 30, "the run should have stopped early"
+    again = _in_process(tmp_path, dataset, "early", stop)
+    for key in ("steps", "history", "test"):
+        assert again[key] == first[key], key
+    more = _in_process(tmp_path, dataset, "early", ["eval.patience=3", "train.epochs=30"])
+    assert more["steps"] > first["steps"]
+
+
+def test_step_checkpoint_carries_the_evaluation_of_its_step(tmp_path, dataset):
+    """A step checkpoint written just before validation is rewritten with that validation's result."""
+    results = _in_process(tmp_path, dataset, "interval", ["train.max_steps=6", "checkpoint.interval_steps=3"])
+    state = json.loads((tmp_path / "runs/interval/checkpoints/step-000000006/train_state.json").read_text())
+    assert state["history"] == results["history"] and len(state["history"]) == 1
+    assert state["best_metric"] == results["best_valid"] is not None
+
+
+def test_paper_protocol_tests_the_final_model_without_selection(tmp_path, dataset):
+    """data.split=paper has no validation split: no early stopping or best checkpoint chosen on the test."""
+    overrides = ["data.split=paper", "train.epochs=2", "eval.patience=1"]
+    results = _in_process(tmp_path, dataset, "paper", overrides)
+    assert results["epochs"] == 2 and results["history"] == [] and results["best_valid"] is None
+    assert not (tmp_path / "runs/paper/checkpoints/best").exists()
+
+
+def test_diverged_loss_stops_training_with_a_clear_error(tmp_path, dataset):
+    """A NaN loss stops the run (on every rank) instead of training on and ranking NaN scores."""
+    overrides = ["sharding.learning_rate=1e38", "train.lr=1e30", "train.grad_clip=0.0", "train.max_steps=10"]
+    with pytest.raises(TrainingDiverged, match=r"not finite at step \d+.*lower train\.lr"):
+        _in_process(tmp_path, dataset, "nan", [*overrides, "checkpoint.resume=never"])
 
 
 def test_missing_dataset_fails_fast_with_instructions(tmp_path):

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import torch
 
-from data_shards.reader import SequenceLoader
+from data_shards.reader import NO_TRUNCATION, SequenceLoader
 from modules.jagged import last_positions, offsets_from_lengths
 from modules.metrics import metric_names, metric_sums
 from modules.retrieval import count_above_target
-
-_NO_TRUNCATION = 1 << 30
 
 
 def popularity_scores(dataset_dir: str | Path, *, num_items: int, protocol: str) -> torch.Tensor:
@@ -24,7 +22,7 @@ def popularity_scores(dataset_dir: str | Path, *, num_items: int, protocol: str)
         dataset_dir,
         split="train",
         batch_size=1024,
-        max_seq_len=_NO_TRUNCATION,
+        max_seq_len=NO_TRUNCATION,
         shuffle=False,
         protocol=protocol,
     )
@@ -46,11 +44,10 @@ def evaluate_popularity(
     num_items: int,
     split: str,
     protocol: str,
-    max_seq_len: int,
     ks: list[int],
     batch_size: int = 1024,
 ) -> dict[str, float]:
-    """HR@K / NDCG@K / MRR of the popularity ranking on `split` (single process)."""
+    """HR@K / NDCG@K / MRR of the popularity ranking on `split` (single process), whole history excluded."""
     scores = popularity_scores(dataset_dir, num_items=num_items, protocol=protocol)
     rows = scores[:, None]
     sums = torch.zeros(len(metric_names(ks)), dtype=torch.float64)
@@ -59,7 +56,7 @@ def evaluate_popularity(
         dataset_dir,
         split=split,
         batch_size=batch_size,
-        max_seq_len=max_seq_len,
+        max_seq_len=NO_TRUNCATION,
         shuffle=False,
         protocol=protocol,
     )

@@ -13,6 +13,7 @@ from data_shards.io import DataError
 from modules.blair import EncoderError
 from trainer.config import JobConfig
 from trainer.config_io import ConfigError, load_config
+from trainer.monitor import TrainingDiverged
 
 T = TypeVar("T")
 
@@ -41,7 +42,8 @@ def parse_job_config(
 
 
 def run_main(main: Callable[[], T]) -> T:
-    """Run an entry point; user errors (config, data, embeddings, encoder) end with one line and exit 2.
+    """Run an entry point; user errors (config, data, embeddings, encoder, a diverged run) end with one line
+    and exit 2.
 
     A native crash (an abort or segfault in a C++ library) prints every thread's Python stack first, so a
     rank that dies under torchrun says where it was.
@@ -49,6 +51,6 @@ def run_main(main: Callable[[], T]) -> T:
     faulthandler.enable(all_threads=True)
     try:
         return main()
-    except (ConfigError, DataError, EmbeddingShardError, EncoderError) as err:
+    except (ConfigError, DataError, EmbeddingShardError, EncoderError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,8 +1,9 @@
 """Distributed full-catalog evaluation: exact ranks of held-out items over a row-sharded catalog.
 
 Every rank encodes its own users, the queries (with targets and histories) are all-gathered, and each rank
-counts the items of ITS catalog rows that score above each target; summing those counts gives exact 1-based
-ranks, so no rank ever holds the whole catalog and every rank ends with the same metrics.
+counts the items of ITS catalog rows that score above each target (scored from its own catalog row);
+summing those counts gives exact 1-based ranks, so no rank ever holds the whole catalog and every rank ends
+with the same metrics.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from data_shards.batch import SequenceBatch
-from modules.jagged import lengths_from_offsets, offsets_from_lengths
+from modules.jagged import offsets_from_lengths
 from modules.metrics import metric_names, metric_sums
 from sharding.model import local_item_vectors
 from sharding.retrieval import distributed_target_ranks
@@ -48,27 +49,30 @@ def evaluate(
     to_model_batch: Callable[[SequenceBatch], ModelBatch],
     device: torch.device,
     ks: list[int],
+    max_seq_len: int,
     show_progress: bool = False,
     total: int | None = None,
 ) -> dict[str, float]:
-    """HR@K, NDCG@K and MRR over all users of `batches` (this rank's share), identical on every rank."""
+    """HR@K, NDCG@K and MRR over all users of `batches` (this rank's share), identical on every rank.
+
+    Batches carry each user's whole history: the model reads its last `max_seq_len` items, and all of it
+    is excluded from the ranking (as in recommendation).
+    """
     row_start, rows = local_item_vectors(task)
     rows = F.normalize(rows.float(), dim=-1)
     sums = torch.zeros(len(metric_names(ks)), dtype=torch.float64)
     count = 0.0
     for seq_batch in tqdm(batches, total=total, desc="eval", disable=not show_progress, leave=False):
-        batch = to_model_batch(seq_batch).to(device)
-        queries, target_vectors = task.encode(batch)
-        history_lengths = all_gather_rows(lengths_from_offsets(batch.offsets))
+        batch = to_model_batch(seq_batch.most_recent(max_seq_len)).to(device)
+        queries = task.encode(batch)
         weights = all_gather_rows(batch.weights)
         ranks = distributed_target_ranks(
             all_gather_rows(queries.float()),
             all_gather_rows(batch.targets),
-            all_gather_rows(target_vectors.float()),
             rows,
             row_start=row_start,
-            history_offsets=offsets_from_lengths(history_lengths),
-            history_ids=all_gather_rows(batch.id_features.values()[: batch.num_tokens]),
+            history_offsets=offsets_from_lengths(all_gather_rows(seq_batch.lengths.to(device))),
+            history_ids=all_gather_rows(seq_batch.item_ids.to(device)),
         )
         sums += metric_sums(ranks.cpu(), ks, weights.cpu())
         count += float(weights.sum())

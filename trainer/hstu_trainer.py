@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from data_shards.batch import SequenceBatch
 from data_shards.embedding_shards import load_embedding_rows, read_embedding_manifest
-from data_shards.reader import SequenceLoader
+from data_shards.reader import NO_TRUNCATION, SequenceLoader
 from modules.item_embedding import TEXT_TABLE
 from sharding.model import local_rows, transform_text_table
 from trainer.baselines import evaluate_popularity
@@ -40,7 +40,7 @@ from trainer.config_io import ConfigError, save_config
 from trainer.distributed import World, barrier, destroy_distributed, init_distributed, logger
 from trainer.evaluate import evaluate
 from trainer.model_setup import build_sharded_model, open_dataset
-from trainer.monitor import Monitor, Throughput, memory_gib
+from trainer.monitor import Monitor, Throughput, check_finite_loss, memory_gib
 from trainer.run_dir import claim_run_dir
 
 FAULT_INJECTION_ENV = "HSTU_KILL_RANK_AT_STEP"
@@ -84,10 +84,16 @@ class HSTUTrainer:
         self.num_items = int(self.manifest["num_items"])
         text_manifest = self._check_text_embeddings()
         self.protocol = config.data.split
-        self.train_loader = self._loader("train", config.train.batch_size, shuffle=True)
-        eval_split = "valid" if self.protocol == "loo3" else "test"
-        self.valid_loader = self._loader(eval_split, config.eval.batch_size, shuffle=False)
-        self.test_loader = self._loader("test", config.eval.batch_size, shuffle=False)
+        self.train_loader = self._loader("train", config.train.batch_size, config.data.max_seq_len)
+        self.valid_loader: SequenceLoader | None = None
+        if self.protocol == "loo3":
+            self.valid_loader = self._loader("valid", config.eval.batch_size, NO_TRUNCATION)
+        else:
+            logger.info(
+                "data.split=paper has no validation split: every train.epoch runs (no early stopping, no "
+                "best-checkpoint selection) and the final model is tested"
+            )
+        self.test_loader = self._loader("test", config.eval.batch_size, NO_TRUNCATION)
 
         # 3. model: item tables on meta (DMP allocates only this rank's shard), dense layers seeded alike
         tokens = config.train.batch_size * config.data.max_seq_len
@@ -142,6 +148,7 @@ class HSTUTrainer:
             self.dense_optimizer.init_state()  # AdamW state is lazy; DCP loads into existing tensors only
             self.state = self.checkpoints.load(resume, self._stateful())
             self.scheduler.load_state_dict(self.state.pop("scheduler"))
+            self._apply_optimizer_config()
             self._saved_step = self.state["step"]
         logger.info(
             "dataset %s: %d users, %d items; world %d (%s); %d train batches/rank/epoch",
@@ -177,16 +184,17 @@ class HSTUTrainer:
             )
         return manifest
 
-    def _loader(self, split: str, batch_size: int, *, shuffle: bool) -> SequenceLoader:
+    def _loader(self, split: str, batch_size: int, max_seq_len: int) -> SequenceLoader:
+        """Training reads shuffled, truncated histories; evaluation reads whole ones in order."""
         return SequenceLoader(
             self.dataset_dir,
             split=split,
             batch_size=batch_size,
-            max_seq_len=self.config.data.max_seq_len,
+            max_seq_len=max_seq_len,
             rank=self.world.rank,
             world_size=self.world.world_size,
             seed=self.config.run.seed,
-            shuffle=shuffle,
+            shuffle=split == "train",
             protocol=self.protocol,
         )
 
@@ -198,6 +206,18 @@ class HSTUTrainer:
             self.config.train.text_embeddings, block.start, block.start + block.weight.shape[0]
         )
         block.weight.copy_(torch.from_numpy(rows).to(block.weight.dtype))
+
+    def _apply_optimizer_config(self) -> None:
+        """After a resume: the checkpoint restores the optimizer's state, this run's config its settings.
+
+        The loaded scheduler and param groups carry the first launch's lr, betas and weight decay, which
+        would silently override a changed train.lr (e.g. `--resume auto train.lr=5e-4`).
+        """
+        cfg = self.config.train
+        self.scheduler.base_lrs = [cfg.lr] * len(self.adamw.param_groups)
+        lr = cfg.lr * self._lr_factor(self.scheduler.last_epoch)
+        for group in self.adamw.param_groups:
+            group.update(initial_lr=cfg.lr, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
     def _lr_factor(self, step: int) -> float:
         cfg = self.config.train
@@ -252,7 +272,7 @@ class HSTUTrainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.config
         start = time.perf_counter()
-        stop = False
+        stop = self._training_ended()
         while self.state["epoch"] < cfg.train.epochs and not stop:
             epoch = self.state["epoch"]
             stop = self._train_epoch(epoch)
@@ -261,11 +281,28 @@ class HSTUTrainer:
                 self.state["epoch"] += 1
                 self.state["step_in_epoch"] = 0
             last = stop or self.state["epoch"] >= cfg.train.epochs
-            if (epoch_done and self.state["epoch"] % cfg.eval.every_epochs == 0) or last:
+            due = (epoch_done and self.state["epoch"] % cfg.eval.every_epochs == 0) or last
+            if due and self.valid_loader is not None:
                 stop = self._validate(epoch) or stop
             self._save_step_checkpoint()
         train_seconds = time.perf_counter() - start
         return self._finish(train_seconds)
+
+    def _training_ended(self) -> bool:
+        """True when the state (a resumed run's) says training is over: max_steps reached or early-stopped.
+
+        Decided from the current config, so raising train.max_steps or eval.patience continues the run.
+        """
+        cfg = self.config
+        reached = bool(cfg.train.max_steps) and self.state["step"] >= cfg.train.max_steps
+        stopped = bool(cfg.eval.patience) and self.state["evals_since_best"] >= cfg.eval.patience
+        if reached or stopped:
+            logger.info(
+                "training already ended at step %d (%s); testing",
+                self.state["step"],
+                "train.max_steps reached" if reached else "early stopping",
+            )
+        return reached or stopped
 
     def _train_epoch(self, epoch: int) -> bool:
         """One (possibly resumed) epoch of pipelined steps; True when train.max_steps is reached.
@@ -319,12 +356,14 @@ class HSTUTrainer:
         cfg = self.config
         step = self.state["step"]
         if step % cfg.metrics.log_every_steps == 0:
+            value = float(loss)
+            check_finite_loss(value, step, self.device)
             sequences_per_s, tokens_per_s = self.meter.rate()
-            self.state["train_loss"].append([step, float(loss)])
+            self.state["train_loss"].append([step, value])
             self.monitor.scalars(
                 step,
                 {
-                    "train/loss": float(loss),
+                    "train/loss": value,
                     "train/lr": self.adamw.param_groups[0]["lr"],
                     "train/grad_norm": self.grad_norm,
                     "perf/sequences_per_s": sequences_per_s * self.world.world_size,
@@ -355,6 +394,7 @@ class HSTUTrainer:
                 to_model_batch=self._eval_batch,
                 device=self.device,
                 ks=self.config.eval.ks,
+                max_seq_len=self.config.data.max_seq_len,
                 show_progress=self.world.is_main,
                 total=len(loader),
             )
@@ -377,6 +417,7 @@ class HSTUTrainer:
             value,
             "-" if best is None else f"{best:.4f}",
         )
+        self._saved_step = -1  # a step checkpoint taken before this evaluation must be rewritten with it
         if best is None or value > best:
             self.state.update(best_metric=value, best_epoch=epoch, evals_since_best=0)
             self._save("best")
@@ -400,7 +441,6 @@ class HSTUTrainer:
                 num_items=self.num_items,
                 split="test",
                 protocol=self.protocol,
-                max_seq_len=cfg.data.max_seq_len,
                 ks=cfg.eval.ks,
             )
         barrier()

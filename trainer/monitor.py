@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from trainer.config_io import ConfigError
 from trainer.distributed import World
@@ -26,6 +28,22 @@ class MetricsConfig:
     def __post_init__(self) -> None:
         if self.log_every_steps < 1:
             raise ConfigError("metrics.log_every_steps must be >= 1")
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being finite on some rank."""
+
+
+def check_finite_loss(loss: float, step: int, device: torch.device) -> None:
+    """Stop every rank together once any rank's loss is NaN or infinite, instead of training on."""
+    finite = torch.tensor([1.0 if math.isfinite(loss) else 0.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() < 1.0:
+        raise TrainingDiverged(
+            f"the training loss is not finite at step {step} (this rank: {loss}): the model diverged; lower "
+            "train.lr or sharding.learning_rate, set train.grad_clip, or train in fp32 (train.precision)"
+        )
 
 
 def memory_gib(device: torch.device) -> float:

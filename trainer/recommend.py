@@ -202,7 +202,7 @@ class Recommender:
             with_text=self.config.model.fusion != "none",
             generator=None,
         ).to(device)
-        queries, _ = task.encode(model_batch)
+        queries = task.encode(model_batch)
         history = {}
         if self.options.exclude_history:
             lengths = all_gather_rows(batch.lengths.to(device))

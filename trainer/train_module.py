@@ -48,14 +48,13 @@ class RecommenderTrain(nn.Module):
         return _loss_from_rows(self, batch, id_rows, text_rows)
 
     @torch.no_grad()
-    def encode(self, batch: ModelBatch) -> tuple[Tensor, Tensor]:
-        """Evaluation: (query vector at each row's last position [B, d], fused target vector [B, d])."""
+    def encode(self, batch: ModelBatch) -> Tensor:
+        """Evaluation and recommendation: the query vector at each row's last position, [B, d] fp32."""
         id_rows, text_rows = self.lookup(batch)
         with self.autocast(id_rows.device.type):
-            history, targets, _ = _split_fused(self, batch, id_rows, text_rows)
+            history, _, _ = _split_fused(self, batch, id_rows, text_rows)
             out = self.model.encoder(history, batch.offsets, batch.timestamps)
-        queries = out[last_positions(batch.offsets)].float()
-        return queries, torch.nn.functional.normalize(targets.float(), dim=-1)
+        return out[last_positions(batch.offsets)].float()
 
 
 def _split_fused(
