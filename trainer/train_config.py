@@ -46,7 +46,11 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """Full-catalog evaluation: when, how big, which metrics, and early stopping."""
+    """Full-catalog evaluation: when, how big, which metrics, and early stopping.
+
+    Validation needs data.split=loo3; under `paper` there is none, so every epoch trains and the final
+    model is tested. Each user's whole history is left out of the ranking.
+    """
 
     every_epochs: int = 1
     """Evaluate on the validation split every this many epochs (and after the last epoch)."""
