@@ -40,7 +40,7 @@ def connect(cfg: DataConfig, temp_dir: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with bounded memory that spills to `temp_dir`."""
     con = duckdb.connect(":memory:")
     con.execute(f"SET memory_limit = '{cfg.memory_limit}'")
-    con.execute(f"SET temp_directory = '{temp_dir.as_posix()}'")
+    con.execute(f"SET temp_directory = {sql_path(temp_dir)}")
     con.execute(f"SET threads = {cfg.threads}")
     con.execute("SET preserve_insertion_order = false")
     con.execute("SET enable_progress_bar = false")

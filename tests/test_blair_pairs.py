@@ -284,6 +284,16 @@ def test_bad_input_and_config_are_clear_errors(tmp_path):
         PairStream(out, rank=0, world_size=2, batch_size=1000, seed=0, shuffle_buffer=8)
 
 
+def test_paths_with_a_quote(tmp_path):
+    """Input, output and scratch folders holding a quote reach DuckDB as escaped SQL literals."""
+    folder = tmp_path / "o'brien"
+    reviews, meta = _amazon_input(folder, num_reviews=400)
+    out = prepare_pairs(_cfg(reviews, meta, folder / "pairs"))
+    assert load_pair_manifest(out)["counts"]["pairs"] == len(list(iter_pairs(out))) + len(
+        list(iter_pairs(out, "eval"))
+    )
+
+
 def test_pair_stream_splits_ranks_and_replays_any_batch(tmp_path):
     reviews, meta = _amazon_input(tmp_path, num_reviews=1000)
     out = prepare_pairs(_cfg(reviews, meta, tmp_path / "out", pairs_per_shard=100))
