@@ -28,7 +28,7 @@ SEQ_ROW_GROUP = 131072  # rows per row group of the flat sequence file: shard re
 class Processed:
     """Counts and intermediate files that the shard writer and the manifest need."""
 
-    sequences: Path  # flat rows (user, item, ts, rating) sorted by user, then time, then input order
+    sequences: Path  # flat rows (user, item, ts in seconds, rating) sorted by user, time in ms, input order
     users: Path  # (user, user_id) sorted by user
     items: Path
     counts: dict[str, int] = field(default_factory=dict)
@@ -217,11 +217,11 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
     )
     counts.update(kept_interactions=kept[0], kept_users=kept[1], kept_items=kept[2])
 
-    # one flat sort by (user, time, input order) instead of per-user ordered list aggregates (~7x cheaper);
-    # the shard writer cuts each user's rows out of it
+    # one flat sort by (user, time in ms, input order) instead of per-user ordered list aggregates (~7x
+    # cheaper); the shard writer cuts each user's rows out of it; the shards store seconds
     seq = work / "sequences.parquet"
     con.execute(
-        "COPY (SELECT u.idx AS user, i.idx AS item, e.ts, e.rating "
+        "COPY (SELECT u.idx AS user, i.idx AS item, e.ts // 1000 AS ts, e.rating "
         "FROM fin e JOIN users u USING (uk) JOIN items i USING (ik) ORDER BY u.idx, e.ts, e.ord) "
         f"TO {sql_path(seq)} (FORMAT parquet, ROW_GROUP_SIZE {SEQ_ROW_GROUP})"
     )

@@ -33,6 +33,21 @@ def _rows(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+def _amazon_files(folder: Path, reviews: list[dict | bytes], items: str) -> tuple[Path, Path]:
+    """reviews.jsonl (dicts as JSON, bytes as they are) and meta.jsonl with a titled record per item."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [r if isinstance(r, bytes) else json.dumps(r).encode() for r in reviews]
+    (folder / "reviews.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+    (folder / "meta.jsonl").write_text(
+        "".join(json.dumps({"parent_asin": i, "title": i}) + "\n" for i in items)
+    )
+    return folder / "reviews.jsonl", folder / "meta.jsonl"
+
+
+def _review(item: str, ts: int, user: str = "U") -> dict:
+    return {"user_id": user, "parent_asin": item, "rating": 5.0, "timestamp": ts}
+
+
 def test_amazon_reviews_and_metadata(tmp_path):
     stats = SkipStats()
     cfg = _cfg(tmp_path, source="amazon2023", interactions=str(FIX / "amazon/reviews.jsonl"),
@@ -40,7 +55,7 @@ def test_amazon_reviews_and_metadata(tmp_path):
     out = read_amazon2023(cfg, tmp_path, stats)
     rows = _rows(out.interactions)
     assert len(rows) == 14
-    assert rows[0] == {"user_id": "U1", "item_id": "I1", "ts": 1000, "rating": 5.0, "ord": 1}
+    assert rows[0] == {"user_id": "U1", "item_id": "I1", "ts": 1_000_000, "rating": 5.0, "ord": 1}
     assert {r["ord"] for r in rows} == {1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 16, 17, 18, 19}
     c = stats.counts
     assert c["malformed_json"] == 2  # reviews line 10, meta line 6
@@ -77,6 +92,28 @@ def test_amazon_prepare_dedup_tiebreak_and_metadata_filter(tmp_path):
     assert texts[2] == "Puzzle Box" and texts[4] == ""
 
 
+def test_amazon_orders_and_dedups_on_milliseconds(tmp_path):
+    """Events within one second keep their millisecond order; the same item again at another ms is kept."""
+    t = 1_600_000_000_000
+    events = [
+        ("A", t + 900),
+        ("B", t + 100),
+        ("C", t + 1000),
+        ("D", t + 2000),
+        ("D", t + 2500),
+        ("D", t + 2500),
+    ]
+    reviews, meta = _amazon_files(tmp_path / "raw", [_review(i, ts) for i, ts in events], "ABCD")
+    cfg = _cfg(tmp_path, source="amazon2023", interactions=str(reviews), items=str(meta),
+               min_user_interactions=4, min_item_interactions=0)  # fmt: skip
+    out = prepare(cfg)
+    ((_, items, ts, _),) = list(iter_sequences(out))
+    names = (out / "item_ids.txt").read_text().split()
+    assert [names[i - 1] for i in items] == ["B", "A", "C", "D", "D"]
+    assert ts.tolist() == [1_600_000_000, 1_600_000_000, 1_600_000_001, 1_600_000_002, 1_600_000_002]
+    assert json.loads((out / "manifest.json").read_text())["skipped"] == {"duplicate_event": 1}
+
+
 def test_amazon_rating_only_csv(tmp_path):
     stats = SkipStats()
     cfg = _cfg(tmp_path, source="amazon2023", interactions=str(FIX / "amazon/ratings.csv"),
@@ -84,8 +121,8 @@ def test_amazon_rating_only_csv(tmp_path):
     out = read_amazon2023(cfg, tmp_path, stats)
     rows = _rows(out.interactions)
     assert [(r["user_id"], r["item_id"], r["ts"]) for r in rows][:2] == [
-        ("U1", "I1", 1000),
-        ("U1", "I2", 2000),
+        ("U1", "I1", 1_000_000),
+        ("U1", "I2", 2_000_000),
     ]
     assert len(rows) == 6
     assert stats.counts["malformed_row"] == 1 and stats.counts["wrong_type:rating"] == 1
@@ -132,7 +169,7 @@ def test_steam_literal_lines(tmp_path):
     out = read_steam(cfg, tmp_path, stats)
     rows = _rows(out.interactions)
     assert [r["item_id"] for r in rows if r["user_id"] == "alice"] == ["10", "20", "30", "40", "99"]
-    assert rows[0]["ts"] == 1513468800 and rows[0]["rating"] == 1.0  # 2017-12-17 UTC
+    assert rows[0]["ts"] == 1513468800_000 and rows[0]["rating"] == 1.0  # 2017-12-17 UTC, in ms
     assert stats.counts["bad_value:date"] == 1 and stats.counts["missing_field:username"] == 1
     assert stats.counts["missing_field:id"] == 1
     texts = {r["item_id"]: r["text"] for r in _rows(out.items)}
@@ -164,7 +201,7 @@ def test_movielens_dat_and_csv(tmp_path):
     cfg = _cfg(tmp_path, interactions=str(FIX / "movielens/ratings.csv"))
     (tmp_path / "csv").mkdir()
     out = read_movielens(cfg, tmp_path / "csv", stats)
-    assert [r["ts"] for r in _rows(out.interactions)] == [1000, 1001, 1002, 1003]
+    assert [r["ts"] for r in _rows(out.interactions)] == [1_000_000, 1_001_000, 1_002_000, 1_003_000]
     texts = {r["item_id"]: r["text"] for r in _rows(out.items)}
     assert texts["20"] == "American President, The | 1995 | Comedy, Drama, Romance"
     assert texts["40"] == "Untitled" and stats.total == 0

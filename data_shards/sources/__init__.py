@@ -1,7 +1,8 @@
 """Source readers: each turns one raw format into clean Parquet chunks of interactions and item texts.
 
-Interactions: ``user_id`` (str), ``item_id`` (str), ``ts`` (int64 unix seconds), ``rating`` (float32), ``ord``
-(int64 input order, the stable tie-break). Items: ``item_id`` (str), ``text`` (str, may be empty), ``ord``.
+Interactions: ``user_id`` (str), ``item_id`` (str), ``ts`` (int64 unix milliseconds: the sources' full
+precision, so that ordering and dedup see it; the shards store seconds), ``rating`` (float32), ``ord`` (int64
+input order, the stable tie-break). Items: ``item_id`` (str), ``text`` (str, may be empty), ``ord``.
 """
 
 from __future__ import annotations

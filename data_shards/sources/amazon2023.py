@@ -3,10 +3,10 @@
 Speed: each block of lines is first parsed by Arrow's multithreaded JSON reader with an explicit schema and
 validated with vectorised checks; a block Arrow rejects (malformed line, wrong type, bad UTF-8, blank line) is
 bisected, and only the small pieces that still fail go through the line-by-line Python validator, which
-applies the same rules and records every skip with its file:line. Timestamps are milliseconds in the files and
-seconds in the dataset. Large JSONL files are cut into line-aligned blocks by the main process (which also
-hashes them) and validated by `data.threads` worker processes, one Parquet part per block, with the skips
-merged in block order so counts and examples match a sequential read.
+applies the same rules and records every skip with its file:line. Timestamps stay in milliseconds, as in the
+files (the shards store seconds). Large JSONL files are cut into line-aligned blocks by the main process
+(which also hashes them) and validated by `data.threads` worker processes, one Parquet part per block, with
+the skips merged in block order so counts and examples match a sequential read.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
             {
                 "user_id": users,
                 "item_id": items,
-                "ts": pc.divide(ts, 1000),
+                "ts": ts,
                 "rating": t["rating"],
                 "ord": lines,
             }
@@ -225,7 +225,7 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
         if ts <= 0:
             stats.skip("bad_value:timestamp", path, line_no, str(ts))
             return
-        sink.append(user, item, ts // 1000, rating, base | line_no)
+        sink.append(user, item, ts, rating, base | line_no)
 
     return on_table, on_line
 
@@ -267,7 +267,7 @@ def read_ratings_csv(
             if ts <= 0:
                 stats.skip("bad_value:timestamp", path, line_no, str(ts))
                 continue
-            sink.append(user, item, ts // 1000, rating, base | line_no)
+            sink.append(user, item, ts, rating, base | line_no)
 
 
 def _meta_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipStats, empty: list[int]):

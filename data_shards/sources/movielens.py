@@ -57,7 +57,7 @@ def _default_items(ratings: Path) -> Path:
 
 
 def read_movielens(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutput:
-    """Validate MovieLens ratings and movies into Parquet (ids kept as strings, timestamps in seconds)."""
+    """Validate MovieLens ratings and movies into Parquet (ids kept as strings, timestamps in ms)."""
     if cfg.interactions:
         ratings = check_file(cfg.interactions, "MovieLens ratings")
         items = check_file(cfg.items, "MovieLens movies") if cfg.items else _default_items(ratings)
@@ -97,7 +97,7 @@ def read_movielens(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutpu
         except ValueError:
             stats.skip("wrong_type:timestamp", ratings, line_no, f"{parts[3]!r} is not a number")
             continue
-        sink.append(user, item, ts, rating, line_no)
+        sink.append(user, item, ts * 1000, rating, line_no)
     sink.close()
     out.inputs.append(info)
 

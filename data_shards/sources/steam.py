@@ -16,17 +16,18 @@ from data_shards.sources import INTERACTION_SCHEMA, ITEM_SCHEMA, ORD_FILE_SHIFT,
 from data_shards.text import steam_text
 
 
-def _date_seconds(value: object, cache: dict[str, int]) -> int | None:
+def _date_ms(value: object, cache: dict[str, int]) -> int | None:
+    """A ``YYYY-MM-DD`` date as unix milliseconds (midnight UTC), or None if it is not one."""
     if not isinstance(value, str):
         return None
-    secs = cache.get(value)
-    if secs is None:
+    ms = cache.get(value)
+    if ms is None:
         try:
             day = dt.datetime.strptime(value.strip(), "%Y-%m-%d").replace(tzinfo=dt.UTC)
         except ValueError:
             return None
-        secs = cache[value] = int(day.timestamp())
-    return secs
+        ms = cache[value] = int(day.timestamp()) * 1000
+    return ms
 
 
 def read_steam(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutput:
@@ -48,7 +49,7 @@ def read_steam(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutput:
         if rec.get("date") is None:
             stats.skip("missing_field:date", reviews, line_no)
             continue
-        ts = _date_seconds(rec["date"], cache)
+        ts = _date_ms(rec["date"], cache)
         if ts is None:
             stats.skip("bad_value:date", reviews, line_no, f"expected YYYY-MM-DD, got {rec['date']!r:.30}")
             continue
