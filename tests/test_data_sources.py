@@ -114,6 +114,46 @@ def test_amazon_orders_and_dedups_on_milliseconds(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["skipped"] == {"duplicate_event": 1}
 
 
+@pytest.mark.parametrize("arrow", [True, False])
+def test_amazon_absurd_timestamp_or_rating_is_a_counted_skip(tmp_path, monkeypatch, arrow):
+    """Timestamps beyond int64 ms or <= 0 and ratings that are no finite float32 are skips, never crashes;
+    the Arrow block path (file 1 parses in Arrow) and the per-line path count the same."""
+    if not arrow:
+        monkeypatch.setattr(amazon2023, "_arrow_parse", lambda block, schema: None)
+    t = 1_600_000_000_000
+    good = [_review(i, t + k * 1000) for k, i in enumerate("ABCD")]
+    parsed = [_review("A", 0, "V"), {"user_id": "V", "parent_asin": "A", "rating": -1e39, "timestamp": t}]
+    rejected = [
+        b'{"user_id": "V", "parent_asin": "A", "rating": 5.0, "timestamp": 99999999999999999999999}',
+        json.dumps(_review("A", 2**63, "V")).encode(),
+        b'{"user_id": "V", "parent_asin": "A", "rating": NaN, "timestamp": 1600000000000}',
+        b'{"user_id": "V", "parent_asin": "A", "rating": Infinity, "timestamp": 1600000000000}',
+        b'{"user_id": "V", "parent_asin": "A", "rating": 5.0, "timestamp": ' + b"9" * 5000 + b"}",
+    ]
+    for name, bad, counts in (
+        ("1", parsed, {"bad_value:timestamp": 1, "wrong_type:rating": 1}),
+        ("2", rejected, {"bad_value:timestamp": 2, "wrong_type:rating": 2, "malformed_json": 1}),
+    ):
+        reviews, meta = _amazon_files(tmp_path / name, good + bad, "ABCD")
+        cfg = _cfg(tmp_path, source="amazon2023", interactions=str(reviews), items=str(meta))
+        stats = SkipStats()
+        out = read_amazon2023(cfg, tmp_path / name, stats)
+        assert [r["item_id"] for r in _rows(out.interactions)] == ["A", "B", "C", "D"]
+        assert stats.counts == counts
+        assert stats.examples["bad_value:timestamp"][0].startswith(f"{reviews}:5")
+    csv = tmp_path / "ratings.csv"
+    rows = ["U,A,5.0,1000", "U,B,nan,2000", "U,C,inf,3000", "U,D,5.0,99999999999999999999999", "U,E,5.0,-1"]
+    csv.write_text("user_id,parent_asin,rating,timestamp\n" + "\n".join(rows) + "\n")
+    stats = SkipStats()
+    (tmp_path / "csv").mkdir()
+    out = read_amazon2023(_cfg(tmp_path, source="amazon2023", interactions=str(csv), items=str(meta)),
+                          tmp_path / "csv", stats)  # fmt: skip
+    assert [r["item_id"] for r in _rows(out.interactions)] == ["A"]
+    assert stats.counts == {"wrong_type:rating": 2, "bad_value:timestamp": 2}
+    assert stats.examples["wrong_type:rating"] == [f"{csv}:3: 'nan' is not a finite float32",
+                                                   f"{csv}:4: 'inf' is not a finite float32"]  # fmt: skip
+
+
 def test_amazon_rating_only_csv(tmp_path):
     stats = SkipStats()
     cfg = _cfg(tmp_path, source="amazon2023", interactions=str(FIX / "amazon/ratings.csv"),
@@ -205,6 +245,24 @@ def test_movielens_dat_and_csv(tmp_path):
     texts = {r["item_id"]: r["text"] for r in _rows(out.items)}
     assert texts["20"] == "American President, The | 1995 | Comedy, Drama, Romance"
     assert texts["40"] == "Untitled" and stats.total == 0
+
+
+def test_movielens_absurd_timestamp_or_rating_is_a_counted_skip(tmp_path):
+    """inf, 1e400, NaN or negative seconds and non-finite ratings are skips with file:line, never crashes."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    rows = ["1,1,4.0,100", "1,2,4.0,inf", "1,3,4.0,1e400", "1,4,4.0,nan", "1,5,4.0,-5", "1,6,4.0,1e16",
+            "1,7,nan,101", "1,8,-inf,102", "1,9,1e39,103"]  # fmt: skip
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "\n".join(rows) + "\n")
+    (folder / "movies.csv").write_text("movieId,title,genres\n1,Movie (2000),Drama\n")
+    stats = SkipStats()
+    out = read_movielens(_cfg(tmp_path, interactions=str(folder / "ratings.csv")), tmp_path, stats)
+    assert [(r["item_id"], r["ts"]) for r in _rows(out.interactions)] == [("1", 100_000)]
+    assert stats.counts == {"bad_value:timestamp": 5, "wrong_type:rating": 3}
+    assert (
+        stats.examples["bad_value:timestamp"][0]
+        == f"{folder / 'ratings.csv'}:3: 'inf' is not unix seconds >= 0"
+    )
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -23,6 +24,13 @@ INTERACTION_SCHEMA = pa.schema(
 )  # fmt: skip
 ITEM_SCHEMA = pa.schema([("item_id", pa.string()), ("text", pa.string()), ("ord", pa.int64())])
 ORD_FILE_SHIFT = 40  # ord = file_index << 40 | line_no: input order across several files
+MAX_TS_MS = (1 << 63) - 1  # ``ts`` is an int64 of milliseconds; a later (absurd) time is a bad_value skip
+MAX_RATING = float(np.finfo(np.float32).max)  # ratings are stored as float32
+
+
+def finite_rating(value: float) -> bool:
+    """Whether a rating survives as a finite float32 (False for NaN, infinities and larger magnitudes)."""
+    return abs(value) <= MAX_RATING
 
 
 class ParquetSink:

@@ -39,7 +39,16 @@ from data_shards.io import (
     iter_line_spans,
     parse_json_line,
 )
-from data_shards.sources import INTERACTION_SCHEMA, ITEM_SCHEMA, ORD_FILE_SHIFT, ParquetSink, SourceOutput
+from data_shards.sources import (
+    INTERACTION_SCHEMA,
+    ITEM_SCHEMA,
+    MAX_RATING,
+    MAX_TS_MS,
+    ORD_FILE_SHIFT,
+    ParquetSink,
+    SourceOutput,
+    finite_rating,
+)
 from data_shards.text import amazon_text
 
 REVIEW_FIELDS = pa.schema(
@@ -174,14 +183,15 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
         u_miss, u_blank, users = _null_or_blank(t["user_id"])
         i_miss, i_blank, items = _null_or_blank(t["parent_asin"])
         r_miss = t["rating"].is_null().to_numpy(zero_copy_only=False)
-        r_nan = pc.fill_null(pc.is_nan(t["rating"]), False).to_numpy(zero_copy_only=False)
+        r_ok = pc.less_equal(pc.abs(t["rating"]), MAX_RATING)  # as `finite_rating`: NaN compares false
+        r_bad = pc.fill_null(pc.invert(r_ok), False).to_numpy(zero_copy_only=False)
         ts = t["timestamp"]
         t_miss = ts.is_null().to_numpy(zero_copy_only=False)
         t_bad = pc.fill_null(pc.less_equal(ts, 0), False).to_numpy(zero_copy_only=False)
         checks = [
             ("missing_field:user_id", u_miss), ("empty_field:user_id", u_blank),
             ("missing_field:parent_asin", i_miss), ("empty_field:parent_asin", i_blank),
-            ("missing_field:rating", r_miss), ("wrong_type:rating", r_nan),
+            ("missing_field:rating", r_miss), ("wrong_type:rating", r_bad),
             ("missing_field:timestamp", t_miss), ("bad_value:timestamp", t_bad),
         ]  # fmt: skip
         code = _first_failure(checks, n)
@@ -213,6 +223,9 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
         rating = get_number(rec, "rating", path, line_no, stats)
         if rating is None:
             return
+        if not finite_rating(rating):
+            stats.skip("wrong_type:rating", path, line_no, f"{rating!r} is not a finite float32")
+            return
         ts = rec.get("timestamp")
         if ts is None:
             stats.skip("missing_field:timestamp", path, line_no)
@@ -222,8 +235,8 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
                 "wrong_type:timestamp", path, line_no, f"expected integer milliseconds, got {ts!r:.30}"
             )
             return
-        if ts <= 0:
-            stats.skip("bad_value:timestamp", path, line_no, str(ts))
+        if not 0 < ts <= MAX_TS_MS:
+            stats.skip("bad_value:timestamp", path, line_no, f"{ts!r:.30} is not a positive int64 of ms")
             return
         sink.append(user, item, ts, rating, base | line_no)
 
@@ -259,13 +272,18 @@ def read_ratings_csv(
             except ValueError:
                 stats.skip("wrong_type:rating", path, line_no, f"{parts[2]!r} is not a number")
                 continue
+            if not finite_rating(rating):
+                stats.skip("wrong_type:rating", path, line_no, f"{parts[2]!r} is not a finite float32")
+                continue
             try:
                 ts = int(parts[3])
             except ValueError:
                 stats.skip("wrong_type:timestamp", path, line_no, f"{parts[3]!r} is not an integer")
                 continue
-            if ts <= 0:
-                stats.skip("bad_value:timestamp", path, line_no, str(ts))
+            if not 0 < ts <= MAX_TS_MS:
+                stats.skip(
+                    "bad_value:timestamp", path, line_no, f"{parts[3]!r:.30} is not a positive int64 of ms"
+                )
                 continue
             sink.append(user, item, ts, rating, base | line_no)
 

@@ -9,7 +9,15 @@ from pathlib import Path
 
 from data_shards.config import DataConfig
 from data_shards.io import DataError, FileInfo, SkipStats, check_file, iter_lines
-from data_shards.sources import INTERACTION_SCHEMA, ITEM_SCHEMA, ORD_FILE_SHIFT, ParquetSink, SourceOutput
+from data_shards.sources import (
+    INTERACTION_SCHEMA,
+    ITEM_SCHEMA,
+    MAX_TS_MS,
+    ORD_FILE_SHIFT,
+    ParquetSink,
+    SourceOutput,
+    finite_rating,
+)
 from data_shards.text import movielens_text
 
 _YEAR = re.compile(r"^(.*?)\s*\((\d{4})\)\s*$")
@@ -92,12 +100,18 @@ def read_movielens(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutpu
         except ValueError:
             stats.skip("wrong_type:rating", ratings, line_no, f"{parts[2]!r} is not a number")
             continue
+        if not finite_rating(rating):
+            stats.skip("wrong_type:rating", ratings, line_no, f"{parts[2]!r} is not a finite float32")
+            continue
         try:
-            ts = int(float(parts[3]))
+            secs = float(parts[3])
         except ValueError:
             stats.skip("wrong_type:timestamp", ratings, line_no, f"{parts[3]!r} is not a number")
             continue
-        sink.append(user, item, ts * 1000, rating, line_no)
+        if not 0 <= secs < MAX_TS_MS / 1000:  # also NaN and inf (1e400 parses as inf)
+            stats.skip("bad_value:timestamp", ratings, line_no, f"{parts[3]!r:.30} is not unix seconds >= 0")
+            continue
+        sink.append(user, item, int(secs) * 1000, rating, line_no)
     sink.close()
     out.inputs.append(info)
 
