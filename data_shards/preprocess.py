@@ -185,6 +185,14 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
                 for item, k in missing
             ]
             n -= dropped
+            if n == 0:
+                raise DataError(
+                    f"{src.inputs[-1].path}: no interacted item has a metadata record ({dropped:,} "
+                    f"interactions dropped as item_without_metadata, e.g. item {missing[0][0]!r}); check "
+                    "that this file is the metadata of these interactions (Amazon: keyed by parent_asin, "
+                    "same category), or keep such items: data.drop_items_without_metadata = false (iterative "
+                    "k-core)"
+                )
         con.execute("DROP TABLE missing")
     log.info("dedup + metadata filter: %s interactions (%.1fs)", f"{n:,}", time.perf_counter() - t0)
 

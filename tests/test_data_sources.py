@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_shards.config import DataConfig
-from data_shards.io import SkipStats, iter_json_records, iter_literal_records
+from data_shards.io import DataError, SkipStats, iter_json_records, iter_literal_records
 from data_shards.prepare import prepare
 from data_shards.reader import iter_item_texts, iter_sequences
 from data_shards.sources import amazon2023
@@ -152,6 +153,21 @@ def test_amazon_absurd_timestamp_or_rating_is_a_counted_skip(tmp_path, monkeypat
     assert stats.counts == {"wrong_type:rating": 2, "bad_value:timestamp": 2}
     assert stats.examples["wrong_type:rating"] == [f"{csv}:3: 'nan' is not a finite float32",
                                                    f"{csv}:4: 'inf' is not a finite float32"]  # fmt: skip
+
+
+def test_metadata_matching_no_item_is_its_own_error(tmp_path):
+    """Metadata keyed otherwise (2018-style `asin`) drops every interaction: the error names the metadata
+    file, the count and an item without metadata, not the k-core thresholds."""
+    reviews, _ = _amazon_files(tmp_path / "raw", [_review(i, 1000 * k) for k, i in enumerate("ABCDE", 1)], "")
+    meta = tmp_path / "raw" / "meta.jsonl"
+    meta.write_text("".join(json.dumps({"asin": i, "title": i}) + "\n" for i in "ABCDE"))
+    cfg = _cfg(tmp_path, source="amazon2023", interactions=str(reviews), items=str(meta),
+               min_user_interactions=4, min_item_interactions=0)  # fmt: skip
+    expected = f"{meta}: no interacted item has a metadata record (5 interactions dropped as "
+    with pytest.raises(
+        DataError, match="^" + re.escape(expected + "item_without_metadata, e.g. item 'A'); ")
+    ):
+        prepare(cfg)
 
 
 def test_amazon_rating_only_csv(tmp_path):
