@@ -170,6 +170,22 @@ def test_metadata_matching_no_item_is_its_own_error(tmp_path):
         prepare(cfg)
 
 
+@pytest.mark.parametrize("blank", [b"", b" \t\r"])
+def test_glued_records_next_to_a_blank_line_are_malformed(tmp_path, blank):
+    """Two objects on one line are malformed_json even where a blank line in the same block evens out
+    Arrow's row count (each line is then checked by Python)."""
+    t = 1_600_000_000_000
+    glued = json.dumps(_review("A", t)).encode() + json.dumps(_review("B", t + 1000)).encode()
+    rest = [_review(i, t + 1000 * k) for k, i in enumerate("CDEF", 2)]
+    reviews, meta = _amazon_files(tmp_path / "raw", [glued, blank, *rest], "ABCDEF")
+    stats = SkipStats()
+    out = read_amazon2023(_cfg(tmp_path, source="amazon2023", interactions=str(reviews), items=str(meta)),
+                          tmp_path, stats)  # fmt: skip
+    assert [r["item_id"] for r in _rows(out.interactions)] == ["C", "D", "E", "F"]
+    assert stats.counts == {"malformed_json": 1, "blank_line": 1}
+    assert stats.examples["malformed_json"][0].startswith(f"{reviews}:1: ")
+
+
 def test_amazon_rating_only_csv(tmp_path):
     stats = SkipStats()
     cfg = _cfg(tmp_path, source="amazon2023", interactions=str(FIX / "amazon/ratings.csv"),

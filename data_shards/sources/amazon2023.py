@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import multiprocessing as mp
+import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -64,6 +65,9 @@ META_FIELDS = pa.schema(
      ("categories", pa.list_(pa.string())), ("description", pa.list_(pa.string()))]
 )  # fmt: skip
 MIN_ARROW_LINES = 64  # below this a rejected piece goes straight to Python
+# a line Python's `bytes.strip` empties: Arrow skips it, so its row count could still match the newlines
+_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
+_BLANK_FIRST_LINE = re.compile(rb"[ \t\r\x0b\x0c]*\n")
 PARALLEL_MIN_BYTES = 32 << 20  # smaller files are validated in-process (starting workers costs more)
 _ARROW_THREADS = True
 
@@ -104,7 +108,10 @@ class _TableSink:
 
 
 def _arrow_parse(block: bytes, schema: pa.Schema) -> pa.Table | None:
-    """Arrow's parse of a block, or None if Arrow rejects it or the row count does not match the lines."""
+    """Arrow's parse of a block, or None if Arrow rejects it, the row count does not match the lines, or a
+    blank line (which Arrow skips) could hide two objects glued on one line: Python then counts each line."""
+    if _BLANK_FIRST_LINE.match(block) or _BLANK_LINE.search(block):
+        return None
     if not block.isascii():
         try:  # Arrow does not check fields it ignores: bad bytes anywhere on a line reject the line
             block.decode("utf-8")
@@ -120,7 +127,7 @@ def _arrow_parse(block: bytes, schema: pa.Schema) -> pa.Table | None:
         )
     except (pa.ArrowInvalid, UnicodeDecodeError, pa.ArrowNotImplementedError):
         return None
-    if table.num_rows != count_newlines(block):  # Arrow skips blank lines silently: let Python count them
+    if table.num_rows != count_newlines(block):  # e.g. two objects glued on one line
         return None
     return table
 
