@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_shards.config import DataConfig
+from data_shards.id_maps import read_id_map
 from data_shards.io import DataError, SkipStats, iter_json_records, iter_literal_records
 from data_shards.prepare import prepare
 from data_shards.reader import iter_item_texts, iter_sequences
@@ -184,6 +185,51 @@ def test_glued_records_next_to_a_blank_line_are_malformed(tmp_path, blank):
     assert [r["item_id"] for r in _rows(out.interactions)] == ["C", "D", "E", "F"]
     assert stats.counts == {"malformed_json": 1, "blank_line": 1}
     assert stats.examples["malformed_json"][0].startswith(f"{reviews}:1: ")
+
+
+@pytest.mark.parametrize("arrow", [True, False])
+def test_amazon_ids_with_control_characters_are_counted_skips(tmp_path, monkeypatch, arrow):
+    """An id holding \\n, \\r or another control character would break the one-id-per-line id maps."""
+    if not arrow:
+        monkeypatch.setattr(amazon2023, "_arrow_parse", lambda block, schema: None)
+    t = 1_600_000_000_000
+    good = [_review(i, t + 1000 * k) for k, i in enumerate("ABCD")]
+    bad = [_review("A", t, "bob\rsmith"), _review("car\nol", t), _review("A", t, "x\x1fy")]
+    reviews, meta = _amazon_files(tmp_path / "raw", good + bad, "ABCD")
+    stats = SkipStats()
+    out = read_amazon2023(_cfg(tmp_path, source="amazon2023", interactions=str(reviews), items=str(meta)),
+                          tmp_path, stats)  # fmt: skip
+    assert [r["item_id"] for r in _rows(out.interactions)] == ["A", "B", "C", "D"]
+    assert stats.counts == {"bad_value:user_id": 2, "bad_value:parent_asin": 1}
+    assert stats.examples["bad_value:parent_asin"][0].startswith(f"{reviews}:6")
+
+
+def test_steam_and_movielens_ids_with_control_characters_are_counted_skips(tmp_path):
+    """Steam usernames and MovieLens ids with a control character are skipped; the id maps read back."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    reviews = raw / "reviews.txt"
+    lines = [repr({"username": u, "product_id": g, "date": f"2017-01-0{k}"})
+             for u in ("alice", "bob\rsmith", "carol\nx") for k, g in enumerate("12345", 1)]  # fmt: skip
+    reviews.write_text("\n".join(lines) + "\n")
+    games = raw / "games.txt"
+    games.write_text("".join(repr({"id": g, "app_name": f"Game {g}"}) + "\n" for g in "12345"))
+    cfg = _cfg(tmp_path, source="steam", interactions=str(reviews), items=str(games), min_item_interactions=0)
+    out = prepare(cfg)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["skipped"] == {"bad_value:username": 10}
+    assert (
+        m["skipped_examples"]["bad_value:username"][0]
+        == f"{reviews}:6: control character in id 'bob\\rsmith'"
+    )
+    assert read_id_map(out, "user", m["num_users"]).to_pylist() == ["alice"]
+    ratings = raw / "ratings.csv"
+    ratings.write_text("userId,movieId,rating,timestamp\n1,10,4.0,100\n1\x1f2,10,4.0,101\n1,1\x002,4.0,102\n")
+    (raw / "movies.csv").write_text("movieId,title,genres\n10,Movie (2000),Drama\n")
+    stats = SkipStats()
+    got = read_movielens(_cfg(tmp_path, interactions=str(ratings)), tmp_path, stats)
+    assert [(r["user_id"], r["item_id"]) for r in _rows(got.interactions)] == [("1", "10")]
+    assert stats.counts == {"bad_value:user_id": 1, "bad_value:item_id": 1}
 
 
 def test_amazon_rating_only_csv(tmp_path):

@@ -7,6 +7,8 @@ input order, the stable tie-break). Items: ``item_id`` (str), ``text`` (str, may
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,19 @@ ITEM_SCHEMA = pa.schema([("item_id", pa.string()), ("text", pa.string()), ("ord"
 ORD_FILE_SHIFT = 40  # ord = file_index << 40 | line_no: input order across several files
 MAX_TS_MS = (1 << 63) - 1  # ``ts`` is an int64 of milliseconds; a later (absurd) time is a bad_value skip
 MAX_RATING = float(np.finfo(np.float32).max)  # ratings are stored as float32
+
+
+# ASCII control characters (\n, \r, the \x1f delimiter of `read_id_map`...) break the id maps (one id a line)
+ID_CONTROL_CHARS = r"[\x00-\x1f\x7f]"
+_ID_CONTROL = re.compile(ID_CONTROL_CHARS)
+
+
+def id_ok(value: str, field: str, path: str | os.PathLike, line_no: int, stats: SkipStats) -> bool:
+    """Whether an id is fit for the id maps; if not (a control character), a ``bad_value:<field>`` skip."""
+    if _ID_CONTROL.search(value) is None:
+        return True
+    stats.skip(f"bad_value:{field}", path, line_no, f"control character in id {value!r:.40}")
+    return False
 
 
 def finite_rating(value: float) -> bool:

@@ -41,6 +41,7 @@ from data_shards.io import (
     parse_json_line,
 )
 from data_shards.sources import (
+    ID_CONTROL_CHARS,
     INTERACTION_SCHEMA,
     ITEM_SCHEMA,
     MAX_RATING,
@@ -49,6 +50,7 @@ from data_shards.sources import (
     ParquetSink,
     SourceOutput,
     finite_rating,
+    id_ok,
 )
 from data_shards.text import amazon_text
 
@@ -189,6 +191,10 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
         n = t.num_rows
         u_miss, u_blank, users = _null_or_blank(t["user_id"])
         i_miss, i_blank, items = _null_or_blank(t["parent_asin"])
+        u_bad, i_bad = (
+            pc.fill_null(pc.match_substring_regex(c, ID_CONTROL_CHARS), False).to_numpy(zero_copy_only=False)
+            for c in (users, items)
+        )
         r_miss = t["rating"].is_null().to_numpy(zero_copy_only=False)
         r_ok = pc.less_equal(pc.abs(t["rating"]), MAX_RATING)  # as `finite_rating`: NaN compares false
         r_bad = pc.fill_null(pc.invert(r_ok), False).to_numpy(zero_copy_only=False)
@@ -196,8 +202,9 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
         t_miss = ts.is_null().to_numpy(zero_copy_only=False)
         t_bad = pc.fill_null(pc.less_equal(ts, 0), False).to_numpy(zero_copy_only=False)
         checks = [
-            ("missing_field:user_id", u_miss), ("empty_field:user_id", u_blank),
+            ("missing_field:user_id", u_miss), ("empty_field:user_id", u_blank), ("bad_value:user_id", u_bad),
             ("missing_field:parent_asin", i_miss), ("empty_field:parent_asin", i_blank),
+            ("bad_value:parent_asin", i_bad),
             ("missing_field:rating", r_miss), ("wrong_type:rating", r_bad),
             ("missing_field:timestamp", t_miss), ("bad_value:timestamp", t_bad),
         ]  # fmt: skip
@@ -222,10 +229,10 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
         if rec is None:
             return
         user = get_str(rec, "user_id", path, line_no, stats)
-        if user is None:
+        if user is None or not id_ok(user, "user_id", path, line_no, stats):
             return
         item = get_str(rec, "parent_asin", path, line_no, stats)
-        if item is None:
+        if item is None or not id_ok(item, "parent_asin", path, line_no, stats):
             return
         rating = get_number(rec, "rating", path, line_no, stats)
         if rating is None:
@@ -273,6 +280,10 @@ def read_ratings_csv(
             user, item = parts[0].strip(), parts[1].strip()
             if not user or not item:
                 stats.skip("empty_field:user_id" if not user else "empty_field:parent_asin", path, line_no)
+                continue
+            if not id_ok(user, "user_id", path, line_no, stats):
+                continue
+            if not id_ok(item, "parent_asin", path, line_no, stats):
                 continue
             try:
                 rating = float(parts[2])

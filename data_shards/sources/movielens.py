@@ -17,6 +17,7 @@ from data_shards.sources import (
     ParquetSink,
     SourceOutput,
     finite_rating,
+    id_ok,
 )
 from data_shards.text import movielens_text
 
@@ -94,6 +95,10 @@ def read_movielens(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutpu
         user, item = parts[0].strip(), parts[1].strip()
         if not user or not item:
             stats.skip("empty_field:user_id" if not user else "empty_field:item_id", ratings, line_no)
+            continue
+        if not id_ok(user, "user_id", ratings, line_no, stats):
+            continue
+        if not id_ok(item, "item_id", ratings, line_no, stats):
             continue
         try:
             rating = float(parts[2])

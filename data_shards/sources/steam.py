@@ -12,7 +12,14 @@ from pathlib import Path
 
 from data_shards.config import DataConfig
 from data_shards.io import FileInfo, SkipStats, check_file, get_str, iter_literal_records
-from data_shards.sources import INTERACTION_SCHEMA, ITEM_SCHEMA, ORD_FILE_SHIFT, ParquetSink, SourceOutput
+from data_shards.sources import (
+    INTERACTION_SCHEMA,
+    ITEM_SCHEMA,
+    ORD_FILE_SHIFT,
+    ParquetSink,
+    SourceOutput,
+    id_ok,
+)
 from data_shards.text import steam_text
 
 
@@ -41,10 +48,10 @@ def read_steam(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutput:
     cache: dict[str, int] = {}
     for line_no, rec in iter_literal_records(reviews, stats, info=info):
         user = get_str(rec, "username", reviews, line_no, stats)
-        if user is None:
+        if user is None or not id_ok(user, "username", reviews, line_no, stats):
             continue
         item = get_str(rec, "product_id", reviews, line_no, stats)
-        if item is None:
+        if item is None or not id_ok(item, "product_id", reviews, line_no, stats):
             continue
         if rec.get("date") is None:
             stats.skip("missing_field:date", reviews, line_no)
