@@ -259,7 +259,7 @@ def parse_json_line(line: bytes, path: str | os.PathLike, line_no: int, stats: S
         return None
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # ValueError: a decode error, or an int of > 4300 digits
         stats.skip("malformed_json", path, line_no, str(err)[:80])
         return None
     if not isinstance(obj, dict):
@@ -327,16 +327,14 @@ def get_str(
 
 
 def get_number(rec: dict, key: str, path: str | os.PathLike, line_no: int, stats: SkipStats) -> float | None:
-    """A numeric field (bools and strings are wrong types), else a counted skip and None."""
+    """A numeric field (bools and strings are wrong types), else a counted skip and None; NaN and infinities
+    are returned as they are, for the caller's range check."""
     value = rec.get(key)
     if value is None:
         stats.skip(f"missing_field:{key}", path, line_no)
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         stats.skip(f"wrong_type:{key}", path, line_no, f"expected a number, got {type(value).__name__}")
-        return None
-    if value != value:  # NaN
-        stats.skip(f"wrong_type:{key}", path, line_no, "NaN")
         return None
     return float(value)
 

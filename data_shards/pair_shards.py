@@ -17,11 +17,11 @@ orders train pairs by a seeded hash (a global shuffle that never holds the pairs
                                             "item_id", "text"}
 
 Items are indexed 0..N-1 in sorted key order (as `PairCorpus.item_keys`); line = the review's line in its
-file, or its row position for a table. Shards are gzipped tars (gzip mtime 0) written by `threads` processes.
-The folder appears atomically (built in `<dataset_dir>.tmp`, then renamed) and is byte-identical for the same
-input and config. A folder of an older `pair_format` is refused with a request to prepare it again.
-`PairStream` reads one rank's train shards for training (same number of batches on every rank, a
-deterministic order per epoch, resumable at any batch).
+file, or its row number for a table (header = row 1). Shards are gzipped tars (gzip mtime 0) written by
+`threads` processes. The folder appears atomically (built in `<dataset_dir>.tmp`, then renamed) and is
+byte-identical for the same input and config. A folder of an older `pair_format` is refused with a request
+to prepare it again. `PairStream` reads one rank's train shards for training (same number of batches on
+every rank, a deterministic order per epoch, resumable at any batch).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def _stream_source(cfg: PairsConfig, work: Path, stats: SkipStats) -> tuple[list
         reviews_path = meta_path = str(Path(resolve_path(cfg.reviews_path)))
         table_items, table_reviews, profile_used = table_pairs(cfg, stats)  # a table is small: read in memory
         items = ((k, key, text) for k, (key, text) in enumerate(table_items.items()))
-        reviews = ((k, key, text) for k, (key, text) in enumerate(table_reviews))
+        reviews = iter(table_reviews)  # (row, key, text): the row is the review's identity
         inputs = [FileInfo(path=reviews_path)]
         _fill_info(inputs[0])
     else:  # steam: Python-literal lines, parsed line by line (Arrow cannot read them)

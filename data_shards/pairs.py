@@ -164,7 +164,8 @@ def load_pairs(cfg: PairsConfig) -> PairCorpus:
         items, reviews = _collect(cfg, stats, iter_steam_items, iter_steam_reviews)
         profile_used = 0
     elif cfg.source == "table":
-        items, reviews, profile_used = table_pairs(cfg, stats)
+        items, records, profile_used = table_pairs(cfg, stats)
+        reviews = [(key, text) for _, key, text in records]
     else:
         raise DataError(f"unknown pair source {cfg.source!r}")
     return _split(cfg, items, reviews, stats, profile_used=profile_used)
@@ -339,8 +340,12 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
     raise DataError(f"{path}: unsupported table format; use .parquet[.*] or .csv/.tsv")
 
 
-def table_pairs(cfg: PairsConfig, stats: SkipStats) -> tuple[dict[str, str], list[tuple[str, str]], int]:
-    """A review table -> (item key -> metadata text, [(item key, review)], profile reviews used)."""
+def table_pairs(cfg: PairsConfig, stats: SkipStats) -> tuple[dict[str, str], list[Record], int]:
+    """A review table -> (item key -> metadata text, [(row, item key, review)], profile reviews used).
+
+    Reviews come grouped by item; `row` is the review's row number (the header is row 1, as in skip
+    examples), so a review's identity does not depend on the other rows.
+    """
     path = check_file(resolve_path(cfg.reviews_path), "review table (blair.pairs.reviews_path)")
     rows = _read_table(path)
     if not rows:
@@ -359,7 +364,7 @@ def table_pairs(cfg: PairsConfig, stats: SkipStats) -> tuple[dict[str, str], lis
             continue
         by_item[str(key)].append((row_no, row))
     items: dict[str, str] = {}
-    reviews: list[tuple[str, str]] = []
+    reviews: list[Record] = []
     profile_used = 0
     for key, item_rows in by_item.items():
         meta = " | ".join(t for t in (text_of(item_rows[0][1].get(c)) for c in cfg.item_columns) if t)
@@ -385,5 +390,5 @@ def table_pairs(cfg: PairsConfig, stats: SkipStats) -> tuple[dict[str, str], lis
             if not _long_enough(text, cfg):
                 stats.skip("review_too_short", path, row_no, f"{len(text)} chars")
                 continue
-            reviews.append((key, text))
+            reviews.append((row_no, key, text))
     return items, reviews, profile_used

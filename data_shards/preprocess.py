@@ -28,7 +28,7 @@ SEQ_ROW_GROUP = 131072  # rows per row group of the flat sequence file: shard re
 class Processed:
     """Counts and intermediate files that the shard writer and the manifest need."""
 
-    sequences: Path  # flat rows (user, item, ts, rating) sorted by user, then time, then input order
+    sequences: Path  # flat rows (user, item, ts in seconds, rating) sorted by user, time in ms, input order
     users: Path  # (user, user_id) sorted by user
     items: Path
     counts: dict[str, int] = field(default_factory=dict)
@@ -40,7 +40,7 @@ def connect(cfg: DataConfig, temp_dir: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with bounded memory that spills to `temp_dir`."""
     con = duckdb.connect(":memory:")
     con.execute(f"SET memory_limit = '{cfg.memory_limit}'")
-    con.execute(f"SET temp_directory = '{temp_dir.as_posix()}'")
+    con.execute(f"SET temp_directory = {sql_path(temp_dir)}")
     con.execute(f"SET threads = {cfg.threads}")
     con.execute("SET preserve_insertion_order = false")
     con.execute("SET enable_progress_bar = false")
@@ -185,6 +185,14 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
                 for item, k in missing
             ]
             n -= dropped
+            if n == 0:
+                raise DataError(
+                    f"{src.inputs[-1].path}: no interacted item has a metadata record ({dropped:,} "
+                    f"interactions dropped as item_without_metadata, e.g. item {missing[0][0]!r}); check "
+                    "that this file is the metadata of these interactions (Amazon: keyed by parent_asin, "
+                    "same category), or keep such items: data.drop_items_without_metadata = false (iterative "
+                    "k-core)"
+                )
         con.execute("DROP TABLE missing")
     log.info("dedup + metadata filter: %s interactions (%.1fs)", f"{n:,}", time.perf_counter() - t0)
 
@@ -217,11 +225,11 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
     )
     counts.update(kept_interactions=kept[0], kept_users=kept[1], kept_items=kept[2])
 
-    # one flat sort by (user, time, input order) instead of per-user ordered list aggregates (~7x cheaper);
-    # the shard writer cuts each user's rows out of it
+    # one flat sort by (user, time in ms, input order) instead of per-user ordered list aggregates (~7x
+    # cheaper); the shard writer cuts each user's rows out of it; the shards store seconds
     seq = work / "sequences.parquet"
     con.execute(
-        "COPY (SELECT u.idx AS user, i.idx AS item, e.ts, e.rating "
+        "COPY (SELECT u.idx AS user, i.idx AS item, e.ts // 1000 AS ts, e.rating "
         "FROM fin e JOIN users u USING (uk) JOIN items i USING (ik) ORDER BY u.idx, e.ts, e.ord) "
         f"TO {sql_path(seq)} (FORMAT parquet, ROW_GROUP_SIZE {SEQ_ROW_GROUP})"
     )

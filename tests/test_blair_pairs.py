@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -13,6 +14,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "blair"))
@@ -246,6 +249,30 @@ def test_steam_shards_match_load_pairs(tmp_path):
     assert manifest["skipped"]["review_item_without_metadata"] == 8
 
 
+def test_table_pair_lines_are_table_rows(tmp_path):
+    """A table review's line is its row (header = row 1), so a row added for one item changes no other
+    review's line or held-out split; the shards hold load_pairs' pairs."""
+    table = H.write_review_table(tmp_path / "reviews.csv", reviews_per_item=6)
+    cfg = PairsConfig(source="table", reviews_path=str(table), item_column="item",
+                      item_columns=["Division Name", "Class Name"], dataset_dir=str(tmp_path / "a"),
+                      min_chars=5, eval_fraction=0.25, eval_max_queries=10**6, pairs_per_shard=50,
+                      seed=1)  # fmt: skip
+    _check_same_pairs_as_load_pairs(cfg, prepare_pairs(cfg))
+
+    def pairs_by_line(out: Path) -> dict[int, tuple[str, str]]:
+        return {p.line: (p.review, split) for split in ("train", "eval") for p in iter_pairs(out, split)}
+
+    rows = pacsv.read_csv(table).to_pylist()
+    first = pairs_by_line(tmp_path / "a")
+    assert len(first) == 32 * 6 and all(rows[line - 2]["Review Text"] in r for line, (r, _) in first.items())
+    extra = dict(rows[0], **{"Review Text": "one more review of the first item, long enough to keep"})
+    pacsv.write_csv(pa.Table.from_pylist([*rows, extra]), table)  # appended: item 1 gets a seventh review
+    prepare_pairs(dataclasses.replace(cfg, dataset_dir=str(tmp_path / "b")))
+    second = pairs_by_line(tmp_path / "b")
+    new_row = len(rows) + 2
+    assert second.pop(new_row)[0].endswith(extra["Review Text"]) and second == first
+
+
 def test_bad_input_and_config_are_clear_errors(tmp_path):
     meta = tmp_path / "meta.jsonl"
     meta.write_text(json.dumps({"parent_asin": "A1", "title": "Wireless mouse with silent clicks"}) + "\n")
@@ -282,6 +309,16 @@ def test_bad_input_and_config_are_clear_errors(tmp_path):
         PairStream(out, rank=0, world_size=4, batch_size=2, seed=0, shuffle_buffer=8)
     with pytest.raises(DataError, match="less than one batch of 1000"):
         PairStream(out, rank=0, world_size=2, batch_size=1000, seed=0, shuffle_buffer=8)
+
+
+def test_paths_with_a_quote(tmp_path):
+    """Input, output and scratch folders holding a quote reach DuckDB as escaped SQL literals."""
+    folder = tmp_path / "o'brien"
+    reviews, meta = _amazon_input(folder, num_reviews=400)
+    out = prepare_pairs(_cfg(reviews, meta, folder / "pairs"))
+    assert load_pair_manifest(out)["counts"]["pairs"] == len(list(iter_pairs(out))) + len(
+        list(iter_pairs(out, "eval"))
+    )
 
 
 def test_pair_stream_splits_ranks_and_replays_any_batch(tmp_path):

@@ -90,6 +90,15 @@ def test_kcore_matches_naive_reference(tmp_path, mode, seed):
     assert users == sorted(users)  # numeric ids keep their numeric order
 
 
+def test_paths_with_a_quote(tmp_path):
+    """Paths reach DuckDB as escaped SQL literals: input, output and scratch folders may hold a quote."""
+    folder = tmp_path / "o'brien"
+    ratings = write_movielens_csv(folder / "raw", [(1, i, 1000 + i) for i in range(1, 6)], 5)
+    cfg = DataConfig(root=str(folder / "out"), name="ds", interactions=str(ratings), min_item_interactions=0)
+    out = prepare(cfg)
+    assert [ts.tolist() for _, _, ts, _ in iter_sequences(out)] == [[1001, 1002, 1003, 1004, 1005]]
+
+
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("split")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_shards.config import DataConfig
-from data_shards.io import SkipStats, iter_json_records, iter_literal_records
+from data_shards.id_maps import read_id_map
+from data_shards.io import DataError, SkipStats, iter_json_records, iter_literal_records
 from data_shards.prepare import prepare
 from data_shards.reader import iter_item_texts, iter_sequences
 from data_shards.sources import amazon2023
@@ -33,6 +35,21 @@ def _rows(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+def _amazon_files(folder: Path, reviews: list[dict | bytes], items: str) -> tuple[Path, Path]:
+    """reviews.jsonl (dicts as JSON, bytes as they are) and meta.jsonl with a titled record per item."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [r if isinstance(r, bytes) else json.dumps(r).encode() for r in reviews]
+    (folder / "reviews.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+    (folder / "meta.jsonl").write_text(
+        "".join(json.dumps({"parent_asin": i, "title": i}) + "\n" for i in items)
+    )
+    return folder / "reviews.jsonl", folder / "meta.jsonl"
+
+
+def _review(item: str, ts: int, user: str = "U") -> dict:
+    return {"user_id": user, "parent_asin": item, "rating": 5.0, "timestamp": ts}
+
+
 def test_amazon_reviews_and_metadata(tmp_path):
     stats = SkipStats()
     cfg = _cfg(tmp_path, source="amazon2023", interactions=str(FIX / "amazon/reviews.jsonl"),
@@ -40,7 +57,7 @@ def test_amazon_reviews_and_metadata(tmp_path):
     out = read_amazon2023(cfg, tmp_path, stats)
     rows = _rows(out.interactions)
     assert len(rows) == 14
-    assert rows[0] == {"user_id": "U1", "item_id": "I1", "ts": 1000, "rating": 5.0, "ord": 1}
+    assert rows[0] == {"user_id": "U1", "item_id": "I1", "ts": 1_000_000, "rating": 5.0, "ord": 1}
     assert {r["ord"] for r in rows} == {1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 16, 17, 18, 19}
     c = stats.counts
     assert c["malformed_json"] == 2  # reviews line 10, meta line 6
@@ -77,6 +94,144 @@ def test_amazon_prepare_dedup_tiebreak_and_metadata_filter(tmp_path):
     assert texts[2] == "Puzzle Box" and texts[4] == ""
 
 
+def test_amazon_orders_and_dedups_on_milliseconds(tmp_path):
+    """Events within one second keep their millisecond order; the same item again at another ms is kept."""
+    t = 1_600_000_000_000
+    events = [
+        ("A", t + 900),
+        ("B", t + 100),
+        ("C", t + 1000),
+        ("D", t + 2000),
+        ("D", t + 2500),
+        ("D", t + 2500),
+    ]
+    reviews, meta = _amazon_files(tmp_path / "raw", [_review(i, ts) for i, ts in events], "ABCD")
+    cfg = _cfg(tmp_path, source="amazon2023", interactions=str(reviews), items=str(meta),
+               min_user_interactions=4, min_item_interactions=0)  # fmt: skip
+    out = prepare(cfg)
+    ((_, items, ts, _),) = list(iter_sequences(out))
+    names = (out / "item_ids.txt").read_text().split()
+    assert [names[i - 1] for i in items] == ["B", "A", "C", "D", "D"]
+    assert ts.tolist() == [1_600_000_000, 1_600_000_000, 1_600_000_001, 1_600_000_002, 1_600_000_002]
+    assert json.loads((out / "manifest.json").read_text())["skipped"] == {"duplicate_event": 1}
+
+
+@pytest.mark.parametrize("arrow", [True, False])
+def test_amazon_absurd_timestamp_or_rating_is_a_counted_skip(tmp_path, monkeypatch, arrow):
+    """Timestamps beyond int64 ms or <= 0 and ratings that are no finite float32 are skips, never crashes;
+    the Arrow block path (file 1 parses in Arrow) and the per-line path count the same."""
+    if not arrow:
+        monkeypatch.setattr(amazon2023, "_arrow_parse", lambda block, schema: None)
+    t = 1_600_000_000_000
+    good = [_review(i, t + k * 1000) for k, i in enumerate("ABCD")]
+    parsed = [_review("A", 0, "V"), {"user_id": "V", "parent_asin": "A", "rating": -1e39, "timestamp": t}]
+    rejected = [
+        b'{"user_id": "V", "parent_asin": "A", "rating": 5.0, "timestamp": 99999999999999999999999}',
+        json.dumps(_review("A", 2**63, "V")).encode(),
+        b'{"user_id": "V", "parent_asin": "A", "rating": NaN, "timestamp": 1600000000000}',
+        b'{"user_id": "V", "parent_asin": "A", "rating": Infinity, "timestamp": 1600000000000}',
+        b'{"user_id": "V", "parent_asin": "A", "rating": 5.0, "timestamp": ' + b"9" * 5000 + b"}",
+    ]
+    for name, bad, counts in (
+        ("1", parsed, {"bad_value:timestamp": 1, "wrong_type:rating": 1}),
+        ("2", rejected, {"bad_value:timestamp": 2, "wrong_type:rating": 2, "malformed_json": 1}),
+    ):
+        reviews, meta = _amazon_files(tmp_path / name, good + bad, "ABCD")
+        cfg = _cfg(tmp_path, source="amazon2023", interactions=str(reviews), items=str(meta))
+        stats = SkipStats()
+        out = read_amazon2023(cfg, tmp_path / name, stats)
+        assert [r["item_id"] for r in _rows(out.interactions)] == ["A", "B", "C", "D"]
+        assert stats.counts == counts
+        assert stats.examples["bad_value:timestamp"][0].startswith(f"{reviews}:5")
+    csv = tmp_path / "ratings.csv"
+    rows = ["U,A,5.0,1000", "U,B,nan,2000", "U,C,inf,3000", "U,D,5.0,99999999999999999999999", "U,E,5.0,-1"]
+    csv.write_text("user_id,parent_asin,rating,timestamp\n" + "\n".join(rows) + "\n")
+    stats = SkipStats()
+    (tmp_path / "csv").mkdir()
+    out = read_amazon2023(_cfg(tmp_path, source="amazon2023", interactions=str(csv), items=str(meta)),
+                          tmp_path / "csv", stats)  # fmt: skip
+    assert [r["item_id"] for r in _rows(out.interactions)] == ["A"]
+    assert stats.counts == {"wrong_type:rating": 2, "bad_value:timestamp": 2}
+    assert stats.examples["wrong_type:rating"] == [f"{csv}:3: 'nan' is not a finite float32",
+                                                   f"{csv}:4: 'inf' is not a finite float32"]  # fmt: skip
+
+
+def test_metadata_matching_no_item_is_its_own_error(tmp_path):
+    """Metadata keyed otherwise (2018-style `asin`) drops every interaction: the error names the metadata
+    file, the count and an item without metadata, not the k-core thresholds."""
+    reviews, _ = _amazon_files(tmp_path / "raw", [_review(i, 1000 * k) for k, i in enumerate("ABCDE", 1)], "")
+    meta = tmp_path / "raw" / "meta.jsonl"
+    meta.write_text("".join(json.dumps({"asin": i, "title": i}) + "\n" for i in "ABCDE"))
+    cfg = _cfg(tmp_path, source="amazon2023", interactions=str(reviews), items=str(meta),
+               min_user_interactions=4, min_item_interactions=0)  # fmt: skip
+    expected = f"{meta}: no interacted item has a metadata record (5 interactions dropped as "
+    with pytest.raises(
+        DataError, match="^" + re.escape(expected + "item_without_metadata, e.g. item 'A'); ")
+    ):
+        prepare(cfg)
+
+
+@pytest.mark.parametrize("blank", [b"", b" \t\r"])
+def test_glued_records_next_to_a_blank_line_are_malformed(tmp_path, blank):
+    """Two objects on one line are malformed_json even where a blank line in the same block evens out
+    Arrow's row count (each line is then checked by Python)."""
+    t = 1_600_000_000_000
+    glued = json.dumps(_review("A", t)).encode() + json.dumps(_review("B", t + 1000)).encode()
+    rest = [_review(i, t + 1000 * k) for k, i in enumerate("CDEF", 2)]
+    reviews, meta = _amazon_files(tmp_path / "raw", [glued, blank, *rest], "ABCDEF")
+    stats = SkipStats()
+    out = read_amazon2023(_cfg(tmp_path, source="amazon2023", interactions=str(reviews), items=str(meta)),
+                          tmp_path, stats)  # fmt: skip
+    assert [r["item_id"] for r in _rows(out.interactions)] == ["C", "D", "E", "F"]
+    assert stats.counts == {"malformed_json": 1, "blank_line": 1}
+    assert stats.examples["malformed_json"][0].startswith(f"{reviews}:1: ")
+
+
+@pytest.mark.parametrize("arrow", [True, False])
+def test_amazon_ids_with_control_characters_are_counted_skips(tmp_path, monkeypatch, arrow):
+    """An id holding \\n, \\r or another control character would break the one-id-per-line id maps."""
+    if not arrow:
+        monkeypatch.setattr(amazon2023, "_arrow_parse", lambda block, schema: None)
+    t = 1_600_000_000_000
+    good = [_review(i, t + 1000 * k) for k, i in enumerate("ABCD")]
+    bad = [_review("A", t, "bob\rsmith"), _review("car\nol", t), _review("A", t, "x\x1fy")]
+    reviews, meta = _amazon_files(tmp_path / "raw", good + bad, "ABCD")
+    stats = SkipStats()
+    out = read_amazon2023(_cfg(tmp_path, source="amazon2023", interactions=str(reviews), items=str(meta)),
+                          tmp_path, stats)  # fmt: skip
+    assert [r["item_id"] for r in _rows(out.interactions)] == ["A", "B", "C", "D"]
+    assert stats.counts == {"bad_value:user_id": 2, "bad_value:parent_asin": 1}
+    assert stats.examples["bad_value:parent_asin"][0].startswith(f"{reviews}:6")
+
+
+def test_steam_and_movielens_ids_with_control_characters_are_counted_skips(tmp_path):
+    """Steam usernames and MovieLens ids with a control character are skipped; the id maps read back."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    reviews = raw / "reviews.txt"
+    lines = [repr({"username": u, "product_id": g, "date": f"2017-01-0{k}"})
+             for u in ("alice", "bob\rsmith", "carol\nx") for k, g in enumerate("12345", 1)]  # fmt: skip
+    reviews.write_text("\n".join(lines) + "\n")
+    games = raw / "games.txt"
+    games.write_text("".join(repr({"id": g, "app_name": f"Game {g}"}) + "\n" for g in "12345"))
+    cfg = _cfg(tmp_path, source="steam", interactions=str(reviews), items=str(games), min_item_interactions=0)
+    out = prepare(cfg)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["skipped"] == {"bad_value:username": 10}
+    assert (
+        m["skipped_examples"]["bad_value:username"][0]
+        == f"{reviews}:6: control character in id 'bob\\rsmith'"
+    )
+    assert read_id_map(out, "user", m["num_users"]).to_pylist() == ["alice"]
+    ratings = raw / "ratings.csv"
+    ratings.write_text("userId,movieId,rating,timestamp\n1,10,4.0,100\n1\x1f2,10,4.0,101\n1,1\x002,4.0,102\n")
+    (raw / "movies.csv").write_text("movieId,title,genres\n10,Movie (2000),Drama\n")
+    stats = SkipStats()
+    got = read_movielens(_cfg(tmp_path, interactions=str(ratings)), tmp_path, stats)
+    assert [(r["user_id"], r["item_id"]) for r in _rows(got.interactions)] == [("1", "10")]
+    assert stats.counts == {"bad_value:user_id": 1, "bad_value:item_id": 1}
+
+
 def test_amazon_rating_only_csv(tmp_path):
     stats = SkipStats()
     cfg = _cfg(tmp_path, source="amazon2023", interactions=str(FIX / "amazon/ratings.csv"),
@@ -84,8 +239,8 @@ def test_amazon_rating_only_csv(tmp_path):
     out = read_amazon2023(cfg, tmp_path, stats)
     rows = _rows(out.interactions)
     assert [(r["user_id"], r["item_id"], r["ts"]) for r in rows][:2] == [
-        ("U1", "I1", 1000),
-        ("U1", "I2", 2000),
+        ("U1", "I1", 1_000_000),
+        ("U1", "I2", 2_000_000),
     ]
     assert len(rows) == 6
     assert stats.counts["malformed_row"] == 1 and stats.counts["wrong_type:rating"] == 1
@@ -132,7 +287,7 @@ def test_steam_literal_lines(tmp_path):
     out = read_steam(cfg, tmp_path, stats)
     rows = _rows(out.interactions)
     assert [r["item_id"] for r in rows if r["user_id"] == "alice"] == ["10", "20", "30", "40", "99"]
-    assert rows[0]["ts"] == 1513468800 and rows[0]["rating"] == 1.0  # 2017-12-17 UTC
+    assert rows[0]["ts"] == 1513468800_000 and rows[0]["rating"] == 1.0  # 2017-12-17 UTC, in ms
     assert stats.counts["bad_value:date"] == 1 and stats.counts["missing_field:username"] == 1
     assert stats.counts["missing_field:id"] == 1
     texts = {r["item_id"]: r["text"] for r in _rows(out.items)}
@@ -164,10 +319,28 @@ def test_movielens_dat_and_csv(tmp_path):
     cfg = _cfg(tmp_path, interactions=str(FIX / "movielens/ratings.csv"))
     (tmp_path / "csv").mkdir()
     out = read_movielens(cfg, tmp_path / "csv", stats)
-    assert [r["ts"] for r in _rows(out.interactions)] == [1000, 1001, 1002, 1003]
+    assert [r["ts"] for r in _rows(out.interactions)] == [1_000_000, 1_001_000, 1_002_000, 1_003_000]
     texts = {r["item_id"]: r["text"] for r in _rows(out.items)}
     assert texts["20"] == "American President, The | 1995 | Comedy, Drama, Romance"
     assert texts["40"] == "Untitled" and stats.total == 0
+
+
+def test_movielens_absurd_timestamp_or_rating_is_a_counted_skip(tmp_path):
+    """inf, 1e400, NaN or negative seconds and non-finite ratings are skips with file:line, never crashes."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    rows = ["1,1,4.0,100", "1,2,4.0,inf", "1,3,4.0,1e400", "1,4,4.0,nan", "1,5,4.0,-5", "1,6,4.0,1e16",
+            "1,7,nan,101", "1,8,-inf,102", "1,9,1e39,103"]  # fmt: skip
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "\n".join(rows) + "\n")
+    (folder / "movies.csv").write_text("movieId,title,genres\n1,Movie (2000),Drama\n")
+    stats = SkipStats()
+    out = read_movielens(_cfg(tmp_path, interactions=str(folder / "ratings.csv")), tmp_path, stats)
+    assert [(r["item_id"], r["ts"]) for r in _rows(out.interactions)] == [("1", 100_000)]
+    assert stats.counts == {"bad_value:timestamp": 5, "wrong_type:rating": 3}
+    assert (
+        stats.examples["bad_value:timestamp"][0]
+        == f"{folder / 'ratings.csv'}:3: 'inf' is not unix seconds >= 0"
+    )
 
 
 @pytest.mark.slow

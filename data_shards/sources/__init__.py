@@ -1,15 +1,19 @@
 """Source readers: each turns one raw format into clean Parquet chunks of interactions and item texts.
 
-Interactions: ``user_id`` (str), ``item_id`` (str), ``ts`` (int64 unix seconds), ``rating`` (float32), ``ord``
-(int64 input order, the stable tie-break). Items: ``item_id`` (str), ``text`` (str, may be empty), ``ord``.
+Interactions: ``user_id`` (str), ``item_id`` (str), ``ts`` (int64 unix milliseconds: the sources' full
+precision, so that ordering and dedup see it; the shards store seconds), ``rating`` (float32), ``ord`` (int64
+input order, the stable tie-break). Items: ``item_id`` (str), ``text`` (str, may be empty), ``ord``.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -22,6 +26,26 @@ INTERACTION_SCHEMA = pa.schema(
 )  # fmt: skip
 ITEM_SCHEMA = pa.schema([("item_id", pa.string()), ("text", pa.string()), ("ord", pa.int64())])
 ORD_FILE_SHIFT = 40  # ord = file_index << 40 | line_no: input order across several files
+MAX_TS_MS = (1 << 63) - 1  # ``ts`` is an int64 of milliseconds; a later (absurd) time is a bad_value skip
+MAX_RATING = float(np.finfo(np.float32).max)  # ratings are stored as float32
+
+
+# ASCII control characters (\n, \r, the \x1f delimiter of `read_id_map`...) break the id maps (one id a line)
+ID_CONTROL_CHARS = r"[\x00-\x1f\x7f]"
+_ID_CONTROL = re.compile(ID_CONTROL_CHARS)
+
+
+def id_ok(value: str, field: str, path: str | os.PathLike, line_no: int, stats: SkipStats) -> bool:
+    """Whether an id is fit for the id maps; if not (a control character), a ``bad_value:<field>`` skip."""
+    if _ID_CONTROL.search(value) is None:
+        return True
+    stats.skip(f"bad_value:{field}", path, line_no, f"control character in id {value!r:.40}")
+    return False
+
+
+def finite_rating(value: float) -> bool:
+    """Whether a rating survives as a finite float32 (False for NaN, infinities and larger magnitudes)."""
+    return abs(value) <= MAX_RATING
 
 
 class ParquetSink:

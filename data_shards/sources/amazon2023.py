@@ -3,16 +3,17 @@
 Speed: each block of lines is first parsed by Arrow's multithreaded JSON reader with an explicit schema and
 validated with vectorised checks; a block Arrow rejects (malformed line, wrong type, bad UTF-8, blank line) is
 bisected, and only the small pieces that still fail go through the line-by-line Python validator, which
-applies the same rules and records every skip with its file:line. Timestamps are milliseconds in the files and
-seconds in the dataset. Large JSONL files are cut into line-aligned blocks by the main process (which also
-hashes them) and validated by `data.threads` worker processes, one Parquet part per block, with the skips
-merged in block order so counts and examples match a sequential read.
+applies the same rules and records every skip with its file:line. Timestamps stay in milliseconds, as in the
+files (the shards store seconds). Large JSONL files are cut into line-aligned blocks by the main process
+(which also hashes them) and validated by `data.threads` worker processes, one Parquet part per block, with
+the skips merged in block order so counts and examples match a sequential read.
 """
 
 from __future__ import annotations
 
 import io
 import multiprocessing as mp
+import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -39,7 +40,18 @@ from data_shards.io import (
     iter_line_spans,
     parse_json_line,
 )
-from data_shards.sources import INTERACTION_SCHEMA, ITEM_SCHEMA, ORD_FILE_SHIFT, ParquetSink, SourceOutput
+from data_shards.sources import (
+    ID_CONTROL_CHARS,
+    INTERACTION_SCHEMA,
+    ITEM_SCHEMA,
+    MAX_RATING,
+    MAX_TS_MS,
+    ORD_FILE_SHIFT,
+    ParquetSink,
+    SourceOutput,
+    finite_rating,
+    id_ok,
+)
 from data_shards.text import amazon_text
 
 REVIEW_FIELDS = pa.schema(
@@ -55,6 +67,9 @@ META_FIELDS = pa.schema(
      ("categories", pa.list_(pa.string())), ("description", pa.list_(pa.string()))]
 )  # fmt: skip
 MIN_ARROW_LINES = 64  # below this a rejected piece goes straight to Python
+# a line Python's `bytes.strip` empties: Arrow skips it, so its row count could still match the newlines
+_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
+_BLANK_FIRST_LINE = re.compile(rb"[ \t\r\x0b\x0c]*\n")
 PARALLEL_MIN_BYTES = 32 << 20  # smaller files are validated in-process (starting workers costs more)
 _ARROW_THREADS = True
 
@@ -95,7 +110,10 @@ class _TableSink:
 
 
 def _arrow_parse(block: bytes, schema: pa.Schema) -> pa.Table | None:
-    """Arrow's parse of a block, or None if Arrow rejects it or the row count does not match the lines."""
+    """Arrow's parse of a block, or None if Arrow rejects it, the row count does not match the lines, or a
+    blank line (which Arrow skips) could hide two objects glued on one line: Python then counts each line."""
+    if _BLANK_FIRST_LINE.match(block) or _BLANK_LINE.search(block):
+        return None
     if not block.isascii():
         try:  # Arrow does not check fields it ignores: bad bytes anywhere on a line reject the line
             block.decode("utf-8")
@@ -111,7 +129,7 @@ def _arrow_parse(block: bytes, schema: pa.Schema) -> pa.Table | None:
         )
     except (pa.ArrowInvalid, UnicodeDecodeError, pa.ArrowNotImplementedError):
         return None
-    if table.num_rows != count_newlines(block):  # Arrow skips blank lines silently: let Python count them
+    if table.num_rows != count_newlines(block):  # e.g. two objects glued on one line
         return None
     return table
 
@@ -173,15 +191,21 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
         n = t.num_rows
         u_miss, u_blank, users = _null_or_blank(t["user_id"])
         i_miss, i_blank, items = _null_or_blank(t["parent_asin"])
+        u_bad, i_bad = (
+            pc.fill_null(pc.match_substring_regex(c, ID_CONTROL_CHARS), False).to_numpy(zero_copy_only=False)
+            for c in (users, items)
+        )
         r_miss = t["rating"].is_null().to_numpy(zero_copy_only=False)
-        r_nan = pc.fill_null(pc.is_nan(t["rating"]), False).to_numpy(zero_copy_only=False)
+        r_ok = pc.less_equal(pc.abs(t["rating"]), MAX_RATING)  # as `finite_rating`: NaN compares false
+        r_bad = pc.fill_null(pc.invert(r_ok), False).to_numpy(zero_copy_only=False)
         ts = t["timestamp"]
         t_miss = ts.is_null().to_numpy(zero_copy_only=False)
         t_bad = pc.fill_null(pc.less_equal(ts, 0), False).to_numpy(zero_copy_only=False)
         checks = [
-            ("missing_field:user_id", u_miss), ("empty_field:user_id", u_blank),
+            ("missing_field:user_id", u_miss), ("empty_field:user_id", u_blank), ("bad_value:user_id", u_bad),
             ("missing_field:parent_asin", i_miss), ("empty_field:parent_asin", i_blank),
-            ("missing_field:rating", r_miss), ("wrong_type:rating", r_nan),
+            ("bad_value:parent_asin", i_bad),
+            ("missing_field:rating", r_miss), ("wrong_type:rating", r_bad),
             ("missing_field:timestamp", t_miss), ("bad_value:timestamp", t_bad),
         ]  # fmt: skip
         code = _first_failure(checks, n)
@@ -193,7 +217,7 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
             {
                 "user_id": users,
                 "item_id": items,
-                "ts": pc.divide(ts, 1000),
+                "ts": ts,
                 "rating": t["rating"],
                 "ord": lines,
             }
@@ -205,13 +229,16 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
         if rec is None:
             return
         user = get_str(rec, "user_id", path, line_no, stats)
-        if user is None:
+        if user is None or not id_ok(user, "user_id", path, line_no, stats):
             return
         item = get_str(rec, "parent_asin", path, line_no, stats)
-        if item is None:
+        if item is None or not id_ok(item, "parent_asin", path, line_no, stats):
             return
         rating = get_number(rec, "rating", path, line_no, stats)
         if rating is None:
+            return
+        if not finite_rating(rating):
+            stats.skip("wrong_type:rating", path, line_no, f"{rating!r} is not a finite float32")
             return
         ts = rec.get("timestamp")
         if ts is None:
@@ -222,10 +249,10 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
                 "wrong_type:timestamp", path, line_no, f"expected integer milliseconds, got {ts!r:.30}"
             )
             return
-        if ts <= 0:
-            stats.skip("bad_value:timestamp", path, line_no, str(ts))
+        if not 0 < ts <= MAX_TS_MS:
+            stats.skip("bad_value:timestamp", path, line_no, f"{ts!r:.30} is not a positive int64 of ms")
             return
-        sink.append(user, item, ts // 1000, rating, base | line_no)
+        sink.append(user, item, ts, rating, base | line_no)
 
     return on_table, on_line
 
@@ -254,20 +281,29 @@ def read_ratings_csv(
             if not user or not item:
                 stats.skip("empty_field:user_id" if not user else "empty_field:parent_asin", path, line_no)
                 continue
+            if not id_ok(user, "user_id", path, line_no, stats):
+                continue
+            if not id_ok(item, "parent_asin", path, line_no, stats):
+                continue
             try:
                 rating = float(parts[2])
             except ValueError:
                 stats.skip("wrong_type:rating", path, line_no, f"{parts[2]!r} is not a number")
+                continue
+            if not finite_rating(rating):
+                stats.skip("wrong_type:rating", path, line_no, f"{parts[2]!r} is not a finite float32")
                 continue
             try:
                 ts = int(parts[3])
             except ValueError:
                 stats.skip("wrong_type:timestamp", path, line_no, f"{parts[3]!r} is not an integer")
                 continue
-            if ts <= 0:
-                stats.skip("bad_value:timestamp", path, line_no, str(ts))
+            if not 0 < ts <= MAX_TS_MS:
+                stats.skip(
+                    "bad_value:timestamp", path, line_no, f"{parts[3]!r:.30} is not a positive int64 of ms"
+                )
                 continue
-            sink.append(user, item, ts // 1000, rating, base | line_no)
+            sink.append(user, item, ts, rating, base | line_no)
 
 
 def _meta_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipStats, empty: list[int]):

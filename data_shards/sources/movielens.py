@@ -9,7 +9,16 @@ from pathlib import Path
 
 from data_shards.config import DataConfig
 from data_shards.io import DataError, FileInfo, SkipStats, check_file, iter_lines
-from data_shards.sources import INTERACTION_SCHEMA, ITEM_SCHEMA, ORD_FILE_SHIFT, ParquetSink, SourceOutput
+from data_shards.sources import (
+    INTERACTION_SCHEMA,
+    ITEM_SCHEMA,
+    MAX_TS_MS,
+    ORD_FILE_SHIFT,
+    ParquetSink,
+    SourceOutput,
+    finite_rating,
+    id_ok,
+)
 from data_shards.text import movielens_text
 
 _YEAR = re.compile(r"^(.*?)\s*\((\d{4})\)\s*$")
@@ -57,7 +66,7 @@ def _default_items(ratings: Path) -> Path:
 
 
 def read_movielens(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutput:
-    """Validate MovieLens ratings and movies into Parquet (ids kept as strings, timestamps in seconds)."""
+    """Validate MovieLens ratings and movies into Parquet (ids kept as strings, timestamps in ms)."""
     if cfg.interactions:
         ratings = check_file(cfg.interactions, "MovieLens ratings")
         items = check_file(cfg.items, "MovieLens movies") if cfg.items else _default_items(ratings)
@@ -87,17 +96,27 @@ def read_movielens(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutpu
         if not user or not item:
             stats.skip("empty_field:user_id" if not user else "empty_field:item_id", ratings, line_no)
             continue
+        if not id_ok(user, "user_id", ratings, line_no, stats):
+            continue
+        if not id_ok(item, "item_id", ratings, line_no, stats):
+            continue
         try:
             rating = float(parts[2])
         except ValueError:
             stats.skip("wrong_type:rating", ratings, line_no, f"{parts[2]!r} is not a number")
             continue
+        if not finite_rating(rating):
+            stats.skip("wrong_type:rating", ratings, line_no, f"{parts[2]!r} is not a finite float32")
+            continue
         try:
-            ts = int(float(parts[3]))
+            secs = float(parts[3])
         except ValueError:
             stats.skip("wrong_type:timestamp", ratings, line_no, f"{parts[3]!r} is not a number")
             continue
-        sink.append(user, item, ts, rating, line_no)
+        if not 0 <= secs < MAX_TS_MS / 1000:  # also NaN and inf (1e400 parses as inf)
+            stats.skip("bad_value:timestamp", ratings, line_no, f"{parts[3]!r:.30} is not unix seconds >= 0")
+            continue
+        sink.append(user, item, int(secs) * 1000, rating, line_no)
     sink.close()
     out.inputs.append(info)
 

@@ -12,21 +12,29 @@ from pathlib import Path
 
 from data_shards.config import DataConfig
 from data_shards.io import FileInfo, SkipStats, check_file, get_str, iter_literal_records
-from data_shards.sources import INTERACTION_SCHEMA, ITEM_SCHEMA, ORD_FILE_SHIFT, ParquetSink, SourceOutput
+from data_shards.sources import (
+    INTERACTION_SCHEMA,
+    ITEM_SCHEMA,
+    ORD_FILE_SHIFT,
+    ParquetSink,
+    SourceOutput,
+    id_ok,
+)
 from data_shards.text import steam_text
 
 
-def _date_seconds(value: object, cache: dict[str, int]) -> int | None:
+def _date_ms(value: object, cache: dict[str, int]) -> int | None:
+    """A ``YYYY-MM-DD`` date as unix milliseconds (midnight UTC), or None if it is not one."""
     if not isinstance(value, str):
         return None
-    secs = cache.get(value)
-    if secs is None:
+    ms = cache.get(value)
+    if ms is None:
         try:
             day = dt.datetime.strptime(value.strip(), "%Y-%m-%d").replace(tzinfo=dt.UTC)
         except ValueError:
             return None
-        secs = cache[value] = int(day.timestamp())
-    return secs
+        ms = cache[value] = int(day.timestamp()) * 1000
+    return ms
 
 
 def read_steam(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutput:
@@ -40,15 +48,15 @@ def read_steam(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutput:
     cache: dict[str, int] = {}
     for line_no, rec in iter_literal_records(reviews, stats, info=info):
         user = get_str(rec, "username", reviews, line_no, stats)
-        if user is None:
+        if user is None or not id_ok(user, "username", reviews, line_no, stats):
             continue
         item = get_str(rec, "product_id", reviews, line_no, stats)
-        if item is None:
+        if item is None or not id_ok(item, "product_id", reviews, line_no, stats):
             continue
         if rec.get("date") is None:
             stats.skip("missing_field:date", reviews, line_no)
             continue
-        ts = _date_seconds(rec["date"], cache)
+        ts = _date_ms(rec["date"], cache)
         if ts is None:
             stats.skip("bad_value:date", reviews, line_no, f"expected YYYY-MM-DD, got {rec['date']!r:.30}")
             continue
