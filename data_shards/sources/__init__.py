@@ -43,9 +43,13 @@ def id_ok(value: str, field: str, path: str | os.PathLike, line_no: int, stats: 
     return False
 
 
-def finite_rating(value: float) -> bool:
-    """Whether a rating survives as a finite float32 (False for NaN, infinities and larger magnitudes)."""
-    return abs(value) <= MAX_RATING
+def rating_ok(value: float, raw: object, path: str | os.PathLike, line_no: int, stats: SkipStats) -> bool:
+    """Whether a rating survives as a finite float32; if not (NaN, infinite, too large), a
+    ``wrong_type:rating`` skip showing the `raw` value."""
+    if abs(value) <= MAX_RATING:
+        return True
+    stats.skip("wrong_type:rating", path, line_no, f"{raw!r} is not a finite float32")
+    return False
 
 
 class ParquetSink:

@@ -49,8 +49,8 @@ from data_shards.sources import (
     ORD_FILE_SHIFT,
     ParquetSink,
     SourceOutput,
-    finite_rating,
     id_ok,
+    rating_ok,
 )
 from data_shards.text import amazon_text
 
@@ -196,7 +196,7 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
             for c in (users, items)
         )
         r_miss = t["rating"].is_null().to_numpy(zero_copy_only=False)
-        r_ok = pc.less_equal(pc.abs(t["rating"]), MAX_RATING)  # as `finite_rating`: NaN compares false
+        r_ok = pc.less_equal(pc.abs(t["rating"]), MAX_RATING)  # as `rating_ok`: NaN compares false
         r_bad = pc.fill_null(pc.invert(r_ok), False).to_numpy(zero_copy_only=False)
         ts = t["timestamp"]
         t_miss = ts.is_null().to_numpy(zero_copy_only=False)
@@ -237,8 +237,7 @@ def _review_handlers(path: Path, file_index: int, sink: _TableSink, stats: SkipS
         rating = get_number(rec, "rating", path, line_no, stats)
         if rating is None:
             return
-        if not finite_rating(rating):
-            stats.skip("wrong_type:rating", path, line_no, f"{rating!r} is not a finite float32")
+        if not rating_ok(rating, rating, path, line_no, stats):
             return
         ts = rec.get("timestamp")
         if ts is None:
@@ -290,8 +289,7 @@ def read_ratings_csv(
             except ValueError:
                 stats.skip("wrong_type:rating", path, line_no, f"{parts[2]!r} is not a number")
                 continue
-            if not finite_rating(rating):
-                stats.skip("wrong_type:rating", path, line_no, f"{parts[2]!r} is not a finite float32")
+            if not rating_ok(rating, parts[2], path, line_no, stats):
                 continue
             try:
                 ts = int(parts[3])

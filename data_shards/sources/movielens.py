@@ -16,8 +16,8 @@ from data_shards.sources import (
     ORD_FILE_SHIFT,
     ParquetSink,
     SourceOutput,
-    finite_rating,
     id_ok,
+    rating_ok,
 )
 from data_shards.text import movielens_text
 
@@ -105,8 +105,7 @@ def read_movielens(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutpu
         except ValueError:
             stats.skip("wrong_type:rating", ratings, line_no, f"{parts[2]!r} is not a number")
             continue
-        if not finite_rating(rating):
-            stats.skip("wrong_type:rating", ratings, line_no, f"{parts[2]!r} is not a finite float32")
+        if not rating_ok(rating, parts[2], ratings, line_no, stats):
             continue
         try:
             secs = float(parts[3])
