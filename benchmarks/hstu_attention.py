@@ -5,6 +5,8 @@
     python benchmarks/hstu_attention.py --profile-once   # one tuned fwd+bwd for Nsight Compute
 
 Shapes: H=4, d=128, bf16; (B=64, lengths uniform in [512, 1024]) and (B=16, lengths in [2048, 4096]).
+Triton calls share one `plan_triton_attention` per batch, as the encoder's layers do (its time is printed
+apart), and each Triton row also prints its kernels' GPU time (torch profiler), so host overhead shows.
 `triton` reads rab(i, j) from the bias buffer that one fill kernel writes per call (the GPU default);
 `triton_inline_bias` computes it per pair and head inside the kernels instead; `triton_frozen_bias` times
 the backward without the bias-weight gradients (what their reduction costs).
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PEAK_NOTE = "H100/H200 SXM dense bf16 peak is about 989 TFLOP/s"
+SHAPES = [("B64_L1024", 64, 512, 1024), ("B16_L4096", 16, 2048, 4096)]
+"""(name, sequences, shortest, longest) of the benchmark batches."""
 
 
 def require_cuda() -> None:
@@ -162,10 +166,11 @@ def config_pairs(variant: str) -> list[tuple]:
     return [(fwd[i % len(fwd)], dkdv[i % len(dkdv)]) for i in range(max(len(fwd), len(dkdv)))]
 
 
-def run_check(device: str = "cuda", small: bool = False) -> bool:
+def run_check(device: str = "cuda", small: bool = False, all_configs: bool = False) -> bool:
     """Triton vs the padded reference, forward and all five gradients, bf16 and fp32, in each kernel variant
     (VARIANTS); one case has timestamps spanning more than 2**31 s (the int64 path). The first bf16 case
-    (the benchmark's head dims) also runs every autotune config, not just the one the autotuner picks."""
+    (the benchmark's head dims) also runs every autotune config of the GPU default (the bias buffer), not
+    just the one the autotuner picks; `all_configs`: of every variant."""
     from modules.hstu_attention_triton import triton_hstu_attention
 
     ok = True
@@ -200,7 +205,8 @@ def run_check(device: str = "cuda", small: bool = False) -> bool:
         expected = [expect.detach()] + [r.grad for r in ref]
         runs = [(variant, None) for variant in VARIANTS]
         if every_config:
-            runs += [(variant, pair) for variant in VARIANTS for pair in config_pairs(variant)]
+            swept = VARIANTS if all_configs else ["rab_buffer"]
+            runs += [(variant, pair) for variant in swept for pair in config_pairs(variant)]
         for variant, pair in runs:
             tri = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
             pinned = pinned_configs(*pair) if pair else contextlib.nullcontext()
@@ -221,7 +227,8 @@ def run_check(device: str = "cuda", small: bool = False) -> bool:
                 )
     print(
         f"RESULT check: {'PASS' if ok else 'FAIL'} (triton vs padded reference, bf16 and fp32, "
-        f"variants {', '.join(VARIANTS)}, every autotune config, int32 and int64 timestamps)"
+        f"variants {', '.join(VARIANTS)}, every autotune config of "
+        f"{'each variant' if all_configs else 'rab_buffer'}, int32 and int64 timestamps)"
     )
     return ok
 
@@ -233,12 +240,37 @@ def config_label(config) -> str:
     return f"{'x'.join(map(str, _tile(config)))} w{config.num_warps} s{config.num_stages}{gather}"
 
 
+def kernel_ms(fn, iters: int = 3) -> dict[str, float]:
+    """GPU time per call of fn by kernel name (torch profiler), to separate kernel time from host overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_time_total > 0:
+            times[event.key] = times.get(event.key, 0.0) + event.device_time_total / 1000.0 / iters
+    return times
+
+
+def kernel_summary(times: dict[str, float]) -> str:
+    """'total: fill a, fwd b, ...' for the Triton kernels of one call, in ms."""
+    named = {"_hstu_rab_fill_kernel": "fill", "_hstu_fwd_kernel": "fwd", "_hstu_bwd_dkdv_kernel": "dkdv",
+             "_hstu_bwd_dq_kernel": "dq"}  # fmt: skip
+    parts = [f"{short} {times[name]:.3f}" for name, short in named.items() if name in times]
+    return f"{sum(times.values()):.3f} ms on the GPU ({', '.join(parts)}; rest: memsets, casts)"
+
+
 def run_benchmark(skip_padded: bool) -> None:
-    from modules.hstu_attention_triton import triton_hstu_attention
+    from modules.hstu_attention_triton import plan_triton_attention, triton_hstu_attention
 
     heads, d = 4, 128
     summary = {}
-    for name, b, lo, hi in (("B64_L1024", 64, 512, 1024), ("B16_L4096", 16, 2048, 4096)):
+    for name, b, lo, hi in SHAPES:
         q, k, v, offsets, ts, pos_w, time_w, lengths = make_batch(
             b, lo, hi, heads=heads, dqk=d, dv=d, max_seq_len=hi, dtype=torch.bfloat16, device="cuda"
         )
@@ -246,7 +278,10 @@ def run_benchmark(skip_padded: bool) -> None:
         alpha = 1.0 / math.sqrt(d)
         leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
         grad = torch.randn_like(v)
-        kw = dict(max_seq_len=hi, alpha=alpha, denominator=float(hi))
+        # One plan per batch, as HSTUEncoder shares it by its layers; its cost is printed on its own.
+        plan_ms = bench(lambda o=offsets, t=ts, n=hi: plan_triton_attention(o, t, max_seq_len=n))
+        plan = plan_triton_attention(offsets, ts, max_seq_len=hi)
+        kw = dict(max_seq_len=hi, alpha=alpha, denominator=float(hi), plan=plan)
 
         def tri_fwd(leaves=leaves, offsets=offsets, ts=ts, kw=kw):
             with torch.no_grad():
@@ -290,19 +325,21 @@ def run_benchmark(skip_padded: bool) -> None:
             ("sdpa_causal_padded", sdpa_fwd, sdpa_step),
         ]
         if not skip_padded:
+            ref_kw = dict(max_seq_len=hi, alpha=alpha, denominator=float(hi))
 
-            def ref_fwd(leaves=leaves, offsets=offsets, ts=ts, kw=kw):
+            def ref_fwd(leaves=leaves, offsets=offsets, ts=ts, kw=ref_kw):
                 with torch.no_grad():
                     return padded_reference(*leaves[:3], offsets, ts, *leaves[3:], **kw)
 
-            def ref_step(leaves=leaves, offsets=offsets, ts=ts, kw=kw, grad=grad):
+            def ref_step(leaves=leaves, offsets=offsets, ts=ts, kw=ref_kw, grad=grad):
                 out = padded_reference(*leaves[:3], offsets, ts, *leaves[3:], **kw)
                 torch.autograd.grad(out, leaves, grad)
 
             rows.append(("padded_reference", ref_fwd, ref_step))
         print(
             f"== {name}: B={b} lengths {lo}-{hi} (T={int(lengths.sum())}) H={heads} d={d} bf16; "
-            f"useful GFLOP fwd {fwd_flops / 1e9:.1f}, fwd+bwd {total_flops / 1e9:.1f}",
+            f"useful GFLOP fwd {fwd_flops / 1e9:.1f}, fwd+bwd {total_flops / 1e9:.1f}; "
+            f"triton plan (once per batch, shared by layers) {plan_ms:.3f} ms",
             flush=True,
         )
         for label, fwd, step in rows:
@@ -322,6 +359,8 @@ def run_benchmark(skip_padded: bool) -> None:
                 f"{tf_step:7.1f} TFLOP/s",
                 flush=True,
             )
+            if label.startswith("triton"):
+                print(f"  {'':20s} fwd+bwd kernels: {kernel_summary(kernel_ms(step))}", flush=True)
             torch.cuda.empty_cache()
         del qp, kp, vp, leaves
     tri = [summary.get((s, "triton"), 0.0) for s in ("B64_L1024", "B16_L4096")]
@@ -365,6 +404,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--check", action="store_true", help="correctness check instead of the benchmark")
+    parser.add_argument(
+        "--all-configs", action="store_true", help="--check runs every autotune config of every variant"
+    )
     parser.add_argument("--skip-padded", action="store_true", help="leave out the padded PyTorch reference")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny --check on CPU (TRITON_INTERPRET=1)")
     parser.add_argument("--profile-once", action="store_true", help="one tuned fwd+bwd, for ncu")
@@ -373,7 +415,7 @@ def main() -> None:
         sys.exit(0 if run_check("cpu", small=True) else 1)
     require_cuda()
     if args.check:
-        sys.exit(0 if run_check() else 1)
+        sys.exit(0 if run_check(all_configs=args.all_configs) else 1)
     if args.profile_once:
         run_profile_once()
         return

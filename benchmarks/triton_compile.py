@@ -62,7 +62,7 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
     specs = []
     for name in kernels:
         if name == "fill":
-            specs.append(("fill", hstu._hstu_rab_fill_kernel, [hstu._FILL_CONFIG], {}))
+            specs.append(("fill", hstu._hstu_rab_fill_kernel, [hstu._FILL_CONFIG], {"TABLE_GATHER": True}))
             continue
         fn, configs, extra = table[name]
         specs.append((name, fn, configs, {**extra, "RAB_TILES": False}))
@@ -152,11 +152,14 @@ def compile_all(args: argparse.Namespace) -> int:
                 configs if name == "fill" else hstu._prune_configs(configs, {}, DOT_PREC=precision, **extra)
             )
             for config in pruned[:1] if args.first_config_only else pruned:
-                constants = dict(FAST_MATH=dtype != "fp32", **extra, **config.kwargs)
+                constants = dict(
+                    FAST_MATH=dtype != "fp32", BLOCK_BUCKETS=triton.next_power_of_2(args.num_buckets + 1),
+                    **extra, **config.kwargs,
+                )  # fmt: skip
                 if name != "fill":
                     constants |= dict(
                         DQK=args.dqk, DV=args.dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, DEN_IS_LEN=True,
-                        DOT_PREC=precision, BLOCK_BUCKETS=triton.next_power_of_2(args.num_buckets + 1),
+                        DOT_PREC=precision,
                     )  # fmt: skip
                 sig, attrs = signature(fn, dtype)
                 index = {p.name: i for i, p in enumerate(fn.params)}

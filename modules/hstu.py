@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,9 @@ from torch import Tensor, nn
 from modules.config import ModelConfig
 from modules.hstu_attention import AttentionPlan, hstu_attention, plan_attention
 from modules.jagged import positions_in_sequence
+
+if TYPE_CHECKING:
+    from modules.hstu_attention_triton import TritonPlan
 
 
 class HSTULayer(nn.Module):
@@ -34,7 +38,7 @@ class HSTULayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, offsets: Tensor, timestamps: Tensor, plan: AttentionPlan | None = None
+        self, x: Tensor, offsets: Tensor, timestamps: Tensor, plan: AttentionPlan | TritonPlan | None = None
     ) -> Tensor:
         """x: [T, d], offsets: [B+1], timestamps: [T] -> [T, d]; `plan` shares attention indices."""
         c = self._config
@@ -76,17 +80,15 @@ class HSTUEncoder(nn.Module):
         positions = positions_in_sequence(offsets, x.shape[0])
         h = x * math.sqrt(c.embedding_dim) + self.position(positions)
         h = self.dropout(h)
-        plan = None
-        if c.attention_backend in ("reference", "jagged"):
-            # Padded layout and bias indices depend only on offsets/timestamps: build once, share by layers.
-            plan = plan_attention(
-                offsets,
-                timestamps,
-                max_seq_len=c.max_seq_len,
-                num_time_buckets=c.num_time_buckets,
-                backend=c.attention_backend,
-                num_heads=c.num_heads,
-            )
+        # The attention plan depends only on offsets/timestamps: build it once, share it by the layers.
+        plan = plan_attention(
+            offsets,
+            timestamps,
+            max_seq_len=c.max_seq_len,
+            num_time_buckets=c.num_time_buckets,
+            backend=c.attention_backend,
+            num_heads=c.num_heads,
+        )
         for layer in self.layers:
             h = layer(h, offsets, timestamps, plan)
         return F.normalize(h, p=2.0, dim=-1, eps=1e-6)

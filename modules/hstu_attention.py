@@ -11,7 +11,8 @@ key blocks above the causal diagonal, so it spends little on padding; `triton` (
 modules/hstu_attention_triton.py and is imported only when asked for.
 
 Both CPU backends run from an `AttentionPlan`: the padded layout and, for every causal (i, j) pair of every
-sequence, its index into a [relative position, time bucket] bias table and its place in the padded scores.
+sequence, its index into a [relative position, time bucket] bias table and its place in the padded scores;
+`triton` from a `TritonPlan` (lengths, bias-buffer layout, rebased timestamps: one host sync).
 A plan depends only on offsets and timestamps, so `HSTUEncoder` builds one per forward and every layer
 reuses it (`plan_attention`, then `hstu_attention(..., plan=plan)`); without one each call builds its own.
 """
@@ -20,12 +21,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+if TYPE_CHECKING:  # the triton module imports triton: only when that backend is used
+    from modules.hstu_attention_triton import TritonPlan
 
 Backend = Literal["reference", "jagged", "triton"]
 TIME_BUCKET_DIVISOR = 0.301
@@ -49,7 +53,7 @@ def hstu_attention(
     alpha: float,
     denominator: float | None,
     backend: Backend = "jagged",
-    plan: AttentionPlan | None = None,
+    plan: AttentionPlan | TritonPlan | None = None,
 ) -> Tensor:
     """HSTU attention; q, k: [T, H, Dqk], v: [T, H, Dv], offsets: [B+1] int64 -> [T, H, Dv].
 
@@ -60,7 +64,7 @@ def hstu_attention(
         denominator: divide SiLU scores by this constant (reference: max_seq_len), or None to divide
             by each sequence's own length.
         plan: `plan_attention(offsets, timestamps, ...)` for this backend, to share its index work across
-            layers; None builds one for this call. The triton backend ignores it.
+            layers; None builds one for this call.
     """
     if backend == "triton":
         from modules.hstu_attention_triton import triton_hstu_attention
@@ -76,6 +80,7 @@ def hstu_attention(
             max_seq_len=max_seq_len,
             alpha=alpha,
             denominator=denominator,
+            plan=_plan_for(plan, "triton"),
         )
     if backend not in ("reference", "jagged"):
         raise ValueError(
@@ -93,10 +98,20 @@ def hstu_attention(
             num_heads=q.shape[1],
         )
     else:
-        plan.check(
+        _plan_for(plan, backend).check(
             offsets, timestamps, max_seq_len=max_seq_len, num_time_buckets=num_buckets, backend=backend
         )
     return _planned_attention(q, k, v, pos_weights, time_weights, plan, max_seq_len, alpha, denominator)
+
+
+def _plan_for(plan, backend: str):
+    """`plan` if it was built for `backend` (None passes): the triton and padded plans are different kinds."""
+    if plan is not None and isinstance(plan, AttentionPlan) != (backend != "triton"):
+        raise ValueError(
+            f"hstu_attention: plan was built for backend {getattr(plan, 'backend', 'triton')!r}, called with "
+            f"{backend!r}; build it with plan_attention(..., backend={backend!r})"
+        )
+    return plan
 
 
 def time_bucket_formula(dt: Tensor, num_buckets: int) -> Tensor:
@@ -268,14 +283,21 @@ def plan_attention(
     num_time_buckets: int,
     backend: Backend,
     num_heads: int = 1,
-) -> AttentionPlan:
-    """Padded layout and causal-pair bias indices for one batch (offsets [B+1], timestamps [T]).
+) -> AttentionPlan | TritonPlan:
+    """Padded layout and causal-pair bias indices for one batch (offsets [B+1], timestamps [T]); for
+    `triton`, the batch measured for its kernels (`modules.hstu_attention_triton.TritonPlan`).
 
     num_heads weighs the jagged grouping (a group saves heads x its padded elements) and pre-builds the
     per-head bias positions; the plan still serves calls with any number of heads.
     """
+    if backend == "triton":
+        from modules.hstu_attention_triton import plan_triton_attention
+
+        return plan_triton_attention(offsets, timestamps, max_seq_len=max_seq_len)
     if backend not in ("reference", "jagged"):
-        raise ValueError(f"plan_attention: backend must be 'reference' or 'jagged', got {backend!r}")
+        raise ValueError(
+            f"plan_attention: backend must be 'reference', 'jagged' or 'triton', got {backend!r}"
+        )
     device = offsets.device
     lengths = offsets[1:] - offsets[:-1]
     num_seqs, total = lengths.numel(), int(offsets[-1])

@@ -19,9 +19,10 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
   holds fewer live registers than an unmasked loop plus a diagonal one, and spills less.)
 - backward dk/dv: one program per key block; loops over query blocks i >= j, recomputes s, accumulates
   dv += p^T do and dk += ds^T q; the bias gradients are reduced per tile before touching memory
-  (position: diagonal sums through `tl.gather`; time: masked tile sums over the buckets present in the
-  tile, four buckets per reduction),
-  then added to fp32 buffers with a few atomics per tile.
+  (position: diagonal sums through `tl.gather`, added with one relaxed atomic per diagonal; time: masked
+  tile sums over the buckets present in the tile, four buckets per reduction, kept in a per-program
+  histogram written once at the end). Per-tile atomics to the same few time buckets from every program,
+  with Triton's default acq_rel ordering, had made the bias gradients 76% of the backward on an H200.
 - backward dq: one program per query block, loops over key blocks like the forward (no atomics).
 Per (i, j) pair, the work besides the two products bounds the speed, so it is kept small: timestamps
 travel as int32 offsets from each sequence's first one (int64 only past 68 years), the causal limit and
@@ -36,7 +37,7 @@ import functools
 import math
 import os
 import warnings
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -50,7 +51,8 @@ _INTERPRET_BLOCK = 16
 """Block size under TRITON_INTERPRET=1 (CPU tests): small, so short sequences still span several blocks."""
 _TABLE_GATHER: bool | None = None
 """Pin the time-bias lookup (tests, the GPU check): None lets the GPU autotuner try both and the
-interpreter use the global-memory one."""
+interpreter use the global-memory one in the attention kernels; the bias-buffer fill gathers from its
+table copy unless this is False."""
 _RAB_TILES: bool | None = None
 """Pin where the bias comes from (tests, the GPU check): True, the precomputed bias buffer; False, computed
 per pair and head in the attention kernels; None, the buffer on the GPU when it fits `_RAB_MEMORY_FRACTION`
@@ -204,12 +206,14 @@ def _rab_tile(RAB, rab_base, rows, offs_n):
 @triton.jit
 def _hstu_rab_fill_kernel(
     RAB, RAB_BASE, OFFSETS, TS, POS_W, TIME_W, max_seq_len, num_buckets,
-    FAST_MATH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr, TABLE_GATHER: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Writes rab(i, j) = pos + time bias for j <= i (zero past the diagonal) over every row's allocation.
 
     Shared by all heads and by the three attention kernels, so each pair's bucket and two table lookups are
-    done once per call instead of once per head and kernel.
+    done once per call instead of once per head and kernel. TABLE_GATHER (the default) looks the time table
+    up in the program's copy: per-pair global gathers made the inline forward 1.8x slower on an H200.
     """
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -225,13 +229,16 @@ def _hstu_rab_fill_kernel(
     tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
     pos_row = (max_seq_len - 1) - offs_m[:, None]
     last_row = tl.minimum(m0 + BLOCK_R, seq_len) - 1
+    time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     for n0 in range(0, (last_row // _ALIGN + 1) * _ALIGN, BLOCK_C):
         offs_n = n0 + tl.arange(0, BLOCK_C)
         mask_n = offs_n < seq_len
         tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
         valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m
-        bias = tl.load(TIME_W + _time_bucket(tq, tk, num_buckets, FAST_MATH), mask=valid, other=0.0)
-        bias += tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0)
+        bias = _time_bias(TIME_W, time_table, _time_bucket(tq, tk, num_buckets, FAST_MATH), TABLE_GATHER)
+        bias = tl.where(valid, bias, 0.0) + tl.load(
+            POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0
+        )
         tl.store(
             RAB + start + offs_n[None, :], bias.to(RAB.dtype.element_ty), mask=mask_m & (offs_n < row_len)
         )
@@ -423,6 +430,8 @@ def _hstu_bwd_dkdv_kernel(
     tt1 = tl.arange(0, 2 * BLOCK)
     four = tl.arange(0, 4)
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
+    bucket_ids = tl.arange(0, BLOCK_BUCKETS)
+    time_grad = tl.zeros([BLOCK_BUCKETS], dtype=tl.float32)  # this key block's time-bias gradient
     rab_base = tl.load(RAB_BASE + b)
     for m0 in range(n0, seq_len, BLOCK):
         offs_m = m0 + tl.arange(0, BLOCK)
@@ -460,9 +469,10 @@ def _hstu_bwd_dkdv_kernel(
             diag = tl.sum(tl.where(in_band, sheared, 0.0), axis=0) * inv_den  # [2 * BLOCK]
             pos_idx = (n0 - m0) + tt1 - (BLOCK - 1) + (max_seq_len - 1)
             pos_ok = (tt1 < 2 * BLOCK - 1) & (pos_idx >= 0) & (pos_idx < 2 * max_seq_len - 1)
-            tl.atomic_add(DPOS + pos_idx, diag, mask=pos_ok & (diag != 0.0))
+            tl.atomic_add(DPOS + pos_idx, diag, mask=pos_ok & (diag != 0.0), sem="relaxed")
             # Time bias: masked tile sums over the buckets present in the tile's valid part, four buckets per
-            # reduction (one cross-warp exchange per four buckets; tiles away from the diagonal span few).
+            # reduction (one cross-warp exchange per four buckets; tiles away from the diagonal span few),
+            # kept in a per-program histogram that reaches memory once, after the loop.
             lo, hi = tl.reduce(
                 (tl.where(valid, bucket, num_buckets + 1), tl.where(valid, bucket, -1)), 1, _min_max
             )
@@ -470,7 +480,16 @@ def _hstu_bwd_dkdv_kernel(
             for bk in range(b_lo, b_hi + 1, 4):
                 onehot = bucket[None, :, :] == (bk + four)[:, None, None]  # [4, BLOCK, BLOCK]
                 part = tl.sum(tl.sum(tl.where(onehot, ds[None, :, :], 0.0), axis=2), axis=1)
-                tl.atomic_add(DTIME + bk + four, part * inv_den, mask=bk + four <= b_hi)
+                time_grad += tl.sum(
+                    tl.where(bucket_ids[None, :] == (bk + four)[:, None], part[:, None], 0.0), 0
+                )
+    if RAB_GRAD:
+        tl.atomic_add(
+            DTIME + bucket_ids,
+            time_grad * inv_den,
+            mask=(bucket_ids <= num_buckets) & (time_grad != 0.0),
+            sem="relaxed",
+        )
     tl.store(
         DK + cols * stride_dkt + h * stride_dkh + offs_dqk[None, :],
         (dk * (alpha * inv_den)).to(DK.dtype.element_ty),
@@ -585,16 +604,48 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-class _Batch(NamedTuple):
-    """What the kernels need to know about a jagged batch beyond its tensors (computed with one sync)."""
+@dataclass(frozen=True, eq=False)
+class TritonPlan:
+    """One jagged batch as the kernels see it, measured with one host sync (`plan_triton_attention`).
 
-    longest: int
+    It depends only on offsets, timestamps and max_seq_len, so `HSTUEncoder` builds one per forward and
+    every layer reuses it; a call without one builds its own, and with it a sync that stops the host from
+    queueing the layers ahead of the GPU.
+    """
+
+    offsets: Tensor
+    """The caller's [B+1] offsets, to check a reused plan against."""
     timestamps: Tensor
+    """The caller's [T] timestamps, likewise."""
+    max_seq_len: int
+    kernel_offsets: Tensor
+    """[B+1] int64, contiguous."""
+    longest: int
+    kernel_timestamps: Tensor
     """Each sequence's timestamps minus its first one: int32, or int64 where a span passes 2**31 s."""
     rab_base: Tensor
     """[B] int64: where each sequence's rows start in the bias buffer."""
     rab_numel: int
     """Elements of the bias buffer for the whole batch."""
+
+    def check(
+        self, offsets: Tensor, timestamps: Tensor, *, max_seq_len: int, num_time_buckets: int, backend: str
+    ) -> None:
+        """Raise ValueError unless this plan was built for these inputs (any time-bucket count serves)."""
+        if (backend, max_seq_len) != ("triton", self.max_seq_len):
+            raise ValueError(
+                f"hstu_attention: plan was built for (backend, max_seq_len)=('triton', {self.max_seq_len}), "
+                f"called with {(backend, max_seq_len)}; build it with plan_attention(...) for this call"
+            )
+        for name, given, planned in (
+            ("offsets", offsets, self.offsets),
+            ("timestamps", timestamps, self.timestamps),
+        ):
+            if given is not planned and not (given.shape == planned.shape and torch.equal(given, planned)):
+                raise ValueError(
+                    f"hstu_attention: plan was built for other {name}; build one per batch with "
+                    "plan_attention(offsets, timestamps, ...)"
+                )
 
 
 def _rab_numel(lengths: Tensor) -> Tensor:
@@ -603,29 +654,37 @@ def _rab_numel(lengths: Tensor) -> Tensor:
     return _RAB_ALIGN * _RAB_ALIGN * full * (full + 1) // 2 + _RAB_ALIGN * part * (full + 1)
 
 
-def _check(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len) -> _Batch:
-    """Validate shapes/devices and measure the batch (one sync)."""
-    check_attention_shapes(
-        q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len, who="triton_hstu_attention"
-    )
-    if not _INTERPRET and q.device.type != "cuda":
+def _require_cuda(x: Tensor) -> None:
+    if not _INTERPRET and x.device.type != "cuda":
         raise ValueError(
             "triton_hstu_attention: needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
-            f"imported, for CPU tests); got device {q.device}. Use backend='jagged' on CPU."
+            f"imported, for CPU tests); got device {x.device}. Use backend='jagged' on CPU."
         )
-    total = q.shape[0]
+
+
+def plan_triton_attention(offsets: Tensor, timestamps: Tensor, *, max_seq_len: int) -> TritonPlan:
+    """Validate offsets [B+1] against timestamps [T] and measure the batch for the kernels (one sync)."""
+    if offsets.dim() != 1 or offsets.numel() < 1 or timestamps.dim() != 1:
+        raise ValueError(
+            f"triton_hstu_attention: offsets must be [B+1] and timestamps [T], got {tuple(offsets.shape)} "
+            f"and {tuple(timestamps.shape)}"
+        )
+    _require_cuda(offsets)
+    total = timestamps.shape[0]
+    kernel_offsets = offsets.to(torch.int64).contiguous()
     ts = timestamps.to(torch.int64)
-    no_rows = torch.zeros(max(offsets.numel() - 1, 0), dtype=torch.int64, device=q.device)
+    plan = functools.partial(TritonPlan, offsets, timestamps, max_seq_len, kernel_offsets)
+    no_rows = torch.zeros(max(offsets.numel() - 1, 0), dtype=torch.int64, device=offsets.device)
     if offsets.numel() == 1 or total == 0:
-        return _Batch(0, ts.contiguous(), no_rows, 0)
-    lengths = offsets[1:] - offsets[:-1]
+        return plan(0, ts.contiguous(), no_rows, 0)
+    lengths = kernel_offsets[1:] - kernel_offsets[:-1]
     # Each sequence's timestamps relative to its first one: the kernels only take differences within a
     # sequence, and these offsets fit int32 (half the per-pair integer work) unless a user spans 68 years.
-    first = ts[offsets[:-1].clamp(max=total - 1)]
+    first = ts[kernel_offsets[:-1].clamp(max=total - 1)]
     rel = ts - torch.repeat_interleave(first, lengths.clamp(min=0), output_size=total)
-    rab_sizes = _rab_numel(lengths.clamp(min=0).to(torch.int64))
+    rab_sizes = _rab_numel(lengths.clamp(min=0))
     rab_ends = rab_sizes.cumsum(0)
-    stats = [lengths.max(), lengths.min(), offsets[-1] - total, rel.min(), rel.max(), rab_ends[-1]]
+    stats = [lengths.max(), lengths.min(), kernel_offsets[-1] - total, rel.min(), rel.max(), rab_ends[-1]]
     longest, shortest, tail, rel_min, rel_max, rab_numel = torch.stack(stats).tolist()
     if tail != 0 or shortest < 0:
         raise ValueError(
@@ -637,10 +696,10 @@ def _check(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len)
             f"triton_hstu_attention: a sequence has {longest} tokens > max_seq_len={max_seq_len}"
         )
     kernel_ts = rel.to(torch.int32) if rel_max - rel_min < 2**31 else rel
-    return _Batch(int(longest), kernel_ts, rab_ends - rab_sizes, int(rab_numel))
+    return plan(int(longest), kernel_ts, rab_ends - rab_sizes, int(rab_numel))
 
 
-def _use_rab_tiles(batch: _Batch, q: Tensor) -> bool:
+def _use_rab_tiles(batch: TritonPlan, q: Tensor) -> bool:
     """Precompute the bias buffer when it fits the memory budget (or as `_RAB_TILES` pins it)."""
     if _RAB_TILES is not None:
         return _RAB_TILES
@@ -650,14 +709,15 @@ def _use_rab_tiles(batch: _Batch, q: Tensor) -> bool:
     return batch.rab_numel * q.element_size() <= budget
 
 
-def _fill_rab(batch: _Batch, offsets, pos_w, time_w, max_seq_len: int, dtype: torch.dtype) -> Tensor:
+def _fill_rab(batch: TritonPlan, offsets, pos_w, time_w, max_seq_len: int, dtype: torch.dtype) -> Tensor:
     """The bias buffer: rab(i, j) of every causal pair, shared by all heads, in the inputs' dtype."""
     rab = torch.empty(batch.rab_numel, dtype=dtype, device=pos_w.device)
     num_seqs = offsets.numel() - 1
     blocks = {**_FILL_CONFIG.kwargs, **({"BLOCK_R": _INTERPRET_BLOCK} if _INTERPRET else {})}
     _hstu_rab_fill_kernel[(triton.cdiv(batch.longest, blocks["BLOCK_R"]), num_seqs)](
-        rab, batch.rab_base, offsets, batch.timestamps, pos_w, time_w, max_seq_len, time_w.numel() - 1,
-        FAST_MATH=_fast_math(dtype), num_warps=_FILL_CONFIG.num_warps, **blocks,
+        rab, batch.rab_base, offsets, batch.kernel_timestamps, pos_w, time_w, max_seq_len, time_w.numel() - 1,
+        FAST_MATH=_fast_math(dtype), BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()),
+        TABLE_GATHER=_TABLE_GATHER is not False, num_warps=_FILL_CONFIG.num_warps, **blocks,
     )  # fmt: skip
     return rab
 
@@ -675,7 +735,7 @@ class _HSTUAttention(torch.autograd.Function):
         rab, common = _launch_args(q, v, offsets, pos_w, time_w, batch, max_seq_len, alpha, denominator)
         fwd, _, _ = _kernels()
         fwd[_grid(batch.longest, heads, num_seqs, "BLOCK_M")](
-            q, k, v, out, offsets, batch.timestamps, pos_w, time_w, rab, batch.rab_base,
+            q, k, v, out, offsets, batch.kernel_timestamps, pos_w, time_w, rab, batch.rab_base,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), **common, **_blocks("BLOCK_M", "BLOCK_N"),
         )  # fmt: skip
@@ -697,14 +757,14 @@ class _HSTUAttention(torch.autograd.Function):
             rab, common = _launch_args(q, v, offsets, pos_w, time_w, batch, max_seq_len, alpha, denominator)
             _, dq_kernel, dkdv_kernel = _kernels()
             dkdv_kernel[_grid(batch.longest, heads, num_seqs, "BLOCK")](
-                q, k, v, do, dk, dv, dpos, dtime, offsets, batch.timestamps, pos_w, time_w,
+                q, k, v, do, dk, dv, dpos, dtime, offsets, batch.kernel_timestamps, pos_w, time_w,
                 rab, batch.rab_base,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 **common, RAB_GRAD=ctx.needs_input_grad[4] or ctx.needs_input_grad[5], **_blocks("BLOCK"),
             )  # fmt: skip
             dq_kernel[_grid(batch.longest, heads, num_seqs, "BLOCK_M")](
-                q, k, v, do, dq, offsets, batch.timestamps, pos_w, time_w, rab, batch.rab_base,
+                q, k, v, do, dq, offsets, batch.kernel_timestamps, pos_w, time_w, rab, batch.rab_base,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
                 **common, **_blocks("BLOCK_M", "BLOCK_N"),
@@ -714,7 +774,7 @@ class _HSTUAttention(torch.autograd.Function):
         return dq, dk, dv, None, dpos_out, dtime_out, None, None, None, None
 
 
-def _launch_args(q, v, offsets, pos_w, time_w, batch: _Batch, max_seq_len, alpha, denominator):
+def _launch_args(q, v, offsets, pos_w, time_w, batch: TritonPlan, max_seq_len, alpha, denominator):
     """(bias buffer or a placeholder pointer, the arguments every attention kernel takes by name).
 
     The buffer is filled per call (forward, then again in backward) rather than kept: it is quick to
@@ -768,18 +828,26 @@ def triton_hstu_attention(
     max_seq_len: int,
     alpha: float,
     denominator: float | None,
+    plan: TritonPlan | None = None,
 ) -> Tensor:
     """Fused HSTU attention; q, k: [T, H, Dqk], v: [T, H, Dv], offsets: [B+1] -> [T, H, Dv] in q's dtype.
 
     Differentiable in q, k, v, pos_weights and time_weights. Same arguments and math as
-    `modules.hstu_attention.hstu_attention` (minus `backend`).
+    `modules.hstu_attention.hstu_attention` (minus `backend`); `plan`: `plan_triton_attention(offsets,
+    timestamps, max_seq_len=...)`, shared by the calls on one batch (None: built for this call).
     """
-    batch = _check(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len)
+    check_attention_shapes(
+        q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len, who="triton_hstu_attention"
+    )
+    _require_cuda(q)
+    if plan is None:
+        plan = plan_triton_attention(offsets, timestamps, max_seq_len=max_seq_len)
+    else:
+        plan.check(offsets, timestamps, max_seq_len=max_seq_len, num_time_buckets=0, backend="triton")
     k = _last_dim_contiguous(k.to(q.dtype))
     v = _last_dim_contiguous(v.to(q.dtype))
     q = _last_dim_contiguous(q)
-    offsets = offsets.to(torch.int64).contiguous()
     return _HSTUAttention.apply(
-        q, k, v, offsets, pos_weights.contiguous(), time_weights.contiguous(), batch, max_seq_len, alpha,
-        denominator,
+        q, k, v, plan.kernel_offsets, pos_weights.contiguous(), time_weights.contiguous(), plan, max_seq_len,
+        alpha, denominator,
     )  # fmt: skip

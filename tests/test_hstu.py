@@ -175,6 +175,33 @@ def test_encoder_backends_agree_and_output_is_normalised():
     torch.testing.assert_close(outs["jagged"][0].norm(dim=-1), torch.ones(x.shape[0]))
 
 
+def test_encoder_triton_backend_shares_one_plan_and_agrees_with_jagged(monkeypatch):
+    """The Triton backend (interpreted on CPU) through the whole encoder: one plan (one host sync) per
+    forward for all layers, and the jagged backend's outputs and gradients."""
+    tri = pytest.importorskip("modules.hstu_attention_triton")
+    config = ModelConfig(
+        embedding_dim=16, num_blocks=3, num_heads=2, qk_dim=8, v_dim=8, max_seq_len=40, dropout=0.0
+    )
+    torch.manual_seed(0)
+    encoder = HSTUEncoder(config)
+    lengths = torch.tensor([1, 40, 17])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    x = torch.randn(int(offsets[-1]), 16, requires_grad=True)
+    ts = torch.arange(int(offsets[-1])) * 3571
+    plans = []
+    build = tri.plan_triton_attention
+    monkeypatch.setattr(tri, "plan_triton_attention", lambda *a, **k: plans.append(1) or build(*a, **k))
+    outs = {}
+    for backend in ("jagged", "triton"):
+        config.attention_backend = backend
+        out = encoder(x, offsets, ts)
+        outs[backend] = (out, torch.autograd.grad(out.pow(3).sum(), [x, *encoder.parameters()]))
+    assert len(plans) == 1
+    torch.testing.assert_close(outs["triton"][0], outs["jagged"][0], rtol=1e-4, atol=1e-5)
+    for got, want in zip(outs["triton"][1], outs["jagged"][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
 def test_causality_future_tokens_do_not_change_past_outputs():
     config = ModelConfig(
         embedding_dim=16, num_blocks=2, num_heads=2, qk_dim=4, v_dim=4, max_seq_len=20, dropout=0.0

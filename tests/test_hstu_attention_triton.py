@@ -146,8 +146,8 @@ def test_bias_buffer_layout_and_fill(tri):
     lengths = torch.tensor([0, 1, 63, 64, 65, 130, 7])
     naive = [sum(-(-(i + 1) // align) * align for i in range(n)) for n in lengths.tolist()]
     assert tri._rab_numel(lengths).tolist() == naive
-    q, k, v, offsets, ts, pos_w, time_w, n = make_inputs(lengths.tolist(), seed=4)
-    batch = tri._check(q, k, v, offsets, ts, pos_w, time_w, n)
+    *_, offsets, ts, pos_w, time_w, n = make_inputs(lengths.tolist(), seed=4)
+    batch = tri.plan_triton_attention(offsets, ts, max_seq_len=n)
     assert batch.rab_numel == sum(naive)
     assert batch.rab_base.tolist() == [sum(naive[:b]) for b in range(len(naive))]
     rab = tri._fill_rab(batch, offsets, pos_w, time_w, n, torch.float32)
@@ -262,6 +262,41 @@ def test_half_precision_forward_and_grads(tri, dtype, rtol):
         assert_close(a.grad, b.grad, f"grad {name}", rtol, 1e-3)
 
 
+def test_plan_shared_by_calls(tri):
+    """A plan built once per batch (as HSTUEncoder does for its layers) gives the same outputs and gradients
+    as each call building its own; a plan for other offsets, timestamps or max_seq_len is refused."""
+    from modules.hstu_attention import hstu_attention, plan_attention
+
+    q, k, v, offsets, ts, pos_w, time_w, n = make_inputs([12, 1, 30], seed=21)
+    kw = dict(max_seq_len=n, alpha=0.3, denominator=None)
+    plan = plan_attention(offsets, ts, max_seq_len=n, num_time_buckets=128, backend="triton")
+    assert isinstance(plan, tri.TritonPlan)
+    results = []
+    for shared in (None, plan, plan):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
+        out = hstu_attention(*leaves[:3], offsets, ts, *leaves[3:], backend="triton", plan=shared, **kw)
+        out.square().sum().backward()
+        results.append([out.detach()] + [x.grad for x in leaves])
+    for got in results[1:]:
+        for a, b in zip(got, results[0], strict=True):
+            assert torch.equal(a, b)
+    equal_copy = offsets.clone()  # another tensor with the same values is accepted
+    tri.triton_hstu_attention(q, k, v, equal_copy, ts, pos_w, time_w, plan=plan, **kw)
+    other = torch.tensor([0, 13, 13, 43])
+    with pytest.raises(ValueError, match="other offsets"):
+        tri.triton_hstu_attention(q, k, v, other, ts, pos_w, time_w, plan=plan, **kw)
+    with pytest.raises(ValueError, match="other timestamps"):
+        tri.triton_hstu_attention(q, k, v, offsets, ts + 1, pos_w, time_w, plan=plan, **kw)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        tri.triton_hstu_attention(q, k, v, offsets, ts, torch.zeros(2 * n + 1), time_w, plan=plan,
+                                  max_seq_len=n + 1, alpha=0.3, denominator=None)  # fmt: skip
+    jagged_plan = plan_attention(offsets, ts, max_seq_len=n, num_time_buckets=128, backend="jagged")
+    with pytest.raises(ValueError, match="built for backend 'jagged'"):
+        hstu_attention(q, k, v, offsets, ts, pos_w, time_w, backend="triton", plan=jagged_plan, **kw)
+    with pytest.raises(ValueError, match="built for backend 'triton'"):
+        hstu_attention(q, k, v, offsets, ts, pos_w, time_w, backend="jagged", plan=plan, **kw)
+
+
 def test_rejects_sequences_longer_than_max_seq_len(tri):
     q, k, v, offsets, ts, pos_w, time_w, _ = make_inputs([10, 30])
     with pytest.raises(ValueError, match="max_seq_len=20"):
@@ -297,7 +332,7 @@ def test_timestamps_relative_to_each_sequence(tri, gap_scale, kernel_dtype):
     g = torch.Generator().manual_seed(12)
     ts = 1_600_000_000 + (torch.rand(sum(lengths), generator=g) * gap_scale).long().cumsum(0)
     ts[3] -= 5_000  # one out of order
-    kernel_ts = tri._check(q, k, v, offsets, ts, pos_w, time_w, n).timestamps
+    kernel_ts = tri.plan_triton_attention(offsets, ts, max_seq_len=n).kernel_timestamps
     assert kernel_ts.dtype == kernel_dtype
     for s0, s1 in ((0, 25), (25, 26), (26, 66)):  # differences within each sequence are kept exactly
         assert torch.equal(kernel_ts[s0:s1].long() - kernel_ts[s0], ts[s0:s1] - ts[s0])
