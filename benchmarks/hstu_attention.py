@@ -9,7 +9,8 @@ Triton calls share one `plan_triton_attention` per batch, as the encoder's layer
 apart), and each Triton row also prints its kernels' GPU time (torch profiler), so host overhead shows.
 `triton` reads rab(i, j) from the bias buffer that one fill kernel writes per call (the GPU default);
 `triton_inline_bias` computes it per pair and head inside the kernels instead; `triton_frozen_bias` times
-the backward without the bias-weight gradients (what their reduction costs).
+the backward without the bias-weight gradients (what their reduction costs); `triton` reduces those once
+over all heads from a ds buffer that dk/dv writes, `triton_fused_bias_grad` per head inside dk/dv.
 Useful FLOPs count causal pairs on real tokens only: fwd = 2 * pairs * H * (Dqk + Dv), fwd+bwd = 3.5 x fwd
 (the FlashAttention convention, recomputation not counted). SDPA runs on the padded batch (causal softmax,
 a speed yardstick, not the same math). Imports only torch/triton and modules.hstu_attention_triton, so it
@@ -117,12 +118,15 @@ def bench(fn, *, warmup=3, iters=10) -> float:
 
 
 VARIANTS = {
-    "rab_buffer": (True, None),
-    "inline_global": (False, False),
-    "inline_table_gather": (False, True),
+    "rab_buffer": (True, None, None),
+    "rab_buffer_fused_grad": (True, None, False),
+    "inline_global": (False, False, False),
+    "inline_table_gather": (False, True, False),
 }
-"""Where the kernels get rab(i, j): name -> (_RAB_TILES, _TABLE_GATHER). The buffer is the GPU default;
-inline, each kernel computes it per pair and head, its time-table lookup a global or a table gather."""
+"""Kernel paths: name -> (_RAB_TILES, _TABLE_GATHER, _DS_BUFFER). The GPU default reads rab(i, j) from the
+bias buffer and hands the bias-weight gradients from dk/dv to one reduction over all heads (ds buffer);
+`fused_grad` reduces them per head inside dk/dv instead; inline, each kernel computes rab per pair and head,
+its time-table lookup a global or a table gather."""
 
 
 @contextlib.contextmanager
@@ -130,12 +134,12 @@ def kernel_variant(name: str):
     """Pin the kernels to one way of getting the bias (the defaults pick per memory budget and shape)."""
     from modules import hstu_attention_triton as mod
 
-    saved = mod._RAB_TILES, mod._TABLE_GATHER
-    mod._RAB_TILES, mod._TABLE_GATHER = VARIANTS[name]
+    saved = mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER
+    mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER = VARIANTS[name]
     try:
         yield
     finally:
-        mod._RAB_TILES, mod._TABLE_GATHER = saved
+        mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER = saved
 
 
 @contextlib.contextmanager
@@ -157,7 +161,7 @@ def config_pairs(variant: str) -> list[tuple]:
     """(forward/dq config, dk/dv config) pairs covering every config the autotuner may run in a variant."""
     from modules import hstu_attention_triton as mod
 
-    rab_tiles, table_gather = VARIANTS[variant]
+    rab_tiles, table_gather, _ = VARIANTS[variant]
 
     def tuned(configs):
         return mod._prune_configs(mod._lookup_configs(configs, table_gather), {}, RAB_TILES=rab_tiles)
@@ -260,7 +264,7 @@ def kernel_ms(fn, iters: int = 3) -> dict[str, float]:
 def kernel_summary(times: dict[str, float]) -> str:
     """'total: fill a, fwd b, ...' for the Triton kernels of one call, in ms."""
     named = {"_hstu_rab_fill_kernel": "fill", "_hstu_fwd_kernel": "fwd", "_hstu_bwd_dkdv_kernel": "dkdv",
-             "_hstu_bwd_dq_kernel": "dq"}  # fmt: skip
+             "_hstu_bwd_dq_kernel": "dq", "_hstu_rab_grad_kernel": "rab_grad"}  # fmt: skip
     parts = [f"{short} {times[name]:.3f}" for name, short in named.items() if name in times]
     return f"{sum(times.values()):.3f} ms on the GPU ({', '.join(parts)}; rest: memsets, casts)"
 
@@ -311,9 +315,9 @@ def run_benchmark(skip_padded: bool) -> None:
             out = triton_hstu_attention(*leaves[:3], offsets, ts, *bias, **kw)
             torch.autograd.grad(out, leaves[:3], grad)
 
-        def inline(fn):
+        def pinned(variant, fn):
             def run():
-                with kernel_variant("inline_global"):
+                with kernel_variant(variant):
                     fn()
 
             return run
@@ -321,7 +325,8 @@ def run_benchmark(skip_padded: bool) -> None:
         rows = [
             ("triton", tri_fwd, tri_step),
             ("triton_frozen_bias", tri_fwd, tri_step_frozen_bias),
-            ("triton_inline_bias", inline(tri_fwd), inline(tri_step)),
+            ("triton_fused_bias_grad", tri_fwd, pinned("rab_buffer_fused_grad", tri_step)),
+            ("triton_inline_bias", pinned("inline_global", tri_fwd), pinned("inline_global", tri_step)),
             ("sdpa_causal_padded", sdpa_fwd, sdpa_step),
         ]
         if not skip_padded:
@@ -348,28 +353,30 @@ def run_benchmark(skip_padded: bool) -> None:
                 step_ms = bench(step, warmup=2 if label == "padded_reference" else 3, iters=5 if label ==
                                 "padded_reference" else 10)  # fmt: skip
             except torch.OutOfMemoryError:
-                print(f"  {label:20s} out of memory", flush=True)
+                print(f"  {label:22s} out of memory", flush=True)
                 torch.cuda.empty_cache()
                 continue
             tf_fwd = fwd_flops / fwd_ms / 1e9
             tf_step = total_flops / step_ms / 1e9
             summary[(name, label)] = tf_step
             print(
-                f"  {label:20s} fwd {fwd_ms:8.3f} ms {tf_fwd:7.1f} TFLOP/s | fwd+bwd {step_ms:8.3f} ms "
+                f"  {label:22s} fwd {fwd_ms:8.3f} ms {tf_fwd:7.1f} TFLOP/s | fwd+bwd {step_ms:8.3f} ms "
                 f"{tf_step:7.1f} TFLOP/s",
                 flush=True,
             )
             if label.startswith("triton"):
-                print(f"  {'':20s} fwd+bwd kernels: {kernel_summary(kernel_ms(step))}", flush=True)
+                print(f"  {'':22s} fwd+bwd kernels: {kernel_summary(kernel_ms(step))}", flush=True)
             torch.cuda.empty_cache()
         del qp, kp, vp, leaves
     tri = [summary.get((s, "triton"), 0.0) for s in ("B64_L1024", "B16_L4096")]
     inline = [summary.get((s, "triton_inline_bias"), 0.0) for s in ("B64_L1024", "B16_L4096")]
+    fused = [summary.get((s, "triton_fused_bias_grad"), 0.0) for s in ("B64_L1024", "B16_L4096")]
     sdpa = [summary.get((s, "sdpa_causal_padded"), 0.0) for s in ("B64_L1024", "B16_L4096")]
     beats = all(t > s for t, s in zip(tri, sdpa, strict=True))
     print(
         f"RESULT hstu_attention fwd+bwd TFLOP/s on {torch.cuda.get_device_name()}: "
-        f"triton {tri[0]:.1f} (B64,L<=1024) {tri[1]:.1f} (B16,L<=4096); inline bias {inline[0]:.1f} / "
+        f"triton {tri[0]:.1f} (B64,L<=1024) {tri[1]:.1f} (B16,L<=4096); fused bias grad {fused[0]:.1f} / "
+        f"{fused[1]:.1f}; inline bias {inline[0]:.1f} / "
         f"{inline[1]:.1f}; sdpa {sdpa[0]:.1f} / {sdpa[1]:.1f}; "
         f"target 400 at L<=4096: {'met' if tri[1] >= 400 else 'not met'}; "
         f"beats sdpa at both shapes: {'yes' if beats else 'no'}"

@@ -41,6 +41,8 @@ SCALARS = {
     "max_seq_len": "i32",
     "num_buckets": "i32",
     "len_key": "i32",
+    "ds_head_stride": "i64",
+    "heads": "i32",
 }
 INDEX_POINTERS = {"OFFSETS": "*i64", "TS": "*i32", "RAB_BASE": "*i64"}
 """Timestamps travel as int32 offsets from each sequence's first one (int64 only for spans past 2**31)."""
@@ -52,7 +54,8 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
     """(name, kernel, autotune configs, extra constexprs) of each requested kernel.
 
     Each attention kernel comes twice: computing the bias per pair, and reading it from the precomputed
-    buffer (`+rab`, with the fill kernel that writes it).
+    buffer (`+rab`, with the fill kernel that writes it); dk/dv with the buffer also hands its bias
+    gradients over as a ds buffer (`+ds`, with the `rab_grad` kernel that reduces it).
     """
     table = {
         "fwd": (hstu._hstu_fwd_kernel, hstu._FWD_CONFIGS, {}),
@@ -63,8 +66,13 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
     for name in kernels:
         if name == "fill":
             specs.append(("fill", hstu._hstu_rab_fill_kernel, [hstu._FILL_CONFIG], {"TABLE_GATHER": True}))
+            specs.append(("rab_grad", hstu._hstu_rab_grad_kernel, [hstu._RAB_GRAD_CONFIG], {}))
             continue
         fn, configs, extra = table[name]
+        if name == "dkdv":  # inline bias: bias gradients reduced in-loop; buffer: handed over as ds
+            specs.append((name, fn, configs, {**extra, "RAB_TILES": False, "DS_STORE": False}))
+            specs.append((f"{name}+rab+ds", fn, configs, {**extra, "RAB_TILES": True, "DS_STORE": True}))
+            continue
         specs.append((name, fn, configs, {**extra, "RAB_TILES": False}))
         specs.append((f"{name}+rab", fn, configs, {**extra, "RAB_TILES": True}))
     return specs
@@ -149,14 +157,16 @@ def compile_all(args: argparse.Namespace) -> int:
         precision = hstu._dot_precision({"fp32": hstu.torch.float32}.get(dtype, hstu.torch.bfloat16))
         for name, fn, configs, extra in kernel_specs(args.kernels.split(",")):
             pruned = (
-                configs if name == "fill" else hstu._prune_configs(configs, {}, DOT_PREC=precision, **extra)
+                configs
+                if name in ("fill", "rab_grad")
+                else hstu._prune_configs(configs, {}, DOT_PREC=precision, **extra)
             )
             for config in pruned[:1] if args.first_config_only else pruned:
                 constants = dict(
                     FAST_MATH=dtype != "fp32", BLOCK_BUCKETS=triton.next_power_of_2(args.num_buckets + 1),
                     **extra, **config.kwargs,
                 )  # fmt: skip
-                if name != "fill":
+                if name not in ("fill", "rab_grad"):
                     constants |= dict(
                         DQK=args.dqk, DV=args.dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, DEN_IS_LEN=True,
                         DOT_PREC=precision,

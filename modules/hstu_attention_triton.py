@@ -18,11 +18,13 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
   j <= min(i, last position), acc += SiLU(s) @ v in fp32, times 1/den once at the end. (One masked loop
   holds fewer live registers than an unmasked loop plus a diagonal one, and spills less.)
 - backward dk/dv: one program per key block; loops over query blocks i >= j, recomputes s, accumulates
-  dv += p^T do and dk += ds^T q; the bias gradients are reduced per tile before touching memory
-  (position: diagonal sums through `tl.gather`, added with one relaxed atomic per diagonal; time: masked
-  tile sums over the buckets present in the tile, four buckets per reduction, kept in a per-program
-  histogram written once at the end). Per-tile atomics to the same few time buckets from every program,
-  with Triton's default acq_rel ordering, had made the bias gradients 76% of the backward on an H200.
+  dv += p^T do and dk += ds^T q. The bias-weight gradients need ds summed over heads, diagonal by diagonal
+  (position) and bucket by bucket (time). By default dk/dv writes each pair's ds per head into a buffer laid
+  out like the bias buffer, and `_hstu_rab_grad_kernel` sums the heads of each pair once and then reduces
+  (diagonal sums through a sheared `tl.gather`, masked sums four buckets at a time into a per-program
+  histogram, a few relaxed atomics per tile). Done per head inside dk/dv's loop instead (the fallback when
+  the buffer does not fit), these reductions took 57% of the fwd+bwd kernel time on an H200 (16
+  sequences of 2048-4096); the buffer path is not yet timed on a GPU.
 - backward dq: one program per query block, loops over key blocks like the forward (no atomics).
 Per (i, j) pair, the work besides the two products bounds the speed, so it is kept small: timestamps
 travel as int32 offsets from each sequence's first one (int64 only past 68 years), the causal limit and
@@ -57,6 +59,11 @@ _RAB_TILES: bool | None = None
 """Pin where the bias comes from (tests, the GPU check): True, the precomputed bias buffer; False, computed
 per pair and head in the attention kernels; None, the buffer on the GPU when it fits `_RAB_MEMORY_FRACTION`
 of the device's memory, per-pair computation under the interpreter."""
+_DS_BUFFER: bool | None = None
+"""Pin how dk/dv hands over the bias-weight gradients (tests, the GPU check): True, it writes each pair's
+ds per head to a buffer that `_hstu_rab_grad_kernel` reduces once over all heads; False, it reduces them
+per head inside its loop; None, the buffer on the GPU when it fits `_RAB_MEMORY_FRACTION`, the in-loop
+reduction under the interpreter."""
 _RAB_MEMORY_FRACTION = 1 / 32
 """Largest share of the GPU's memory the transient bias buffer may take (2.5 GB on an 80 GB H100: a batch of
 16 sequences of 4096 events needs 0.3 GB in bf16)."""
@@ -193,14 +200,99 @@ def _rab_row_start(i):
 
 
 @triton.jit
+def _rab_start(rab_base, rows):
+    """Buffer offsets of rows [M, 1] of the sequence whose rows start at rab_base (both multiples of 64)."""
+    return tl.multiple_of(rab_base + _rab_row_start(rows), [_ALIGN, _ALIGN])
+
+
+@triton.jit
 def _rab_tile(RAB, rab_base, rows, offs_n):
     """Precomputed bias of rows [M, 1] (within the sequence) x keys offs_n [N], fp32.
 
     Unmasked: a key block starting at or before a row's last key ends inside the row's allocation or in
     later rows of the same sequence, and entries past the diagonal are only ever masked out.
     """
-    start = tl.multiple_of(rab_base + _rab_row_start(rows), [_ALIGN, _ALIGN])
-    return tl.load(RAB + start + offs_n[None, :]).to(tl.float32)
+    return tl.load(RAB + _rab_start(rab_base, rows) + offs_n[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _bias_grad_tile(
+    ds, bucket, valid, diag0, time_grad, DPOS, max_seq_len, num_buckets, scale,
+    BLOCK_BUCKETS: tl.constexpr, SHEAR: tl.constexpr,
+):  # fmt: skip
+    """Adds an [R, C] tile of ds (rows i, keys j; j - i = diag0 at its corner) to the bias gradients.
+
+    Position: sums along diagonals (j - i constant) through a sheared `tl.gather` (SHEAR: a power of two
+    >= R + C - 1), one relaxed atomic per diagonal, times scale. Time: masked tile sums over the buckets
+    present in the tile's valid part, four buckets per reduction (one cross-warp exchange per four; tiles
+    away from the diagonal span few), added to the program's histogram time_grad, which is returned.
+    """
+    R: tl.constexpr = ds.shape[0]
+    C: tl.constexpr = ds.shape[1]
+    src_col = tl.arange(0, SHEAR)[None, :] + tl.arange(0, R)[:, None] - (R - 1)  # key column of (i, t)
+    in_band = (src_col >= 0) & (src_col < C)
+    sheared = tl.gather(ds, tl.where(in_band, src_col, 0), axis=1)
+    diag = tl.sum(tl.where(in_band, sheared, 0.0), axis=0) * scale  # [SHEAR]
+    tt = tl.arange(0, SHEAR)
+    pos_idx = diag0 + tt - (R - 1) + (max_seq_len - 1)
+    pos_ok = (tt < R + C - 1) & (pos_idx >= 0) & (pos_idx < 2 * max_seq_len - 1)
+    tl.atomic_add(DPOS + pos_idx, diag, mask=pos_ok & (diag != 0.0), sem="relaxed")
+    four = tl.arange(0, 4)
+    bucket_ids = tl.arange(0, BLOCK_BUCKETS)
+    lo, hi = tl.reduce((tl.where(valid, bucket, num_buckets + 1), tl.where(valid, bucket, -1)), 1, _min_max)
+    b_lo, b_hi = tl.reduce((lo, hi), 0, _min_max)
+    for bk in range(b_lo, b_hi + 1, 4):
+        onehot = bucket[None, :, :] == (bk + four)[:, None, None]  # [4, R, C]
+        part = tl.sum(tl.sum(tl.where(onehot, ds[None, :, :], 0.0), axis=2), axis=1)
+        time_grad += tl.sum(tl.where(bucket_ids[None, :] == (bk + four)[:, None], part[:, None], 0.0), 0)
+    return time_grad
+
+
+@triton.jit
+def _add_time_grad(DTIME, time_grad, scale, num_buckets, BLOCK_BUCKETS: tl.constexpr):
+    """A program's time-bias histogram into DTIME: one relaxed atomic per non-zero bucket."""
+    ids = tl.arange(0, BLOCK_BUCKETS)
+    tl.atomic_add(
+        DTIME + ids, time_grad * scale, mask=(ids <= num_buckets) & (time_grad != 0.0), sem="relaxed"
+    )
+
+
+@triton.jit
+def _hstu_rab_grad_kernel(
+    DS, RAB_BASE, OFFSETS, TS, DPOS, DTIME, heads, ds_head_stride, max_seq_len, num_buckets,
+    FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Bias-weight gradients from the ds buffer that dk/dv wrote per head (already times 1/den): each pair's
+    heads are summed first, so the diagonal and per-bucket reductions run once per pair, not once per head
+    inside dk/dv's loop. Rows as in the bias buffer; entries past the diagonal are never read."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    seq_start = tl.load(OFFSETS + b)
+    seq_len = (tl.load(OFFSETS + b + 1) - seq_start).to(tl.int32)
+    m0 = pid_m * BLOCK_R
+    if m0 >= seq_len:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_R)
+    mask_m = offs_m < seq_len
+    start = _rab_start(tl.load(RAB_BASE + b), tl.minimum(offs_m, seq_len - 1)[:, None])
+    tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
+    last_row = tl.minimum(m0 + BLOCK_R, seq_len) - 1
+    time_grad = tl.zeros([BLOCK_BUCKETS], dtype=tl.float32)
+    for n0 in range(0, last_row + 1, BLOCK_C):
+        offs_n = n0 + tl.arange(0, BLOCK_C)
+        valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m[:, None]
+        ds = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        head = DS  # advanced one head at a time: no head * stride product to overflow int32
+        for _ in range(heads):
+            ds += tl.load(head + start + offs_n[None, :], mask=valid, other=0.0).to(tl.float32)
+            head += ds_head_stride
+        tk = tl.load(TS + seq_start + offs_n, mask=offs_n < seq_len, other=0)[None, :]
+        bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
+        time_grad = _bias_grad_tile(
+            ds, bucket, valid, n0 - m0, time_grad, DPOS, max_seq_len, num_buckets, 1.0, BLOCK_BUCKETS,
+            2 * BLOCK_C,
+        )  # fmt: skip
+    _add_time_grad(DTIME, time_grad, 1.0, num_buckets, BLOCK_BUCKETS)
 
 
 @triton.jit
@@ -388,13 +480,14 @@ def _hstu_bwd_dq_kernel(
 
 @triton.jit
 def _hstu_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV_OUT, DPOS, DTIME, OFFSETS, TS, POS_W, TIME_W, RAB, RAB_BASE,
+    Q, K, V, DO, DK, DV_OUT, DPOS, DTIME, OFFSETS, TS, POS_W, TIME_W, RAB, RAB_BASE, DS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    alpha, inv_den_const, max_seq_len, num_buckets, len_key,
+    alpha, inv_den_const, max_seq_len, num_buckets, len_key, ds_head_stride,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
-    RAB_TILES: tl.constexpr, RAB_GRAD: tl.constexpr, BLOCK: tl.constexpr, TABLE_GATHER: tl.constexpr,
+    RAB_TILES: tl.constexpr, RAB_GRAD: tl.constexpr, DS_STORE: tl.constexpr, BLOCK: tl.constexpr,
+    TABLE_GATHER: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(0)
     pid_n = tl.program_id(1)  # the first key blocks have the most query blocks: longest work first
@@ -421,17 +514,9 @@ def _hstu_bwd_dkdv_kernel(
     tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
     dk = tl.zeros([BLOCK, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_DV], dtype=tl.float32)
-    # Diagonal-sum helpers (position-bias gradient): row ii, diagonal t = jj - ii + BLOCK - 1.
-    ii2 = tl.arange(0, BLOCK)[:, None]
-    tt2 = tl.arange(0, 2 * BLOCK)[None, :]
-    src_col = tt2 + ii2 - (BLOCK - 1)  # [BLOCK, 2 * BLOCK]: source key column jj of (ii, t)
-    in_band = (src_col >= 0) & (src_col < BLOCK)
-    src_col = tl.where(in_band, src_col, 0)
-    tt1 = tl.arange(0, 2 * BLOCK)
-    four = tl.arange(0, 4)
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
-    bucket_ids = tl.arange(0, BLOCK_BUCKETS)
     time_grad = tl.zeros([BLOCK_BUCKETS], dtype=tl.float32)  # this key block's time-bias gradient
+    ds_head = DS + h.to(tl.int64) * ds_head_stride
     rab_base = tl.load(RAB_BASE + b)
     for m0 in range(n0, seq_len, BLOCK):
         offs_m = m0 + tl.arange(0, BLOCK)
@@ -464,32 +549,19 @@ def _hstu_bwd_dkdv_kernel(
         ds = tl.where(valid, dp * sig * (1.0 + s * (1.0 - sig)), 0.0)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
         if RAB_GRAD:
-            # Position bias: sum ds along diagonals (j - i constant) of the tile, one atomic per diagonal.
-            sheared = tl.gather(ds, src_col, axis=1)
-            diag = tl.sum(tl.where(in_band, sheared, 0.0), axis=0) * inv_den  # [2 * BLOCK]
-            pos_idx = (n0 - m0) + tt1 - (BLOCK - 1) + (max_seq_len - 1)
-            pos_ok = (tt1 < 2 * BLOCK - 1) & (pos_idx >= 0) & (pos_idx < 2 * max_seq_len - 1)
-            tl.atomic_add(DPOS + pos_idx, diag, mask=pos_ok & (diag != 0.0), sem="relaxed")
-            # Time bias: masked tile sums over the buckets present in the tile's valid part, four buckets per
-            # reduction (one cross-warp exchange per four buckets; tiles away from the diagonal span few),
-            # kept in a per-program histogram that reaches memory once, after the loop.
-            lo, hi = tl.reduce(
-                (tl.where(valid, bucket, num_buckets + 1), tl.where(valid, bucket, -1)), 1, _min_max
-            )
-            b_lo, b_hi = tl.reduce((lo, hi), 0, _min_max)
-            for bk in range(b_lo, b_hi + 1, 4):
-                onehot = bucket[None, :, :] == (bk + four)[:, None, None]  # [4, BLOCK, BLOCK]
-                part = tl.sum(tl.sum(tl.where(onehot, ds[None, :, :], 0.0), axis=2), axis=1)
-                time_grad += tl.sum(
-                    tl.where(bucket_ids[None, :] == (bk + four)[:, None], part[:, None], 0.0), 0
+            if DS_STORE:  # handed to _hstu_rab_grad_kernel, which reduces all heads at once
+                tl.store(
+                    ds_head + _rab_start(rab_base, last_row) + offs_n[None, :],
+                    (ds * inv_den).to(DS.dtype.element_ty),
+                    mask=mask_m[:, None],
                 )
-    if RAB_GRAD:
-        tl.atomic_add(
-            DTIME + bucket_ids,
-            time_grad * inv_den,
-            mask=(bucket_ids <= num_buckets) & (time_grad != 0.0),
-            sem="relaxed",
-        )
+            else:
+                time_grad = _bias_grad_tile(
+                    ds, bucket, valid, n0 - m0, time_grad, DPOS, max_seq_len, num_buckets, inv_den,
+                    BLOCK_BUCKETS, 2 * BLOCK,
+                )  # fmt: skip
+    if RAB_GRAD and not DS_STORE:
+        _add_time_grad(DTIME, time_grad, inv_den, num_buckets, BLOCK_BUCKETS)
     tl.store(
         DK + cols * stride_dkt + h * stride_dkh + offs_dqk[None, :],
         (dk * (alpha * inv_den)).to(DK.dtype.element_ty),
@@ -528,6 +600,9 @@ _DKDV_CONFIGS = [
 _KEY = ["len_key", "DQK", "DV", "DOT_PREC", "DEN_IS_LEN", "RAB_TILES"]
 _FILL_CONFIG = triton.Config({"BLOCK_R": 32, "BLOCK_C": _RAB_ALIGN}, num_warps=4)
 """The bias-buffer fill's one launch config (rows per program; columns by _RAB_ALIGN)."""
+_RAB_GRAD_CONFIG = triton.Config({"BLOCK_R": 32, "BLOCK_C": _RAB_ALIGN}, num_warps=8)
+"""The ds-buffer reduction's launch config: the fill's tiles, 8 warps (at 4 its [4, 32, 64] one-hot sums
+spill)."""
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -570,7 +645,7 @@ def _autotuned_kernels(table_gather: bool | None):
     dq = triton.autotune(fwd_configs, key=_KEY, prune_configs_by=prune)(_hstu_bwd_dq_kernel)
     dkdv = triton.autotune(
         _lookup_configs(_DKDV_CONFIGS, table_gather),
-        key=[*_KEY, "RAB_GRAD"],
+        key=[*_KEY, "RAB_GRAD", "DS_STORE"],
         prune_configs_by=prune,
         reset_to_zero=["DPOS", "DTIME"],
     )(_hstu_bwd_dkdv_kernel)
@@ -699,14 +774,51 @@ def plan_triton_attention(offsets: Tensor, timestamps: Tensor, *, max_seq_len: i
     return plan(int(longest), kernel_ts, rab_ends - rab_sizes, int(rab_numel))
 
 
+def _fits_budget(numel: int, x: Tensor) -> bool:
+    """Whether a transient buffer of numel elements of x's dtype fits `_RAB_MEMORY_FRACTION` of x's GPU."""
+    budget = torch.cuda.get_device_properties(x.device).total_memory * _RAB_MEMORY_FRACTION
+    return numel * x.element_size() <= budget
+
+
 def _use_rab_tiles(batch: TritonPlan, q: Tensor) -> bool:
     """Precompute the bias buffer when it fits the memory budget (or as `_RAB_TILES` pins it)."""
     if _RAB_TILES is not None:
         return _RAB_TILES
-    if _INTERPRET:
-        return False
-    budget = torch.cuda.get_device_properties(q.device).total_memory * _RAB_MEMORY_FRACTION
-    return batch.rab_numel * q.element_size() <= budget
+    return not _INTERPRET and _fits_budget(batch.rab_numel, q)
+
+
+def _use_ds_buffer(batch: TritonPlan, q: Tensor) -> bool:
+    """Hand the bias gradients over as a per-head ds buffer when it fits (or as `_DS_BUFFER` pins it)."""
+    if _DS_BUFFER is not None:
+        return _DS_BUFFER
+    return not _INTERPRET and _fits_budget(q.shape[1] * batch.rab_numel, q)
+
+
+def _ds_buffer(batch: TritonPlan, q: Tensor) -> Tensor | None:
+    """The per-head ds buffer for the bias-weight gradients, or None for dk/dv's in-loop reduction."""
+    if not _use_ds_buffer(batch, q):
+        return None
+    try:
+        return torch.empty(q.shape[1] * batch.rab_numel, dtype=q.dtype, device=q.device)
+    except torch.OutOfMemoryError:
+        if _DS_BUFFER:
+            raise
+        warnings.warn(
+            "triton_hstu_attention: no room for the bias-gradient buffer; dk/dv reduces the bias gradients "
+            "itself for this call (slower, same result)",
+            stacklevel=3,
+        )
+        return None
+
+
+def _reduce_bias_grads(ds, batch: TritonPlan, offsets, dpos, dtime, heads: int, max_seq_len: int) -> None:
+    """dpos, dtime += the bias-weight gradients held in the per-head ds buffer (`_hstu_rab_grad_kernel`)."""
+    blocks = {**_RAB_GRAD_CONFIG.kwargs, **({"BLOCK_R": _INTERPRET_BLOCK} if _INTERPRET else {})}
+    _hstu_rab_grad_kernel[(triton.cdiv(batch.longest, blocks["BLOCK_R"]), offsets.numel() - 1)](
+        ds, batch.rab_base, offsets, batch.kernel_timestamps, dpos, dtime, heads, batch.rab_numel,
+        max_seq_len, dtime.numel() - 1, FAST_MATH=_fast_math(ds.dtype),
+        BLOCK_BUCKETS=triton.next_power_of_2(dtime.numel()), num_warps=_RAB_GRAD_CONFIG.num_warps, **blocks,
+    )  # fmt: skip
 
 
 def _fill_rab(batch: TritonPlan, offsets, pos_w, time_w, max_seq_len: int, dtype: torch.dtype) -> Tensor:
@@ -755,14 +867,19 @@ class _HSTUAttention(torch.autograd.Function):
         dtime = torch.zeros(time_w.numel(), dtype=torch.float32, device=q.device)
         if q.shape[0] > 0 and num_seqs > 0 and batch.longest > 0:
             rab, common = _launch_args(q, v, offsets, pos_w, time_w, batch, max_seq_len, alpha, denominator)
+            rab_grad = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
+            ds = _ds_buffer(batch, q) if rab_grad else None
             _, dq_kernel, dkdv_kernel = _kernels()
             dkdv_kernel[_grid(batch.longest, heads, num_seqs, "BLOCK")](
                 q, k, v, do, dk, dv, dpos, dtime, offsets, batch.kernel_timestamps, pos_w, time_w,
-                rab, batch.rab_base,
+                rab, batch.rab_base, q if ds is None else ds,  # q: a placeholder pointer, never read
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                **common, RAB_GRAD=ctx.needs_input_grad[4] or ctx.needs_input_grad[5], **_blocks("BLOCK"),
+                **common, ds_head_stride=batch.rab_numel, RAB_GRAD=rab_grad, DS_STORE=ds is not None,
+                **_blocks("BLOCK"),
             )  # fmt: skip
+            if ds is not None:
+                _reduce_bias_grads(ds, batch, offsets, dpos, dtime, heads, max_seq_len)
             dq_kernel[_grid(batch.longest, heads, num_seqs, "BLOCK_M")](
                 q, k, v, do, dq, offsets, batch.kernel_timestamps, pos_w, time_w, rab, batch.rab_base,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

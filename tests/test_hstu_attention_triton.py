@@ -184,13 +184,16 @@ def test_bias_buffer_tile_reads_stay_inside_their_sequence(tri):
             assert int(row_start[rows].max()) + n0 + width <= int(row_start[length]), (length, first, n0)
 
 
+@pytest.mark.parametrize("ds_buffer", [False, True])
 @pytest.mark.parametrize(
     ("dtype", "rtol", "atol"), [(torch.float32, 1e-4, 1e-5), (torch.bfloat16, 4e-2, 1e-3)]
 )
-def test_bias_buffer_path_matches_naive_oracle(tri, monkeypatch, dtype, rtol, atol):
+def test_bias_buffer_path_matches_naive_oracle(tri, monkeypatch, dtype, rtol, atol, ds_buffer):
     """The kernels reading rab from the precomputed buffer (the GPU default when it fits): forward and all
-    five gradients, on lengths that cross the buffer's 64-key rows and the 16-row interpreter blocks."""
+    five gradients, on lengths that cross the buffer's 64-key rows and the 16-row interpreter blocks; the
+    bias-weight gradients reduced in dk/dv's loop, or (the GPU default) from the per-head ds buffer."""
     monkeypatch.setattr(tri, "_RAB_TILES", True)
+    monkeypatch.setattr(tri, "_DS_BUFFER", ds_buffer)
     out, ref, leaves, ref_leaves = run_both(tri, [1, 70, 0, 17, 64], denominator=None, dtype=dtype)
     assert_close(out, ref, "out", rtol, atol)
     for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
@@ -213,6 +216,32 @@ def test_bias_buffer_out_of_memory_falls_back_to_inline(tri, monkeypatch):
     monkeypatch.setattr(tri, "_RAB_TILES", True)
     with pytest.raises(torch.OutOfMemoryError):
         run_both(tri, [9, 1, 30], denominator=None)
+
+
+def test_ds_buffer_with_inline_bias_and_its_out_of_memory_fallback(tri, monkeypatch):
+    """The ds buffer also serves the inline-bias kernels; a GPU too full for it (as the default chose it)
+    gets dk/dv's in-loop reduction and a warning; pinned to the buffer, the error stands."""
+    monkeypatch.setattr(tri, "_DS_BUFFER", True)
+    *_, leaves, ref_leaves = run_both(tri, [33, 1, 20], denominator=40.0, max_seq_len=40, seed=3)
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert_close(a.grad, b.grad, f"grad {name}", 1e-4, 1e-5)
+    real_empty = torch.empty
+
+    def no_room(*args, **kwargs):
+        if args and args[0] == 2 * tri.plan_triton_attention(offsets, ts, max_seq_len=30).rab_numel:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_empty(*args, **kwargs)
+
+    _, _, _, offsets, ts, _, _, _ = make_inputs([9, 1, 30])
+    monkeypatch.setattr(tri.torch, "empty", no_room)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_both(tri, [9, 1, 30], denominator=None)
+    monkeypatch.setattr(tri, "_DS_BUFFER", None)
+    monkeypatch.setattr(tri, "_use_ds_buffer", lambda batch, q: True)
+    with pytest.warns(UserWarning, match="dk/dv reduces the bias gradients itself"):
+        *_, leaves, ref_leaves = run_both(tri, [9, 1, 30], denominator=None)
+    assert_close(leaves[3].grad, ref_leaves[3].grad, "grad pos_weights", 1e-4, 1e-5)
+    assert_close(leaves[4].grad, ref_leaves[4].grad, "grad time_weights", 1e-4, 1e-5)
 
 
 def test_matches_team_reference_backend(tri):
@@ -309,8 +338,8 @@ def test_kernels_compile_for_hopper(tri):
 
     Runs benchmarks/triton_compile.py in a fresh process without TRITON_INTERPRET: layouts, tensor-core
     shapes and shared memory are only checked there, and no GPU is needed to check them. Every bf16 config
-    is compiled, with and without the bias buffer and with both time-bias lookups; fp32 (correctness only)
-    compiles one small tile.
+    is compiled, with and without the bias buffer (dk/dv with it also writing the ds buffer) and with both
+    time-bias lookups; fp32 (correctness only) compiles one small tile.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(REPO / "benchmarks" / "triton_compile.py"), "--dtypes", "bf16,fp32"]
@@ -319,7 +348,7 @@ def test_kernels_compile_for_hopper(tri):
     with_buffer = [tri._prune_configs(c, {}, RAB_TILES=True) for c in (tri._FWD_CONFIGS, tri._DKDV_CONFIGS)]
     bf16 = 2 * len(tri._FWD_CONFIGS) + len(tri._DKDV_CONFIGS) + 2 * len(with_buffer[0]) + len(with_buffer[1])
     fp32 = 3 * 2  # one small tile per kernel, with and without the buffer
-    compiled = bf16 + fp32 + 2  # and the buffer's fill kernel in each dtype
+    compiled = bf16 + fp32 + 2 * 2  # and the buffer's fill and the ds-buffer reduction in each dtype
     assert f"RESULT arch=sm_90 compiled={compiled} failed=0" in proc.stdout, proc.stdout
 
 
