@@ -24,6 +24,7 @@ import contextlib
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -102,7 +103,14 @@ def causal_flops(lengths, heads, dqk, dv) -> tuple[float, float]:
 
 
 def bench(fn, *, warmup=3, iters=10) -> float:
-    """Median milliseconds of fn() on the current CUDA stream."""
+    """Median milliseconds of fn() on the current CUDA stream (wall clock without a GPU: smoke runs)."""
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -269,14 +277,15 @@ def kernel_summary(times: dict[str, float]) -> str:
     return f"{sum(times.values()):.3f} ms on the GPU ({', '.join(parts)}; rest: memsets, casts)"
 
 
-def run_benchmark(skip_padded: bool) -> None:
+def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES) -> None:
+    """The benchmark table and RESULT line; device="cpu" with tiny shapes is the harness's smoke run."""
     from modules.hstu_attention_triton import plan_triton_attention, triton_hstu_attention
 
     heads, d = 4, 128
     summary = {}
-    for name, b, lo, hi in SHAPES:
+    for name, b, lo, hi in shapes:
         q, k, v, offsets, ts, pos_w, time_w, lengths = make_batch(
-            b, lo, hi, heads=heads, dqk=d, dv=d, max_seq_len=hi, dtype=torch.bfloat16, device="cuda"
+            b, lo, hi, heads=heads, dqk=d, dv=d, max_seq_len=hi, dtype=torch.bfloat16, device=device
         )
         fwd_flops, total_flops = causal_flops(lengths, heads, d, d)
         alpha = 1.0 / math.sqrt(d)
@@ -297,7 +306,7 @@ def run_benchmark(skip_padded: bool) -> None:
 
         # SDPA: padded dense [B, H, N, d] causal softmax attention on the same real lengths.
         n = int(lengths.max())
-        qp = torch.randn(b, heads, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        qp = torch.randn(b, heads, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
         kp = torch.randn_like(qp, requires_grad=True)
         vp = torch.randn_like(qp, requires_grad=True)
         gp = torch.randn_like(qp)
@@ -364,7 +373,7 @@ def run_benchmark(skip_padded: bool) -> None:
                 f"{tf_step:7.1f} TFLOP/s",
                 flush=True,
             )
-            if label.startswith("triton"):
+            if label.startswith("triton") and device == "cuda":
                 print(f"  {'':22s} fwd+bwd kernels: {kernel_summary(kernel_ms(step))}", flush=True)
             torch.cuda.empty_cache()
         del qp, kp, vp, leaves
@@ -374,7 +383,8 @@ def run_benchmark(skip_padded: bool) -> None:
     sdpa = [summary.get((s, "sdpa_causal_padded"), 0.0) for s in ("B64_L1024", "B16_L4096")]
     beats = all(t > s for t, s in zip(tri, sdpa, strict=True))
     print(
-        f"RESULT hstu_attention fwd+bwd TFLOP/s on {torch.cuda.get_device_name()}: "
+        f"RESULT hstu_attention fwd+bwd TFLOP/s on "
+        f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU (interpreter smoke run)'}: "
         f"triton {tri[0]:.1f} (B64,L<=1024) {tri[1]:.1f} (B16,L<=4096); fused bias grad {fused[0]:.1f} / "
         f"{fused[1]:.1f}; inline bias {inline[0]:.1f} / "
         f"{inline[1]:.1f}; sdpa {sdpa[0]:.1f} / {sdpa[1]:.1f}; "
@@ -415,11 +425,17 @@ def main() -> None:
         "--all-configs", action="store_true", help="--check runs every autotune config of every variant"
     )
     parser.add_argument("--skip-padded", action="store_true", help="leave out the padded PyTorch reference")
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny --check on CPU (TRITON_INTERPRET=1)")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny --check and benchmark on CPU (TRITON_INTERPRET=1)"
+    )
     parser.add_argument("--profile-once", action="store_true", help="one tuned fwd+bwd, for ncu")
     args = parser.parse_args()
     if args.cpu_smoke:
-        sys.exit(0 if run_check("cpu", small=True) else 1)
+        ok = run_check("cpu", small=True)
+        run_benchmark(
+            skip_padded=False, device="cpu", shapes=[("B64_L1024", 3, 1, 24), ("B16_L4096", 2, 20, 40)]
+        )
+        sys.exit(0 if ok else 1)
     require_cuda()
     if args.check:
         sys.exit(0 if run_check(all_configs=args.all_configs) else 1)

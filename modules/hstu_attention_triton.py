@@ -51,6 +51,8 @@ from modules.hstu_attention import TIME_BUCKET_DIVISOR, check_attention_shapes
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRET_BLOCK = 16
 """Block size under TRITON_INTERPRET=1 (CPU tests): small, so short sequences still span several blocks."""
+_INTERPRET_DKDV_KEYS = 2 * _INTERPRET_BLOCK
+"""Keys per dk/dv program under the interpreter: twice its query rows, so the tests cover unequal tiles."""
 _TABLE_GATHER: bool | None = None
 """Pin the time-bias lookup (tests, the GPU check): None lets the GPU autotuner try both and the
 interpreter use the global-memory one in the attention kernels; the bias-buffer fill gathers from its
@@ -209,10 +211,16 @@ def _rab_start(rab_base, rows):
 def _rab_tile(RAB, rab_base, rows, offs_n):
     """Precomputed bias of rows [M, 1] (within the sequence) x keys offs_n [N], fp32.
 
-    Unmasked: a key block starting at or before a row's last key ends inside the row's allocation or in
-    later rows of the same sequence, and entries past the diagonal are only ever masked out.
+    Unmasked for key blocks of at most 64 (16-byte vectors): such a block, starting at or before a row's
+    last key, ends inside the row's allocation or in later rows of the same sequence, and entries past the
+    diagonal are only ever masked out. Wider key blocks would run past the buffer: they mask keys > row.
     """
-    return tl.load(RAB + _rab_start(rab_base, rows) + offs_n[None, :]).to(tl.float32)
+    ptrs = RAB + _rab_start(rab_base, rows) + offs_n[None, :]
+    if offs_n.shape[0] > _ALIGN:
+        tile = tl.load(ptrs, mask=offs_n[None, :] <= rows, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile.to(tl.float32)
 
 
 @triton.jit
@@ -486,17 +494,19 @@ def _hstu_bwd_dkdv_kernel(
     alpha, inv_den_const, max_seq_len, num_buckets, len_key, ds_head_stride,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
-    RAB_TILES: tl.constexpr, RAB_GRAD: tl.constexpr, DS_STORE: tl.constexpr, BLOCK: tl.constexpr,
-    TABLE_GATHER: tl.constexpr,
+    RAB_TILES: tl.constexpr, RAB_GRAD: tl.constexpr, DS_STORE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
 ):  # fmt: skip
+    """BLOCK_N keys per program, BLOCK_M (<= BLOCK_N) query rows per step of its loop."""
+    tl.static_assert(BLOCK_M <= BLOCK_N)
     h = tl.program_id(0)
     pid_n = tl.program_id(1)  # the first key blocks have the most query blocks: longest work first
     b = tl.program_id(2)
     seq_start, seq_len, inv_den = _seq_info(OFFSETS, b, DEN_IS_LEN, inv_den_const)
-    n0 = pid_n * BLOCK
+    n0 = pid_n * BLOCK_N
     if n0 >= seq_len:
         return
-    offs_n = n0 + tl.arange(0, BLOCK)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < seq_len
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -512,14 +522,14 @@ def _hstu_bwd_dkdv_kernel(
         other=0.0,
     )
     tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
-    dk = tl.zeros([BLOCK, BLOCK_DQK], dtype=tl.float32)
-    dv = tl.zeros([BLOCK, BLOCK_DV], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     time_grad = tl.zeros([BLOCK_BUCKETS], dtype=tl.float32)  # this key block's time-bias gradient
     ds_head = DS + h.to(tl.int64) * ds_head_stride
     rab_base = tl.load(RAB_BASE + b)
-    for m0 in range(n0, seq_len, BLOCK):
-        offs_m = m0 + tl.arange(0, BLOCK)
+    for m0 in range(n0, seq_len, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < seq_len
         rows = (seq_start + offs_m)[:, None]
         q = tl.load(
@@ -541,7 +551,7 @@ def _hstu_bwd_dkdv_kernel(
         else:
             bias = tl.load(POS_W + ((max_seq_len - 1) - last_row + offs_n[None, :]), mask=valid, other=0.0)
             bias = bias.to(tl.float32) + _time_bias(TIME_W, time_table, bucket, TABLE_GATHER)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha + bias  # [BLOCK(i), BLOCK(j)]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha + bias  # [BLOCK_M(i), BLOCK_N(j)]
         sig = _sigmoid(s, FAST_MATH)
         p = tl.where(valid, s * sig, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
@@ -553,12 +563,12 @@ def _hstu_bwd_dkdv_kernel(
                 tl.store(
                     ds_head + _rab_start(rab_base, last_row) + offs_n[None, :],
                     (ds * inv_den).to(DS.dtype.element_ty),
-                    mask=mask_m[:, None],
+                    mask=valid,  # keys past a row's diagonal may lie past its buffer row
                 )
             else:
                 time_grad = _bias_grad_tile(
                     ds, bucket, valid, n0 - m0, time_grad, DPOS, max_seq_len, num_buckets, inv_den,
-                    BLOCK_BUCKETS, 2 * BLOCK,
+                    BLOCK_BUCKETS, 2 * BLOCK_N,
                 )  # fmt: skip
     if RAB_GRAD and not DS_STORE:
         _add_time_grad(DTIME, time_grad, inv_den, num_buckets, BLOCK_BUCKETS)
@@ -579,8 +589,9 @@ def _hstu_bwd_dkdv_kernel(
 # --------------------------------------------------------------------------------------------------
 
 # Every config below compiles for sm_90 within H100 shared memory and spills at most ~2 KB per thread at
-# Dqk = Dv = 128 (benchmarks/triton_compile.py); 128x128 tiles overflow shared memory, and wider dk/dv
-# tiles spill tens of KB, so they are not offered.
+# Dqk = Dv = 128 (benchmarks/triton_compile.py); 128x128 forward tiles overflow shared memory, and 64x128
+# dk/dv tiles spill 3-9 KB, so they are not offered. dk/dv tiles are BLOCK_M query rows x BLOCK_N keys:
+# the rectangular ones (more keys per program, fewer query rows per step) are untimed on a GPU so far.
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
@@ -591,11 +602,15 @@ _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "TABLE_GATHER": True}, num_warps=4, num_stages=3),
 ]
 _DKDV_CONFIGS = [
-    triton.Config({"BLOCK": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK": 32, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK": 32, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK": 32, "TABLE_GATHER": True}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "TABLE_GATHER": True}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
 ]
 _KEY = ["len_key", "DQK", "DV", "DOT_PREC", "DEN_IS_LEN", "RAB_TILES"]
 _FILL_CONFIG = triton.Config({"BLOCK_R": 32, "BLOCK_C": _RAB_ALIGN}, num_warps=4)
@@ -652,18 +667,18 @@ def _autotuned_kernels(table_gather: bool | None):
     return fwd, dq, dkdv
 
 
-def _grid(max_len: int, heads: int, num_seqs: int, block_name: str):
+def _grid(max_len: int, heads: int, num_seqs: int, block_name: str, interpret_block: int = _INTERPRET_BLOCK):
     """(heads, blocks, sequences): the heads of one block run side by side and share its bias tiles in L2."""
     if _INTERPRET:
-        return (heads, triton.cdiv(max_len, _INTERPRET_BLOCK), num_seqs)
+        return (heads, triton.cdiv(max_len, interpret_block), num_seqs)
     return lambda meta: (heads, triton.cdiv(max_len, meta[block_name]), num_seqs)
 
 
-def _blocks(*names: str) -> dict:
-    """Explicit block sizes under the interpreter (no autotuning there)."""
+def _blocks(*names: str, **sizes: int) -> dict:
+    """Explicit block sizes under the interpreter (no autotuning there): _INTERPRET_BLOCK unless given."""
     if not _INTERPRET:
         return {}
-    return {**dict.fromkeys(names, _INTERPRET_BLOCK), "TABLE_GATHER": bool(_TABLE_GATHER)}
+    return {**dict.fromkeys(names, _INTERPRET_BLOCK), **sizes, "TABLE_GATHER": bool(_TABLE_GATHER)}
 
 
 def _len_key(max_len: int) -> int:
@@ -870,13 +885,13 @@ class _HSTUAttention(torch.autograd.Function):
             rab_grad = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
             ds = _ds_buffer(batch, q) if rab_grad else None
             _, dq_kernel, dkdv_kernel = _kernels()
-            dkdv_kernel[_grid(batch.longest, heads, num_seqs, "BLOCK")](
+            dkdv_kernel[_grid(batch.longest, heads, num_seqs, "BLOCK_N", _INTERPRET_DKDV_KEYS)](
                 q, k, v, do, dk, dv, dpos, dtime, offsets, batch.kernel_timestamps, pos_w, time_w,
                 rab, batch.rab_base, q if ds is None else ds,  # q: a placeholder pointer, never read
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 **common, ds_head_stride=batch.rab_numel, RAB_GRAD=rab_grad, DS_STORE=ds is not None,
-                **_blocks("BLOCK"),
+                **_blocks("BLOCK_M", BLOCK_N=_INTERPRET_DKDV_KEYS),
             )  # fmt: skip
             if ds is not None:
                 _reduce_bias_grads(ds, batch, offsets, dpos, dtime, heads, max_seq_len)

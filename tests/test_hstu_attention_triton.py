@@ -164,11 +164,14 @@ def test_bias_buffer_layout_and_fill(tri):
 
 
 def test_bias_buffer_tile_reads_stay_inside_their_sequence(tri):
-    """The kernels read bias tiles without masks: every tile any config visits must lie within its
-    sequence's part of the buffer (rows past the end are clamped to the last one)."""
+    """The kernels read bias tiles of up to 64 keys without masks: every such tile any config visits must
+    lie within its sequence's part of the buffer (rows past the end are clamped to the last one). Wider
+    key blocks (dk/dv's 128) mask keys past each row's diagonal."""
     tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tri._FWD_CONFIGS}
     tiles |= {(tri._INTERPRET_BLOCK, tri._INTERPRET_BLOCK)}
-    dkdv = {c.kwargs["BLOCK"] for c in tri._DKDV_CONFIGS} | {tri._INTERPRET_BLOCK}
+    assert all(bn <= tri._RAB_ALIGN for _, bn in tiles)
+    dkdv = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tri._DKDV_CONFIGS}
+    dkdv = {(bm, bn) for bm, bn in dkdv | {(tri._INTERPRET_BLOCK, tri._INTERPRET_DKDV_KEYS)} if bn <= 64}
     lengths = torch.arange(1, 300)
     row_start = torch.cat([torch.zeros(1, dtype=torch.int64), tri._rab_numel(lengths)])  # of rows 0..299
     for length in lengths.tolist():
@@ -176,9 +179,9 @@ def test_bias_buffer_tile_reads_stay_inside_their_sequence(tri):
         for bm, bn in tiles:
             for m0 in range(0, length, bm):
                 reads += [(m0, m0 + bm - 1, n0, bn) for n0 in range(0, min(m0 + bm, length), bn)]
-        for block in dkdv:
-            for n0 in range(0, length, block):
-                reads += [(m0, m0 + block - 1, n0, block) for m0 in range(n0, length, block)]
+        for bm, bn in dkdv:
+            for n0 in range(0, length, bn):
+                reads += [(m0, m0 + bm - 1, n0, bn) for m0 in range(n0, length, bm)]
         for first, last, n0, width in reads:
             rows = torch.arange(first, last + 1).clamp(max=length - 1)
             assert int(row_start[rows].max()) + n0 + width <= int(row_start[length]), (length, first, n0)
@@ -216,6 +219,18 @@ def test_bias_buffer_out_of_memory_falls_back_to_inline(tri, monkeypatch):
     monkeypatch.setattr(tri, "_RAB_TILES", True)
     with pytest.raises(torch.OutOfMemoryError):
         run_both(tri, [9, 1, 30], denominator=None)
+
+
+@pytest.mark.parametrize("ds_buffer", [False, True])
+def test_dkdv_key_blocks_wider_than_the_bias_buffer_rows(tri, monkeypatch, ds_buffer):
+    """dk/dv programs of 128 keys (wider than the buffer's 64-key row padding, so bias reads and ds writes
+    are masked at each row's diagonal) over 16-row query steps: still the oracle's gradients."""
+    monkeypatch.setattr(tri, "_INTERPRET_DKDV_KEYS", 128)
+    monkeypatch.setattr(tri, "_RAB_TILES", True)
+    monkeypatch.setattr(tri, "_DS_BUFFER", ds_buffer)
+    *_, leaves, ref_leaves = run_both(tri, [130, 1, 64, 200], denominator=None, dqk=16, dv=16, seed=9)
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert_close(a.grad, b.grad, f"grad {name}", 1e-4, 1e-5)
 
 
 def test_ds_buffer_with_inline_bias_and_its_out_of_memory_fallback(tri, monkeypatch):
@@ -374,8 +389,8 @@ def test_timestamps_relative_to_each_sequence(tri, gap_scale, kernel_dtype):
 
 
 def test_gpu_check_harness_runs_in_the_interpreter():
-    """benchmarks/hstu_attention.py's correctness check (the first step of gpu_check.sh) on a tiny CPU case,
-    so a GPU session never spends its device time on a broken harness."""
+    """benchmarks/hstu_attention.py's correctness check and benchmark (gpu_check.sh's first two steps) on tiny
+    CPU cases, so a GPU session never spends its device time on a broken harness."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, str(REPO / "benchmarks" / "hstu_attention.py"), "--cpu-smoke"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -384,3 +399,6 @@ def test_gpu_check_harness_runs_in_the_interpreter():
     assert all(
         f"check {name}" in proc.stdout for name in ("rab_buffer", "inline_global", "inline_table_gather")
     )
+    rows = ("triton ", "triton_frozen_bias", "triton_fused_bias_grad", "triton_inline_bias", "sdpa_causal")
+    assert all(f"  {row}" in proc.stdout for row in rows), proc.stdout
+    assert "RESULT hstu_attention fwd+bwd TFLOP/s on CPU" in proc.stdout, proc.stdout
