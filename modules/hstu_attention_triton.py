@@ -224,6 +224,16 @@ def _rab_tile(RAB, rab_base, rows, offs_n):
 
 
 @triton.jit
+def _row_block(OFFSETS, BLOCK_R: tl.constexpr):
+    """(sequence, its start and length, first row, rows) of a program in a (row blocks, sequences) grid."""
+    b = tl.program_id(1)
+    seq_start = tl.load(OFFSETS + b)
+    seq_len = (tl.load(OFFSETS + b + 1) - seq_start).to(tl.int32)
+    m0 = tl.program_id(0) * BLOCK_R
+    return b, seq_start, seq_len, m0, m0 + tl.arange(0, BLOCK_R)
+
+
+@triton.jit
 def _bias_grad_tile(
     ds, bucket, valid, diag0, time_grad, DPOS, max_seq_len, num_buckets, scale,
     BLOCK_BUCKETS: tl.constexpr, SHEAR: tl.constexpr,
@@ -273,14 +283,9 @@ def _hstu_rab_grad_kernel(
     """Bias-weight gradients from the ds buffer that dk/dv wrote per head (already times 1/den): each pair's
     heads are summed first, so the diagonal and per-bucket reductions run once per pair, not once per head
     inside dk/dv's loop. Rows as in the bias buffer; entries past the diagonal are never read."""
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    seq_start = tl.load(OFFSETS + b)
-    seq_len = (tl.load(OFFSETS + b + 1) - seq_start).to(tl.int32)
-    m0 = pid_m * BLOCK_R
+    b, seq_start, seq_len, m0, offs_m = _row_block(OFFSETS, BLOCK_R)
     if m0 >= seq_len:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_R)
     mask_m = offs_m < seq_len
     start = _rab_start(tl.load(RAB_BASE + b), tl.minimum(offs_m, seq_len - 1)[:, None])
     tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
@@ -315,14 +320,9 @@ def _hstu_rab_fill_kernel(
     done once per call instead of once per head and kernel. TABLE_GATHER (the default) looks the time table
     up in the program's copy: per-pair global gathers made the inline forward 1.8x slower on an H200.
     """
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    seq_start = tl.load(OFFSETS + b)
-    seq_len = (tl.load(OFFSETS + b + 1) - seq_start).to(tl.int32)
-    m0 = pid_m * BLOCK_R
+    b, seq_start, seq_len, m0, offs_m = _row_block(OFFSETS, BLOCK_R)
     if m0 >= seq_len:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_R)
     mask_m = (offs_m < seq_len)[:, None]
     start = tl.load(RAB_BASE + b) + _rab_row_start(offs_m[:, None])
     row_len = ((offs_m // _ALIGN + 1) * _ALIGN)[:, None]
