@@ -57,6 +57,7 @@ def train(config: JobConfig) -> dict[str, Any]:
     finally:
         if trainer is not None:
             trainer.close()
+        trainer = None  # nothing may hold the process groups past destroy_distributed
         destroy_distributed()
 
 
