@@ -104,13 +104,10 @@ def causal_flops(lengths, heads, dqk, dv) -> tuple[float, float]:
 
 def bench(fn, *, warmup=3, iters=10) -> float:
     """Median milliseconds of fn() on the current CUDA stream (wall clock without a GPU: smoke runs)."""
-    if not torch.cuda.is_available():
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+    if not torch.cuda.is_available():  # one call: the harness's smoke run, not a timing
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -218,7 +215,9 @@ def run_check(device: str = "cuda", small: bool = False, all_configs: bool = Fal
         runs = [(variant, None) for variant in VARIANTS]
         if every_config:
             swept = VARIANTS if all_configs else ["rab_buffer"]
-            runs += [(variant, pair) for variant in swept for pair in config_pairs(variant)]
+            # The interpreter ignores configs: there one pair runs the sweep's code, not each config.
+            pairs = {variant: config_pairs(variant)[: 1 if small else None] for variant in swept}
+            runs += [(variant, pair) for variant in swept for pair in pairs[variant]]
         for variant, pair in runs:
             tri = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
             pinned = pinned_configs(*pair) if pair else contextlib.nullcontext()
@@ -432,9 +431,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.cpu_smoke:
         ok = run_check("cpu", small=True)
-        run_benchmark(
-            skip_padded=False, device="cpu", shapes=[("B64_L1024", 3, 1, 24), ("B16_L4096", 2, 20, 40)]
-        )
+        run_benchmark(skip_padded=False, device="cpu", shapes=[("B64_L1024", 2, 1, 20)])
         sys.exit(0 if ok else 1)
     require_cuda()
     if args.check:
