@@ -764,8 +764,8 @@ def plan_triton_attention(offsets: Tensor, timestamps: Tensor, *, max_seq_len: i
     kernel_offsets = offsets.to(torch.int64).contiguous()
     ts = timestamps.to(torch.int64)
     plan = functools.partial(TritonPlan, offsets, timestamps, max_seq_len, kernel_offsets)
-    no_rows = torch.zeros(max(offsets.numel() - 1, 0), dtype=torch.int64, device=offsets.device)
     if offsets.numel() == 1 or total == 0:
+        no_rows = torch.zeros(offsets.numel() - 1, dtype=torch.int64, device=offsets.device)
         return plan(0, ts.contiguous(), no_rows, 0)
     lengths = kernel_offsets[1:] - kernel_offsets[:-1]
     # Each sequence's timestamps relative to its first one: the kernels only take differences within a
@@ -809,19 +809,21 @@ def _use_ds_buffer(batch: TritonPlan, q: Tensor) -> bool:
     return not _INTERPRET and _fits_budget(q.shape[1] * batch.rab_numel, q)
 
 
-def _ds_buffer(batch: TritonPlan, q: Tensor) -> Tensor | None:
-    """The per-head ds buffer for the bias-weight gradients, or None for dk/dv's in-loop reduction."""
-    if not _use_ds_buffer(batch, q):
-        return None
+def _transient_buffer(
+    numel: int, like: Tensor, what: str, pinned: bool | None, fallback: str
+) -> Tensor | None:
+    """An empty buffer of numel elements of like's dtype, or None where the GPU has no room for it: then the
+    caller takes its slower path with a warning naming `fallback`, unless `pinned` makes that an error."""
     try:
-        return torch.empty(q.shape[1] * batch.rab_numel, dtype=q.dtype, device=q.device)
+        return torch.empty(numel, dtype=like.dtype, device=like.device)
     except torch.OutOfMemoryError:
-        if _DS_BUFFER:
+        if pinned:
             raise
+        gib = numel * like.element_size() / 2**30
         warnings.warn(
-            "triton_hstu_attention: no room for the bias-gradient buffer; dk/dv reduces the bias gradients "
-            "itself for this call (slower, same result)",
-            stacklevel=3,
+            f"triton_hstu_attention: no room for the {gib:.2f} GiB {what}; {fallback} for this call (slower, "
+            "same result)",
+            stacklevel=4,
         )
         return None
 
@@ -836,17 +838,15 @@ def _reduce_bias_grads(ds, batch: TritonPlan, offsets, dpos, dtime, heads: int, 
     )  # fmt: skip
 
 
-def _fill_rab(batch: TritonPlan, offsets, pos_w, time_w, max_seq_len: int, dtype: torch.dtype) -> Tensor:
-    """The bias buffer: rab(i, j) of every causal pair, shared by all heads, in the inputs' dtype."""
-    rab = torch.empty(batch.rab_numel, dtype=dtype, device=pos_w.device)
+def _fill_rab(rab: Tensor, batch: TritonPlan, offsets, pos_w, time_w, max_seq_len: int) -> None:
+    """Writes the bias buffer: rab(i, j) of every causal pair, shared by all heads, in rab's dtype."""
     num_seqs = offsets.numel() - 1
     blocks = {**_FILL_CONFIG.kwargs, **({"BLOCK_R": _INTERPRET_BLOCK} if _INTERPRET else {})}
     _hstu_rab_fill_kernel[(triton.cdiv(batch.longest, blocks["BLOCK_R"]), num_seqs)](
         rab, batch.rab_base, offsets, batch.kernel_timestamps, pos_w, time_w, max_seq_len, time_w.numel() - 1,
-        FAST_MATH=_fast_math(dtype), BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()),
+        FAST_MATH=_fast_math(rab.dtype), BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()),
         TABLE_GATHER=_TABLE_GATHER is not False, num_warps=_FILL_CONFIG.num_warps, **blocks,
     )  # fmt: skip
-    return rab
 
 
 class _HSTUAttention(torch.autograd.Function):
@@ -883,7 +883,12 @@ class _HSTUAttention(torch.autograd.Function):
         if q.shape[0] > 0 and num_seqs > 0 and batch.longest > 0:
             rab, common = _launch_args(q, v, offsets, pos_w, time_w, batch, max_seq_len, alpha, denominator)
             rab_grad = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
-            ds = _ds_buffer(batch, q) if rab_grad else None
+            ds = None
+            if rab_grad and _use_ds_buffer(batch, q):
+                ds = _transient_buffer(
+                    heads * batch.rab_numel, q, "bias-gradient buffer", _DS_BUFFER,
+                    "dk/dv reduces the bias gradients itself",
+                )  # fmt: skip
             _, dq_kernel, dkdv_kernel = _kernels()
             dkdv_kernel[_grid(batch.longest, heads, num_seqs, "BLOCK_N", _INTERPRET_DKDV_KEYS)](
                 q, k, v, do, dk, dv, dpos, dtime, offsets, batch.kernel_timestamps, pos_w, time_w,
@@ -912,29 +917,20 @@ def _launch_args(q, v, offsets, pos_w, time_w, batch: TritonPlan, max_seq_len, a
     The buffer is filled per call (forward, then again in backward) rather than kept: it is quick to
     rebuild, and holding it per layer until backward would cost O(sum of squared lengths) memory each.
     """
-    rab, rab_tiles = q, _use_rab_tiles(batch, q)  # q: a placeholder pointer the inline path never reads
-    if rab_tiles:
-        try:
-            rab = _fill_rab(batch, offsets, pos_w, time_w, max_seq_len, q.dtype)
-        except torch.OutOfMemoryError:
-            if _RAB_TILES:
-                raise
-            gib = batch.rab_numel * q.element_size() / 2**30
-            warnings.warn(
-                f"triton_hstu_attention: no room for the {gib:.2f} GiB bias buffer; computing the bias "
-                "inline for this call (slower, same result)",
-                stacklevel=2,
-            )
-            rab_tiles = False
+    rab = None
+    if _use_rab_tiles(batch, q):
+        rab = _transient_buffer(batch.rab_numel, q, "bias buffer", _RAB_TILES, "computing the bias inline")
+    if rab is not None:
+        _fill_rab(rab, batch, offsets, pos_w, time_w, max_seq_len)
     block_dqk, block_dv = _dims(q.shape[2], v.shape[2])
     common = dict(
         alpha=float(alpha), inv_den_const=0.0 if denominator is None else 1.0 / float(denominator),
         max_seq_len=max_seq_len, num_buckets=time_w.numel() - 1, len_key=_len_key(batch.longest),
         DQK=q.shape[2], DV=v.shape[2], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         DEN_IS_LEN=denominator is None, DOT_PREC=_dot_precision(q.dtype), FAST_MATH=_fast_math(q.dtype),
-        BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()), RAB_TILES=rab_tiles,
+        BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()), RAB_TILES=rab is not None,
     )  # fmt: skip
-    return rab, common
+    return q if rab is None else rab, common  # q: a placeholder pointer the inline path never reads
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -150,7 +150,8 @@ def test_bias_buffer_layout_and_fill(tri):
     batch = tri.plan_triton_attention(offsets, ts, max_seq_len=n)
     assert batch.rab_numel == sum(naive)
     assert batch.rab_base.tolist() == [sum(naive[:b]) for b in range(len(naive))]
-    rab = tri._fill_rab(batch, offsets, pos_w, time_w, n, torch.float32)
+    rab = torch.empty(batch.rab_numel)
+    tri._fill_rab(rab, batch, offsets, pos_w, time_w, n)
     expected = naive_rab(offsets, ts, pos_w, time_w, n)
     cursor = 0
     for seq, length in zip(expected, lengths.tolist(), strict=True):
@@ -207,11 +208,17 @@ def test_bias_buffer_out_of_memory_falls_back_to_inline(tri, monkeypatch):
     """A GPU too full for the buffer (as the default chose it) gets the inline path and a warning, not an
     error; pinned to the buffer, the error stands."""
 
+    _, _, _, offsets, ts, _, _, _ = make_inputs([9, 1, 30])
+    rab_numel = tri.plan_triton_attention(offsets, ts, max_seq_len=30).rab_numel
+    real_empty = torch.empty
+
     def no_room(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        if args == (rab_numel,):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_empty(*args, **kwargs)
 
     monkeypatch.setattr(tri, "_use_rab_tiles", lambda batch, q: True)
-    monkeypatch.setattr(tri, "_fill_rab", no_room)
+    monkeypatch.setattr(tri.torch, "empty", no_room)
     with pytest.warns(UserWarning, match="computing the bias inline"):
         out, ref, leaves, ref_leaves = run_both(tri, [9, 1, 30], denominator=None)
     assert_close(out, ref, "out", 1e-4, 1e-5)
