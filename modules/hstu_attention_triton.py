@@ -17,10 +17,11 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
 - forward: one program per query block; one loop over the key blocks up to its last row, masked by
   j <= min(i, last position), acc += SiLU(s) @ v in fp32, times 1/den once at the end. (One masked loop
   holds fewer live registers than an unmasked loop plus a diagonal one, and spills less.)
-- backward dk/dv: one program per key block; loops over query blocks i >= j, recomputes s, accumulates
-  dv += p^T do and dk += ds^T q. The bias-weight gradients need ds summed over heads, diagonal by diagonal
-  (position) and bucket by bucket (time). By default dk/dv writes each pair's ds per head into a buffer laid
-  out like the bias buffer, and `_hstu_rab_grad_kernel` sums the heads of each pair once and then reduces
+- backward dk/dv: one program per key block; loops over query blocks i >= j, recomputes s^T key-major
+  (as FlashAttention's backward does: no register transposes, and Hopper wgmma tiles of 64 keys per warp
+  group), accumulates dv += p^T do and dk += ds^T q. The bias-weight gradients need ds summed over heads,
+  diagonal by diagonal (position) and bucket by bucket (time). By default dk/dv writes each pair's ds per
+  head into a buffer laid out like the bias buffer, and `_hstu_rab_grad_kernel` sums the heads of each pair once and then reduces
   (diagonal sums through a sheared `tl.gather`, masked sums four buckets at a time into a per-program
   histogram, a few relaxed atomics per tile). Done per head inside dk/dv's loop instead (the fallback when
   the buffer does not fit), these reductions took 57% of the fwd+bwd kernel time on an H200 (16
@@ -176,14 +177,19 @@ def _min_max(lo_a, hi_a, lo_b, hi_b):
 
 
 @triton.jit
+def _inv_den(seq_len, DEN_IS_LEN: tl.constexpr, inv_den_const):
+    """1 / the attention's denominator: the sequence's length, or the one given for all."""
+    if DEN_IS_LEN:
+        return 1.0 / tl.maximum(seq_len, 1).to(tl.float32)
+    else:
+        return inv_den_const
+
+
+@triton.jit
 def _seq_info(OFFSETS, b, DEN_IS_LEN: tl.constexpr, inv_den_const):
     seq_start = tl.load(OFFSETS + b).to(tl.int64)
     seq_len = (tl.load(OFFSETS + b + 1) - seq_start).to(tl.int32)
-    if DEN_IS_LEN:  # noqa: SIM108 (constexpr branch)
-        inv_den = 1.0 / tl.maximum(seq_len, 1).to(tl.float32)
-    else:
-        inv_den = inv_den_const
-    return seq_start, seq_len, inv_den
+    return seq_start, seq_len, _inv_den(seq_len, DEN_IS_LEN, inv_den_const)
 
 
 @triton.jit
@@ -208,19 +214,18 @@ def _rab_start(rab_base, rows):
 
 
 @triton.jit
-def _rab_tile(RAB, rab_base, rows, offs_n):
-    """Precomputed bias of rows [M, 1] (within the sequence) x keys offs_n [N], fp32.
+def _rab_tile(RAB, rab_base, rows, keys, WIDE: tl.constexpr):
+    """Precomputed bias of rows x keys (within the sequence; [M, 1] x [1, N], or transposed), fp32.
 
     Unmasked for key blocks of at most 64 (16-byte vectors): such a block, starting at or before a row's
     last key, ends inside the row's allocation or in later rows of the same sequence, and entries past the
-    diagonal are only ever masked out. Wider key blocks would run past the buffer: they mask keys > row.
+    diagonal are only ever masked out. WIDE key blocks (> 64) would run past the buffer: they mask keys > row.
     """
-    ptrs = RAB + _rab_start(rab_base, rows) + offs_n[None, :]
-    if offs_n.shape[0] > _ALIGN:
-        tile = tl.load(ptrs, mask=offs_n[None, :] <= rows, other=0.0)
+    ptrs = RAB + _rab_start(rab_base, rows) + keys
+    if WIDE:
+        return tl.load(ptrs, mask=keys <= rows, other=0.0).to(tl.float32)
     else:
-        tile = tl.load(ptrs)
-    return tile.to(tl.float32)
+        return tl.load(ptrs).to(tl.float32)
 
 
 @triton.jit
@@ -277,15 +282,17 @@ def _add_time_grad(DTIME, time_grad, scale, num_buckets, BLOCK_BUCKETS: tl.const
 
 @triton.jit
 def _hstu_rab_grad_kernel(
-    DS, RAB_BASE, OFFSETS, TS, DPOS, DTIME, heads, ds_head_stride, max_seq_len, num_buckets,
-    FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    DS, RAB_BASE, OFFSETS, TS, DPOS, DTIME, heads, ds_head_stride, inv_den_const, max_seq_len, num_buckets,
+    DEN_IS_LEN: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Bias-weight gradients from the ds buffer that dk/dv wrote per head (already times 1/den): each pair's
-    heads are summed first, so the diagonal and per-bucket reductions run once per pair, not once per head
-    inside dk/dv's loop. Rows as in the bias buffer; entries past the diagonal are never read."""
+    """Bias-weight gradients from the ds buffer that dk/dv wrote per head: each pair's heads are summed
+    first, so the diagonal and per-bucket reductions (and the 1/den scaling) run once per pair, not once per
+    head inside dk/dv's loop. Rows as in the bias buffer; entries past the diagonal are never read."""
     b, seq_start, seq_len, m0, offs_m = _row_block(OFFSETS, BLOCK_R)
     if m0 >= seq_len:
         return
+    inv_den = _inv_den(seq_len, DEN_IS_LEN, inv_den_const)
     mask_m = offs_m < seq_len
     start = _rab_start(tl.load(RAB_BASE + b), tl.minimum(offs_m, seq_len - 1)[:, None])
     tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
@@ -302,10 +309,10 @@ def _hstu_rab_grad_kernel(
         tk = tl.load(TS + seq_start + offs_n, mask=offs_n < seq_len, other=0)[None, :]
         bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
         time_grad = _bias_grad_tile(
-            ds, bucket, valid, n0 - m0, time_grad, DPOS, max_seq_len, num_buckets, 1.0, BLOCK_BUCKETS,
+            ds, bucket, valid, n0 - m0, time_grad, DPOS, max_seq_len, num_buckets, inv_den, BLOCK_BUCKETS,
             2 * BLOCK_C,
         )  # fmt: skip
-    _add_time_grad(DTIME, time_grad, 1.0, num_buckets, BLOCK_BUCKETS)
+    _add_time_grad(DTIME, time_grad, inv_den, num_buckets, BLOCK_BUCKETS)
 
 
 @triton.jit
@@ -351,7 +358,7 @@ def _bias(
 ):  # fmt: skip
     """rab(i, j) of one [M, N] tile in fp32: read from the bias buffer, or computed from the timestamps."""
     if RAB_TILES:
-        return _rab_tile(RAB, rab_base, last_key, offs_n)
+        return _rab_tile(RAB, rab_base, last_key, offs_n[None, :], False)
     else:
         tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
         bias = _time_bias(TIME_W, time_table, _time_bucket(tq, tk, num_buckets, FAST_MATH), TABLE_GATHER)
@@ -497,7 +504,12 @@ def _hstu_bwd_dkdv_kernel(
     RAB_TILES: tl.constexpr, RAB_GRAD: tl.constexpr, DS_STORE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
 ):  # fmt: skip
-    """BLOCK_N keys per program, BLOCK_M (<= BLOCK_N) query rows per step of its loop."""
+    """BLOCK_N keys per program, BLOCK_M (<= BLOCK_N) query rows per step of its loop.
+
+    Key-major tiles ([BLOCK_N keys, BLOCK_M queries], s^T = k q^T), as in FlashAttention's backward: p^T
+    and ds^T are the left operands of dv += p^T do and dk += ds^T q as computed, with no transpose of a
+    register tile in between, and every product's rows are the BLOCK_N keys (full Hopper wgmma tiles).
+    """
     tl.static_assert(BLOCK_M <= BLOCK_N)
     h = tl.program_id(0)
     pid_n = tl.program_id(1)  # the first key blocks have the most query blocks: longest work first
@@ -521,7 +533,8 @@ def _hstu_bwd_dkdv_kernel(
         mask=mask_n[:, None] & (offs_dv < DV)[None, :],
         other=0.0,
     )
-    tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
+    keys = offs_n[:, None]
+    tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[:, None]
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
@@ -542,33 +555,35 @@ def _hstu_bwd_dkdv_kernel(
             mask=mask_m[:, None] & (offs_dv < DV)[None, :],
             other=0.0,
         )
-        tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
-        valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m[:, None] & mask_n[None, :]
+        tq = _load_query_times(TS, seq_start, offs_m, seq_len)[None, :]
+        valid = (keys <= offs_m[None, :]) & mask_m[None, :] & mask_n[:, None]  # [BLOCK_N(j), BLOCK_M(i)]
         bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)  # compiled out with the buffer and no RAB_GRAD
-        last_row = tl.minimum(offs_m, seq_len - 1)[:, None]
+        last_row = tl.minimum(offs_m, seq_len - 1)[None, :]
         if RAB_TILES:
-            bias = _rab_tile(RAB, rab_base, last_row, offs_n)
+            bias = _rab_tile(RAB, rab_base, last_row, keys, BLOCK_N > _ALIGN)
         else:
-            bias = tl.load(POS_W + ((max_seq_len - 1) - last_row + offs_n[None, :]), mask=valid, other=0.0)
+            bias = tl.load(POS_W + ((max_seq_len - 1) - last_row + keys), mask=valid, other=0.0)
             bias = bias.to(tl.float32) + _time_bias(TIME_W, time_table, bucket, TABLE_GATHER)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha + bias  # [BLOCK_M(i), BLOCK_N(j)]
+        s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * alpha + bias
         sig = _sigmoid(s, FAST_MATH)
         p = tl.where(valid, s * sig, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = tl.where(valid, dp * sig * (1.0 + s * (1.0 - sig)), 0.0)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+        dsilu = sig * (1.0 + s * (1.0 - sig))  # SiLU'(s), so that s and sig die before dp is computed
+        dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PREC)
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds = tl.where(valid, dp * dsilu, 0.0)
+        ds_in = ds.to(q.dtype)
+        dk += tl.dot(ds_in, q, input_precision=DOT_PREC)
         if RAB_GRAD:
-            if DS_STORE:  # handed to _hstu_rab_grad_kernel, which reduces all heads at once
+            if DS_STORE:  # the product's operand, handed to _hstu_rab_grad_kernel, which reduces all heads
                 tl.store(
-                    ds_head + _rab_start(rab_base, last_row) + offs_n[None, :],
-                    (ds * inv_den).to(DS.dtype.element_ty),
+                    ds_head + _rab_start(rab_base, last_row) + keys,
+                    ds_in,
                     mask=valid,  # keys past a row's diagonal may lie past its buffer row
                 )
-            else:
+            else:  # the fallback: the tile reduced per head, query-major
                 time_grad = _bias_grad_tile(
-                    ds, bucket, valid, n0 - m0, time_grad, DPOS, max_seq_len, num_buckets, inv_den,
-                    BLOCK_BUCKETS, 2 * BLOCK_N,
+                    tl.trans(ds), tl.trans(bucket), tl.trans(valid), n0 - m0, time_grad, DPOS, max_seq_len,
+                    num_buckets, inv_den, BLOCK_BUCKETS, 2 * BLOCK_N,
                 )  # fmt: skip
     if RAB_GRAD and not DS_STORE:
         _add_time_grad(DTIME, time_grad, inv_den, num_buckets, BLOCK_BUCKETS)
@@ -589,9 +604,12 @@ def _hstu_bwd_dkdv_kernel(
 # --------------------------------------------------------------------------------------------------
 
 # Every config below compiles for sm_90 within H100 shared memory and spills at most ~2 KB per thread at
-# Dqk = Dv = 128 (benchmarks/triton_compile.py); 128x128 forward tiles overflow shared memory, and 64x128
-# dk/dv tiles spill 3-9 KB, so they are not offered. dk/dv tiles are BLOCK_M query rows x BLOCK_N keys:
-# the rectangular ones (more keys per program, fewer query rows per step) are untimed on a GPU so far.
+# Dqk = Dv = 128 with the bias buffer (benchmarks/triton_compile.py); 128x128 forward tiles overflow shared
+# memory. dk/dv tiles are BLOCK_M query rows x BLOCK_N keys. Its products run on Hopper's wgmma when the
+# keys give each warpgroup 64 rows (BLOCK_N >= 64 * warpgroups); 32x32 tiles fall back to Ampere's mma.sync,
+# and were the fastest dk/dv on an H200 while it was query-major (its products then had BLOCK_M rows). The
+# key-major tiles, 64x128 (FlashAttention-3's dk/dv tile at d = 128; 200 B of spills) down to 16x64, are
+# untimed on a GPU so far: the autotuner decides.
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
@@ -602,15 +620,15 @@ _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "TABLE_GATHER": True}, num_warps=4, num_stages=3),
 ]
 _DKDV_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "TABLE_GATHER": True}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
 ]
 _KEY = ["len_key", "DQK", "DV", "DOT_PREC", "DEN_IS_LEN", "RAB_TILES"]
 _FILL_CONFIG = triton.Config({"BLOCK_R": 32, "BLOCK_C": _RAB_ALIGN}, num_warps=4)
@@ -625,14 +643,14 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
     With the bias buffer (RAB_TILES) the time-table lookup is not used, so TABLE_GATHER configs would only
     repeat the others. fp32 inputs (exact "ieee" products) serve correctness checks, not speed: one small
-    tile is compiled, as large fp32 tiles spill heavily and take ptxas minutes each
-    (benchmarks/triton_compile.py measures it).
+    tile (the squarest of the smallest) is compiled, as large fp32 tiles spill heavily and take ptxas
+    minutes each (benchmarks/triton_compile.py measures it).
     """
     if kwargs.get("RAB_TILES"):
         configs = [c for c in configs if not c.kwargs["TABLE_GATHER"]]
     if kwargs.get("DOT_PREC") != "ieee":
         return configs
-    return [min(configs, key=lambda c: (c.kwargs["TABLE_GATHER"], math.prod(_tile(c))))]
+    return [min(configs, key=lambda c: (c.kwargs["TABLE_GATHER"], math.prod(_tile(c)), max(_tile(c))))]
 
 
 def _tile(config: triton.Config) -> list[int]:
@@ -828,12 +846,14 @@ def _transient_buffer(
         return None
 
 
-def _reduce_bias_grads(ds, batch: TritonPlan, offsets, dpos, dtime, heads: int, max_seq_len: int) -> None:
-    """dpos, dtime += the bias-weight gradients held in the per-head ds buffer (`_hstu_rab_grad_kernel`)."""
+def _reduce_bias_grads(ds, batch: TritonPlan, offsets, dpos, dtime, heads: int, common: dict) -> None:
+    """dpos, dtime += the bias-weight gradients held in the per-head ds buffer (`_hstu_rab_grad_kernel`);
+    common: the attention kernels' named arguments (`_launch_args`)."""
     blocks = {**_RAB_GRAD_CONFIG.kwargs, **({"BLOCK_R": _INTERPRET_BLOCK} if _INTERPRET else {})}
     _hstu_rab_grad_kernel[(triton.cdiv(batch.longest, blocks["BLOCK_R"]), offsets.numel() - 1)](
         ds, batch.rab_base, offsets, batch.kernel_timestamps, dpos, dtime, heads, batch.rab_numel,
-        max_seq_len, dtime.numel() - 1, FAST_MATH=_fast_math(ds.dtype),
+        common["inv_den_const"], common["max_seq_len"], dtime.numel() - 1, DEN_IS_LEN=common["DEN_IS_LEN"],
+        FAST_MATH=_fast_math(ds.dtype),
         BLOCK_BUCKETS=triton.next_power_of_2(dtime.numel()), num_warps=_RAB_GRAD_CONFIG.num_warps, **blocks,
     )  # fmt: skip
 
@@ -899,7 +919,7 @@ class _HSTUAttention(torch.autograd.Function):
                 **_blocks("BLOCK_M", BLOCK_N=_INTERPRET_DKDV_KEYS),
             )  # fmt: skip
             if ds is not None:
-                _reduce_bias_grads(ds, batch, offsets, dpos, dtime, heads, max_seq_len)
+                _reduce_bias_grads(ds, batch, offsets, dpos, dtime, heads, common)
             dq_kernel[_grid(batch.longest, heads, num_seqs, "BLOCK_M")](
                 q, k, v, do, dq, offsets, batch.kernel_timestamps, pos_w, time_w, rab, batch.rab_base,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
