@@ -21,11 +21,11 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
   (as FlashAttention's backward does: no register transposes, and Hopper wgmma tiles of 64 keys per warp
   group), accumulates dv += p^T do and dk += ds^T q. The bias-weight gradients need ds summed over heads,
   diagonal by diagonal (position) and bucket by bucket (time). By default dk/dv writes each pair's ds per
-  head into a buffer laid out like the bias buffer, and `_hstu_rab_grad_kernel` sums the heads of each pair once and then reduces
-  (diagonal sums through a sheared `tl.gather`, masked sums four buckets at a time into a per-program
-  histogram, a few relaxed atomics per tile). Done per head inside dk/dv's loop instead (the fallback when
-  the buffer does not fit), these reductions took 57% of the fwd+bwd kernel time on an H200 (16
-  sequences of 2048-4096); the buffer path is not yet timed on a GPU.
+  head into a buffer laid out like the bias buffer, and `_hstu_rab_grad_kernel` sums the heads of each
+  pair once and then reduces (diagonal sums through a sheared `tl.gather`, masked bucket sums into a
+  per-program histogram, a few relaxed atomics per tile). Done per head inside dk/dv's loop instead (the
+  fallback when the buffer does not fit), these reductions took 57% of the fwd+bwd kernel time on an H200
+  (16 sequences of 2048-4096); the buffer path is not yet timed on a GPU.
 - backward dq: one program per query block, loops over key blocks like the forward (no atomics).
 Per (i, j) pair, the work besides the two products bounds the speed, so it is kept small: timestamps
 travel as int32 offsets from each sequence's first one (int64 only past 68 years), the causal limit and
@@ -247,15 +247,18 @@ def _bias_grad_tile(
 
     Position: sums along diagonals (j - i constant) through a sheared `tl.gather` (SHEAR: a power of two
     >= R + C - 1), one relaxed atomic per diagonal, times scale. Time: masked tile sums over the buckets
-    present in the tile's valid part, four buckets per reduction (one cross-warp exchange per four; tiles
-    away from the diagonal span few), added to the program's histogram time_grad, which is returned.
+    present in the tile's valid part, added to the program's histogram time_grad, which is returned: a tile
+    of at most two buckets (most, away from the diagonal) takes one masked sum and the tile's total; wider
+    ones, four buckets per reduction (one cross-warp exchange per four). ds is zero outside `valid`.
     """
     R: tl.constexpr = ds.shape[0]
     C: tl.constexpr = ds.shape[1]
     src_col = tl.arange(0, SHEAR)[None, :] + tl.arange(0, R)[:, None] - (R - 1)  # key column of (i, t)
     in_band = (src_col >= 0) & (src_col < C)
     sheared = tl.gather(ds, tl.where(in_band, src_col, 0), axis=1)
-    diag = tl.sum(tl.where(in_band, sheared, 0.0), axis=0) * scale  # [SHEAR]
+    diag = tl.sum(tl.where(in_band, sheared, 0.0), axis=0)  # [SHEAR]
+    total = tl.sum(diag)
+    diag *= scale
     tt = tl.arange(0, SHEAR)
     pos_idx = diag0 + tt - (R - 1) + (max_seq_len - 1)
     pos_ok = (tt < R + C - 1) & (pos_idx >= 0) & (pos_idx < 2 * max_seq_len - 1)
@@ -264,10 +267,14 @@ def _bias_grad_tile(
     bucket_ids = tl.arange(0, BLOCK_BUCKETS)
     lo, hi = tl.reduce((tl.where(valid, bucket, num_buckets + 1), tl.where(valid, bucket, -1)), 1, _min_max)
     b_lo, b_hi = tl.reduce((lo, hi), 0, _min_max)
-    for bk in range(b_lo, b_hi + 1, 4):
-        onehot = bucket[None, :, :] == (bk + four)[:, None, None]  # [4, R, C]
-        part = tl.sum(tl.sum(tl.where(onehot, ds[None, :, :], 0.0), axis=2), axis=1)
-        time_grad += tl.sum(tl.where(bucket_ids[None, :] == (bk + four)[:, None], part[:, None], 0.0), 0)
+    if b_hi - b_lo <= 1:  # most tiles away from the diagonal: one masked sum, the rest is the other bucket
+        low = tl.sum(tl.sum(tl.where(bucket == b_lo, ds, 0.0), axis=1), axis=0)
+        time_grad += tl.where(bucket_ids == b_lo, low, 0.0) + tl.where(bucket_ids == b_hi, total - low, 0.0)
+    else:
+        for bk in range(b_lo, b_hi + 1, 4):
+            onehot = bucket[None, :, :] == (bk + four)[:, None, None]  # [4, R, C]
+            part = tl.sum(tl.sum(tl.where(onehot, ds[None, :, :], 0.0), axis=2), axis=1)
+            time_grad += tl.sum(tl.where(bucket_ids[None, :] == (bk + four)[:, None], part[:, None], 0.0), 0)
     return time_grad
 
 
