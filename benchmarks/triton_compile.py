@@ -44,6 +44,8 @@ SCALARS = {
     "ds_head_stride": "i64",
     "heads": "i32",
 }
+DIVISIBLE_SCALARS = {"ds_head_stride"}
+"""Integer arguments always a multiple of 16 (the ds buffer's head stride: a multiple of 64 elements)."""
 INDEX_POINTERS = {"OFFSETS": "*i64", "TS": "*i32", "RAB_BASE": "*i64"}
 """Timestamps travel as int32 offsets from each sequence's first one (int64 only for spans past 2**31)."""
 FP32_POINTERS = {"POS_W", "TIME_W", "DPOS", "DTIME"}
@@ -79,22 +81,24 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
 
 
 def signature(fn: triton.JITFunction, dtype: str) -> tuple[dict[str, str], dict]:
-    """Argument types as the launcher passes them, with 16-byte divisibility on pointers and strides."""
+    """Argument types as the launcher passes them, with 16-byte divisibility on pointers and strides (and
+    on the integers that are always multiples of 16, as Triton's launcher specialises them at run time)."""
     sig, attrs = {}, {}
     for i, param in enumerate(fn.params):
         name = param.name
         if param.is_constexpr:
             sig[name] = "constexpr"
-        elif name in SCALARS:
+            continue
+        if name in SCALARS:
             sig[name] = SCALARS[name]
         elif name.startswith("stride_"):
             sig[name] = "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.isupper():
             sig[name] = INDEX_POINTERS.get(name, "*fp32" if name in FP32_POINTERS else f"*{dtype}")
-            attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             raise SystemExit(f"triton_compile.py: no type known for argument {name!r} of {fn.__name__}")
+        if name.isupper() or name.startswith("stride_") or name in DIVISIBLE_SCALARS:
+            attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
 

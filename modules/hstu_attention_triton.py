@@ -219,13 +219,21 @@ def _rab_tile(RAB, rab_base, rows, keys, WIDE: tl.constexpr):
 
     Unmasked for key blocks of at most 64 (16-byte vectors): such a block, starting at or before a row's
     last key, ends inside the row's allocation or in later rows of the same sequence, and entries past the
-    diagonal are only ever masked out. WIDE key blocks (> 64) would run past the buffer: they mask keys > row.
+    diagonal are only ever masked out. WIDE key blocks (> 64) would run past the buffer: they stop at the
+    end of each row's allocation (`_rab_row_mask`), still in 16-byte vectors.
     """
     ptrs = RAB + _rab_start(rab_base, rows) + keys
     if WIDE:
-        return tl.load(ptrs, mask=keys <= rows, other=0.0).to(tl.float32)
+        return tl.load(ptrs, mask=_rab_row_mask(rows, keys), other=0.0).to(tl.float32)
     else:
         return tl.load(ptrs).to(tl.float32)
+
+
+@triton.jit
+def _rab_row_mask(rows, keys):
+    """keys inside each row's allocation: a bound that is a multiple of 64, so the mask is constant over
+    64-key runs and the compiler keeps 16-byte vector accesses."""
+    return keys < (rows // _ALIGN + 1) * _ALIGN
 
 
 @triton.jit
@@ -295,7 +303,8 @@ def _hstu_rab_grad_kernel(
 ):  # fmt: skip
     """Bias-weight gradients from the ds buffer that dk/dv wrote per head: each pair's heads are summed
     first, so the diagonal and per-bucket reductions (and the 1/den scaling) run once per pair, not once per
-    head inside dk/dv's loop. Rows as in the bias buffer; entries past the diagonal are never read."""
+    head inside dk/dv's loop. Rows as in the bias buffer; entries past the diagonal are read (whole 16-byte
+    vectors) but masked out."""
     b, seq_start, seq_len, m0, offs_m = _row_block(OFFSETS, BLOCK_R)
     if m0 >= seq_len:
         return
@@ -310,8 +319,9 @@ def _hstu_rab_grad_kernel(
         valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m[:, None]
         ds = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         head = DS  # advanced one head at a time: no head * stride product to overflow int32
-        for _ in range(heads):
-            ds += tl.load(head + start + offs_n[None, :], mask=valid, other=0.0).to(tl.float32)
+        for _ in range(heads):  # unmasked 16-byte loads inside the sequence's part (as `_rab_tile`'s); pairs
+            # past the diagonal may hold anything, even NaN bits, so they are dropped before the sum
+            ds += tl.where(valid, tl.load(head + start + offs_n[None, :]).to(tl.float32), 0.0)
             head += ds_head_stride
         tk = tl.load(TS + seq_start + offs_n, mask=offs_n < seq_len, other=0)[None, :]
         bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
@@ -334,16 +344,17 @@ def _hstu_rab_fill_kernel(
     done once per call instead of once per head and kernel. TABLE_GATHER (the default) looks the time table
     up in the program's copy: per-pair global gathers made the inline forward 1.8x slower on an H200.
     """
+    tl.static_assert((_ALIGN % BLOCK_R == 0) & (_ALIGN % BLOCK_C == 0))
     b, seq_start, seq_len, m0, offs_m = _row_block(OFFSETS, BLOCK_R)
     if m0 >= seq_len:
         return
     mask_m = (offs_m < seq_len)[:, None]
-    start = tl.load(RAB_BASE + b) + _rab_row_start(offs_m[:, None])
-    row_len = ((offs_m // _ALIGN + 1) * _ALIGN)[:, None]
+    start = _rab_start(tl.load(RAB_BASE + b), offs_m[:, None])
     tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
     pos_row = (max_seq_len - 1) - offs_m[:, None]
     last_row = tl.minimum(m0 + BLOCK_R, seq_len) - 1
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
+    # BLOCK_R divides the row padding, so the block's rows share one allocation length: the loop's bound
     for n0 in range(0, (last_row // _ALIGN + 1) * _ALIGN, BLOCK_C):
         offs_n = n0 + tl.arange(0, BLOCK_C)
         mask_n = offs_n < seq_len
@@ -353,9 +364,7 @@ def _hstu_rab_fill_kernel(
         bias = tl.where(valid, bias, 0.0) + tl.load(
             POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0
         )
-        tl.store(
-            RAB + start + offs_n[None, :], bias.to(RAB.dtype.element_ty), mask=mask_m & (offs_n < row_len)
-        )
+        tl.store(RAB + start + offs_n[None, :], bias.to(RAB.dtype.element_ty), mask=mask_m)  # 16-byte vectors
 
 
 @triton.jit
@@ -582,11 +591,12 @@ def _hstu_bwd_dkdv_kernel(
         dk += tl.dot(ds_in, q, input_precision=DOT_PREC)
         if RAB_GRAD:
             if DS_STORE:  # the product's operand, handed to _hstu_rab_grad_kernel, which reduces all heads
-                tl.store(
-                    ds_head + _rab_start(rab_base, last_row) + keys,
-                    ds_in,
-                    mask=valid,  # keys past a row's diagonal may lie past its buffer row
-                )
+                # Whole rows, as 16-byte vectors: up to 64 keys they stay in each row's allocation (as the
+                # bias tiles do); wider blocks stop at its end. Rows past the end would repeat the last.
+                store_mask = mask_m[None, :]
+                if BLOCK_N > _ALIGN:
+                    store_mask = store_mask & _rab_row_mask(last_row, keys)
+                tl.store(ds_head + _rab_start(rab_base, last_row) + keys, ds_in, mask=store_mask)
             else:  # the fallback: the tile reduced per head, query-major
                 time_grad = _bias_grad_tile(
                     tl.trans(ds), tl.trans(bucket), tl.trans(valid), n0 - m0, time_grad, DPOS, max_seq_len,

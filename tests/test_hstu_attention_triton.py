@@ -165,11 +165,14 @@ def test_bias_buffer_layout_and_fill(tri):
 
 
 def test_bias_buffer_tile_reads_stay_inside_their_sequence(tri):
-    """The kernels read bias tiles of up to 64 keys without masks: every such tile any config visits must
-    lie within its sequence's part of the buffer (rows past the end are clamped to the last one). Wider
-    key blocks (dk/dv's 128) mask keys past each row's diagonal."""
+    """The kernels read bias tiles (and the ds-buffer reduction reads ds tiles) of up to 64 keys without
+    masks: every such tile any config visits must lie within its sequence's part of the buffer (rows past
+    the end are clamped to the last one). dk/dv also writes whole rows of its ds tiles: each must stay in
+    its own row's allocation, or it would overwrite another program's ds. Wider key blocks (dk/dv's 128)
+    mask both at the end of each row's allocation."""
     tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tri._FWD_CONFIGS}
-    tiles |= {(tri._INTERPRET_BLOCK, tri._INTERPRET_BLOCK)}
+    tiles |= {(tri._INTERPRET_BLOCK, tri._INTERPRET_BLOCK), tuple(tri._RAB_GRAD_CONFIG.kwargs.values())}
+    tiles.add((tri._INTERPRET_BLOCK, tri._RAB_GRAD_CONFIG.kwargs["BLOCK_C"]))
     assert all(bn <= tri._RAB_ALIGN for _, bn in tiles)
     dkdv = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tri._DKDV_CONFIGS}
     dkdv = {(bm, bn) for bm, bn in dkdv | {(tri._INTERPRET_BLOCK, tri._INTERPRET_DKDV_KEYS)} if bn <= 64}
@@ -182,7 +185,10 @@ def test_bias_buffer_tile_reads_stay_inside_their_sequence(tri):
                 reads += [(m0, m0 + bm - 1, n0, bn) for n0 in range(0, min(m0 + bm, length), bn)]
         for bm, bn in dkdv:
             for n0 in range(0, length, bn):
-                reads += [(m0, m0 + bm - 1, n0, bn) for m0 in range(n0, length, bm)]
+                for m0 in range(n0, length, bm):
+                    reads.append((m0, m0 + bm - 1, n0, bn))
+                    for i in range(m0, min(m0 + bm, length)):  # the ds rows it writes
+                        assert n0 + bn <= row_start[i + 1] - row_start[i], (length, i, n0, bn)
         for first, last, n0, width in reads:
             rows = torch.arange(first, last + 1).clamp(max=length - 1)
             assert int(row_start[rows].max()) + n0 + width <= int(row_start[length]), (length, first, n0)
