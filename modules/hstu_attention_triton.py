@@ -238,11 +238,14 @@ def _rab_row_mask(rows, keys):
 
 @triton.jit
 def _row_block(OFFSETS, BLOCK_R: tl.constexpr):
-    """(sequence, its start and length, first row, rows) of a program in a (row blocks, sequences) grid."""
+    """(sequence, its start and length, first row, rows) of a program in a (row blocks, sequences) grid.
+
+    The last rows come first: they span the most keys, and started last they would run alone at the end.
+    """
     b = tl.program_id(1)
     seq_start = tl.load(OFFSETS + b)
     seq_len = (tl.load(OFFSETS + b + 1) - seq_start).to(tl.int32)
-    m0 = tl.program_id(0) * BLOCK_R
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_R
     return b, seq_start, seq_len, m0, m0 + tl.arange(0, BLOCK_R)
 
 
