@@ -147,23 +147,32 @@ def kernel_variant(name: str):
         mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER = saved
 
 
+CONFIG_LISTS = ("_FWD_CONFIGS", "_DKDV_CONFIGS", "_FILL_CONFIGS", "_RAB_GRAD_CONFIGS")
+"""The autotuned config lists: forward/dq, dk/dv, bias fill, ds reduction."""
+
+
 @contextlib.contextmanager
-def pinned_configs(fwd_config, dkdv_config):
-    """Autotune over one config per kernel: runs exactly that config (the check covers every config)."""
+def pinned_configs(*configs):
+    """Autotune over one config per kernel (one per CONFIG_LISTS entry): runs exactly those."""
     from modules import hstu_attention_triton as mod
 
-    saved = mod._FWD_CONFIGS, mod._DKDV_CONFIGS
-    mod._FWD_CONFIGS, mod._DKDV_CONFIGS = [fwd_config], [dkdv_config]
+    saved = [getattr(mod, name) for name in CONFIG_LISTS]
+    for name, config in zip(CONFIG_LISTS, configs, strict=True):
+        setattr(mod, name, [config])
     mod._autotuned_kernels.cache_clear()
+    mod._autotuned_buffer_kernels.cache_clear()
     try:
         yield
     finally:
-        mod._FWD_CONFIGS, mod._DKDV_CONFIGS = saved
+        for name, configs_before in zip(CONFIG_LISTS, saved, strict=True):
+            setattr(mod, name, configs_before)
         mod._autotuned_kernels.cache_clear()
+        mod._autotuned_buffer_kernels.cache_clear()
 
 
-def config_pairs(variant: str) -> list[tuple]:
-    """(forward/dq config, dk/dv config) pairs covering every config the autotuner may run in a variant."""
+def config_sets(variant: str) -> list[tuple]:
+    """Config sets (one per CONFIG_LISTS entry) that together cover every config the autotuner may run in
+    a variant."""
     from modules import hstu_attention_triton as mod
 
     rab_tiles, table_gather, _ = VARIANTS[variant]
@@ -171,8 +180,8 @@ def config_pairs(variant: str) -> list[tuple]:
     def tuned(configs):
         return mod._prune_configs(mod._lookup_configs(configs, table_gather), {}, RAB_TILES=rab_tiles)
 
-    fwd, dkdv = tuned(mod._FWD_CONFIGS), tuned(mod._DKDV_CONFIGS)
-    return [(fwd[i % len(fwd)], dkdv[i % len(dkdv)]) for i in range(max(len(fwd), len(dkdv)))]
+    lists = (tuned(mod._FWD_CONFIGS), tuned(mod._DKDV_CONFIGS), mod._FILL_CONFIGS, mod._RAB_GRAD_CONFIGS)
+    return [tuple(c[i % len(c)] for c in lists) for i in range(max(map(len, lists)))]
 
 
 def run_check(device: str = "cuda", small: bool = False, all_configs: bool = False) -> bool:
@@ -215,23 +224,23 @@ def run_check(device: str = "cuda", small: bool = False, all_configs: bool = Fal
         runs = [(variant, None) for variant in VARIANTS]
         if every_config:
             swept = VARIANTS if all_configs else ["rab_buffer"]
-            # The interpreter ignores configs: there one pair runs the sweep's code, not each config.
-            pairs = {variant: config_pairs(variant)[: 1 if small else None] for variant in swept}
-            runs += [(variant, pair) for variant in swept for pair in pairs[variant]]
-        for variant, pair in runs:
+            # The interpreter ignores configs: there one config set runs the sweep's code, not each config.
+            sets = {variant: config_sets(variant)[: 1 if small else None] for variant in swept}
+            runs += [(variant, configs) for variant in swept for configs in sets[variant]]
+        for variant, configs in runs:
             tri = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
-            pinned = pinned_configs(*pair) if pair else contextlib.nullcontext()
+            pinned = pinned_configs(*configs) if configs else contextlib.nullcontext()
             with kernel_variant(variant), pinned:
                 out = triton_hstu_attention(tri[0], tri[1], tri[2], offsets, ts, tri[3], tri[4], **kw)
                 out.backward(grad.to(out.dtype))
-            label = "autotuned" if pair is None else " | ".join(config_label(c) for c in pair)
+            label = "autotuned" if configs is None else " | ".join(config_label(c) for c in configs)
             for name, a, r in zip(names, [out] + [x.grad for x in tri], expected, strict=True):
                 err = (a.double() - r).abs().max().item()
                 scale = r.abs().max().item()
                 good = math.isfinite(err) and err <= rtol * scale + 1e-6
                 ok &= good
                 print(
-                    f"check {variant:19s} {label:34s} {str(dtype).split('.')[-1]:8s} B={b} L<={hi} H={heads} "
+                    f"check {variant:19s} {label:62s} {str(dtype).split('.')[-1]:8s} B={b} L<={hi} H={heads} "
                     f"dqk={dqk} dv={dv} den={den} gaps<=e^{log_gap}: {name:15s} max err {err:.3e} "
                     f"(scale {scale:.3e}) {'ok' if good else 'FAIL'}",
                     flush=True,

@@ -67,8 +67,9 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
     specs = []
     for name in kernels:
         if name == "fill":
-            specs.append(("fill", hstu._hstu_rab_fill_kernel, [hstu._FILL_CONFIG], {"TABLE_GATHER": True}))
-            specs.append(("rab_grad", hstu._hstu_rab_grad_kernel, [hstu._RAB_GRAD_CONFIG], {}))
+            specs.append(("fill", hstu._hstu_rab_fill_kernel, hstu._FILL_CONFIGS, {"TABLE_GATHER": True}))
+            rab_grad = hstu._hstu_rab_grad_kernel
+            specs.append(("rab_grad", rab_grad, hstu._RAB_GRAD_CONFIGS, {"DEN_IS_LEN": True}))
             continue
         fn, configs, extra = table[name]
         if name == "dkdv":  # inline bias: bias gradients reduced in-loop; buffer: handed over as ds

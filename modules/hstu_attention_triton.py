@@ -301,8 +301,8 @@ def _add_time_grad(DTIME, time_grad, scale, num_buckets, BLOCK_BUCKETS: tl.const
 @triton.jit
 def _hstu_rab_grad_kernel(
     DS, RAB_BASE, OFFSETS, TS, DPOS, DTIME, heads, ds_head_stride, inv_den_const, max_seq_len, num_buckets,
-    DEN_IS_LEN: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    len_key, DEN_IS_LEN: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Bias-weight gradients from the ds buffer that dk/dv wrote per head: each pair's heads are summed
     first, so the diagonal and per-bucket reductions (and the 1/den scaling) run once per pair, not once per
@@ -337,7 +337,7 @@ def _hstu_rab_grad_kernel(
 
 @triton.jit
 def _hstu_rab_fill_kernel(
-    RAB, RAB_BASE, OFFSETS, TS, POS_W, TIME_W, max_seq_len, num_buckets,
+    RAB, RAB_BASE, OFFSETS, TS, POS_W, TIME_W, max_seq_len, num_buckets, len_key,
     FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr, TABLE_GATHER: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -651,11 +651,20 @@ _DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "TABLE_GATHER": True}, num_warps=4, num_stages=3),
 ]
 _KEY = ["len_key", "DQK", "DV", "DOT_PREC", "DEN_IS_LEN", "RAB_TILES"]
-_FILL_CONFIG = triton.Config({"BLOCK_R": 32, "BLOCK_C": _RAB_ALIGN}, num_warps=4)
-"""The bias-buffer fill's one launch config (rows per program; columns by _RAB_ALIGN)."""
-_RAB_GRAD_CONFIG = triton.Config({"BLOCK_R": 32, "BLOCK_C": _RAB_ALIGN}, num_warps=8)
-"""The ds-buffer reduction's launch config: the fill's tiles, 8 warps (at 4 its [4, 32, 64] one-hot sums
-spill)."""
+_FILL_CONFIGS = [
+    triton.Config({"BLOCK_R": 32, "BLOCK_C": _RAB_ALIGN}, num_warps=4),
+    triton.Config({"BLOCK_R": 32, "BLOCK_C": _RAB_ALIGN}, num_warps=8),
+    triton.Config({"BLOCK_R": 64, "BLOCK_C": _RAB_ALIGN}, num_warps=8),
+    triton.Config({"BLOCK_R": 16, "BLOCK_C": _RAB_ALIGN}, num_warps=4),
+]
+"""The bias-buffer fill's configs: rows per program divide the rows' 64-key padding, 64 keys per step."""
+_RAB_GRAD_CONFIGS = [
+    triton.Config({"BLOCK_R": 32, "BLOCK_C": 64}, num_warps=8),
+    triton.Config({"BLOCK_R": 16, "BLOCK_C": 64}, num_warps=4),
+    triton.Config({"BLOCK_R": 32, "BLOCK_C": 32}, num_warps=4),
+    triton.Config({"BLOCK_R": 16, "BLOCK_C": 32}, num_warps=4),
+]
+"""The ds-buffer reduction's configs, none spilling on sm_90 (32x64 tiles do at 4 warps, 64x64 at 8)."""
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -689,6 +698,22 @@ def _kernels():
     return _autotuned_kernels(_TABLE_GATHER)
 
 
+def _buffer_kernels():
+    """(bias fill, ds reduction) launchers: the raw kernels under the interpreter, autotuned on the GPU."""
+    if _INTERPRET:
+        return _hstu_rab_fill_kernel, _hstu_rab_grad_kernel
+    return _autotuned_buffer_kernels()
+
+
+@functools.cache
+def _autotuned_buffer_kernels():
+    fill = triton.autotune(_FILL_CONFIGS, key=["len_key", "TABLE_GATHER"])(_hstu_rab_fill_kernel)
+    rab_grad = triton.autotune(
+        _RAB_GRAD_CONFIGS, key=["len_key", "DEN_IS_LEN"], reset_to_zero=["DPOS", "DTIME"]
+    )(_hstu_rab_grad_kernel)
+    return fill, rab_grad
+
+
 @functools.cache
 def _autotuned_kernels(table_gather: bool | None):
     """Autotuned launchers over the configs whose time-bias lookup is `table_gather` (None: all)."""
@@ -712,11 +737,23 @@ def _grid(max_len: int, heads: int, num_seqs: int, block_name: str, interpret_bl
     return lambda meta: (heads, triton.cdiv(max_len, meta[block_name]), num_seqs)
 
 
+def _row_grid(max_len: int, num_seqs: int):
+    """(row blocks, sequences): the bias fill's and the ds reduction's grid."""
+    if _INTERPRET:
+        return (triton.cdiv(max_len, _INTERPRET_BLOCK), num_seqs)
+    return lambda meta: (triton.cdiv(max_len, meta["BLOCK_R"]), num_seqs)
+
+
 def _blocks(*names: str, **sizes: int) -> dict:
     """Explicit block sizes under the interpreter (no autotuning there): _INTERPRET_BLOCK unless given."""
     if not _INTERPRET:
         return {}
     return {**dict.fromkeys(names, _INTERPRET_BLOCK), **sizes, "TABLE_GATHER": bool(_TABLE_GATHER)}
+
+
+def _row_blocks() -> dict:
+    """The fill's and the ds reduction's tiles under the interpreter: _INTERPRET_BLOCK rows, 64 keys."""
+    return {"BLOCK_R": _INTERPRET_BLOCK, "BLOCK_C": _RAB_ALIGN} if _INTERPRET else {}
 
 
 def _len_key(max_len: int) -> int:
@@ -869,23 +906,23 @@ def _transient_buffer(
 def _reduce_bias_grads(ds, batch: TritonPlan, offsets, dpos, dtime, heads: int, common: dict) -> None:
     """dpos, dtime += the bias-weight gradients held in the per-head ds buffer (`_hstu_rab_grad_kernel`);
     common: the attention kernels' named arguments (`_launch_args`)."""
-    blocks = {**_RAB_GRAD_CONFIG.kwargs, **({"BLOCK_R": _INTERPRET_BLOCK} if _INTERPRET else {})}
-    _hstu_rab_grad_kernel[(triton.cdiv(batch.longest, blocks["BLOCK_R"]), offsets.numel() - 1)](
+    _, rab_grad = _buffer_kernels()
+    rab_grad[_row_grid(batch.longest, offsets.numel() - 1)](
         ds, batch.rab_base, offsets, batch.kernel_timestamps, dpos, dtime, heads, batch.rab_numel,
-        common["inv_den_const"], common["max_seq_len"], dtime.numel() - 1, DEN_IS_LEN=common["DEN_IS_LEN"],
-        FAST_MATH=_fast_math(ds.dtype),
-        BLOCK_BUCKETS=triton.next_power_of_2(dtime.numel()), num_warps=_RAB_GRAD_CONFIG.num_warps, **blocks,
+        common["inv_den_const"], common["max_seq_len"], dtime.numel() - 1, common["len_key"],
+        DEN_IS_LEN=common["DEN_IS_LEN"], FAST_MATH=_fast_math(ds.dtype),
+        BLOCK_BUCKETS=triton.next_power_of_2(dtime.numel()), **_row_blocks(),
     )  # fmt: skip
 
 
 def _fill_rab(rab: Tensor, batch: TritonPlan, offsets, pos_w, time_w, max_seq_len: int) -> None:
     """Writes the bias buffer: rab(i, j) of every causal pair, shared by all heads, in rab's dtype."""
-    num_seqs = offsets.numel() - 1
-    blocks = {**_FILL_CONFIG.kwargs, **({"BLOCK_R": _INTERPRET_BLOCK} if _INTERPRET else {})}
-    _hstu_rab_fill_kernel[(triton.cdiv(batch.longest, blocks["BLOCK_R"]), num_seqs)](
+    fill, _ = _buffer_kernels()
+    fill[_row_grid(batch.longest, offsets.numel() - 1)](
         rab, batch.rab_base, offsets, batch.kernel_timestamps, pos_w, time_w, max_seq_len, time_w.numel() - 1,
-        FAST_MATH=_fast_math(rab.dtype), BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()),
-        TABLE_GATHER=_TABLE_GATHER is not False, num_warps=_FILL_CONFIG.num_warps, **blocks,
+        _len_key(batch.longest), FAST_MATH=_fast_math(rab.dtype),
+        BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()), TABLE_GATHER=_TABLE_GATHER is not False,
+        **_row_blocks(),
     )  # fmt: skip
 
 

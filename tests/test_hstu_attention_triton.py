@@ -171,8 +171,8 @@ def test_bias_buffer_tile_reads_stay_inside_their_sequence(tri):
     its own row's allocation, or it would overwrite another program's ds. Wider key blocks (dk/dv's 128)
     mask both at the end of each row's allocation."""
     tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tri._FWD_CONFIGS}
-    tiles |= {(tri._INTERPRET_BLOCK, tri._INTERPRET_BLOCK), tuple(tri._RAB_GRAD_CONFIG.kwargs.values())}
-    tiles.add((tri._INTERPRET_BLOCK, tri._RAB_GRAD_CONFIG.kwargs["BLOCK_C"]))
+    tiles |= {(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_C"]) for c in tri._RAB_GRAD_CONFIGS}
+    tiles |= {(tri._INTERPRET_BLOCK, tri._INTERPRET_BLOCK), (tri._INTERPRET_BLOCK, tri._RAB_ALIGN)}
     assert all(bn <= tri._RAB_ALIGN for _, bn in tiles)
     dkdv = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tri._DKDV_CONFIGS}
     dkdv = {(bm, bn) for bm, bn in dkdv | {(tri._INTERPRET_BLOCK, tri._INTERPRET_DKDV_KEYS)} if bn <= 64}
@@ -376,7 +376,8 @@ def test_kernels_compile_for_hopper(tri):
     with_buffer = [tri._prune_configs(c, {}, RAB_TILES=True) for c in (tri._FWD_CONFIGS, tri._DKDV_CONFIGS)]
     bf16 = 2 * len(tri._FWD_CONFIGS) + len(tri._DKDV_CONFIGS) + 2 * len(with_buffer[0]) + len(with_buffer[1])
     fp32 = 3 * 2  # one small tile per kernel, with and without the buffer
-    compiled = bf16 + fp32 + 2 * 2  # and the buffer's fill and the ds-buffer reduction in each dtype
+    buffer_kernels = len(tri._FILL_CONFIGS) + len(tri._RAB_GRAD_CONFIGS)  # the fill and the ds reduction
+    compiled = bf16 + fp32 + 2 * buffer_kernels
     assert f"RESULT arch=sm_90 compiled={compiled} failed=0" in proc.stdout, proc.stdout
 
 
