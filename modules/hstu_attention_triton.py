@@ -575,7 +575,9 @@ def _hstu_bwd_dkdv_kernel(
             other=0.0,
         )
         tq = _load_query_times(TS, seq_start, offs_m, seq_len)[None, :]
-        valid = (keys <= offs_m[None, :]) & mask_m[None, :] & mask_n[:, None]  # [BLOCK_N(j), BLOCK_M(i)]
+        # Causal only: keys past the end lie past every real row, and rows past the end have q = do = 0, so
+        # their p and ds add nothing to dk and dv (and their ds is never stored)
+        valid = keys <= offs_m[None, :]  # [BLOCK_N(j), BLOCK_M(i)]
         bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)  # compiled out with the buffer and no RAB_GRAD
         last_row = tl.minimum(offs_m, seq_len - 1)[None, :]
         if RAB_TILES:
