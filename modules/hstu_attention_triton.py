@@ -583,7 +583,8 @@ def _hstu_bwd_dkdv_kernel(
         if RAB_TILES:
             bias = _rab_tile(RAB, rab_base, last_row, keys, BLOCK_N > _ALIGN)
         else:
-            bias = tl.load(POS_W + ((max_seq_len - 1) - last_row + keys), mask=valid, other=0.0)
+            pos = (max_seq_len - 1) - last_row + keys  # inside the table for keys before the end
+            bias = tl.load(POS_W + pos, mask=valid & mask_n[:, None], other=0.0)
             bias = bias.to(tl.float32) + _time_bias(TIME_W, time_table, bucket, TABLE_GATHER)
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * alpha + bias
         sig = _sigmoid(s, FAST_MATH)

@@ -272,6 +272,27 @@ def test_ds_buffer_with_inline_bias_and_its_out_of_memory_fallback(tri, monkeypa
     assert_close(leaves[4].grad, ref_leaves[4].grad, "grad time_weights", 1e-4, 1e-5)
 
 
+@pytest.mark.parametrize("rab_tiles", [False, True])
+def test_bias_table_reads_stay_inside_the_tables(tri, monkeypatch, rab_tiles):
+    """Blocks far longer than max_seq_len (rows and keys past each sequence's end): the kernels must not
+    read past the bias tables. Here the tables are views into NaN-padded storage, so a stray read poisons
+    the result."""
+    monkeypatch.setattr(tri, "_RAB_TILES", rab_tiles)
+    q, k, v, offsets, ts, pos_w, time_w, n = make_inputs([1, 5, 3], max_seq_len=5, seed=5)
+    padded = [torch.full((x.numel() + 64,), float("nan")) for x in (pos_w, time_w)]
+    for store, x in zip(padded, (pos_w, time_w), strict=True):
+        store[: x.numel()] = x
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    tables = [store[: x.numel()] for store, x in zip(padded, (pos_w, time_w), strict=True)]
+    tables = [x.requires_grad_(True) for x in tables]
+    out = tri.triton_hstu_attention(
+        *leaves, offsets, ts, *tables, max_seq_len=n, alpha=0.25, denominator=None
+    )  # fmt: skip
+    out.backward(torch.ones_like(out))
+    for x in [out, *(leaf.grad for leaf in leaves + tables)]:
+        assert torch.isfinite(x).all()
+
+
 def test_matches_team_reference_backend(tri):
     """Same numbers as modules.hstu_attention's reference backend (denominator = max_seq_len there)."""
     hstu_attention = pytest.importorskip("modules.hstu_attention").hstu_attention
