@@ -175,10 +175,11 @@ def config_sets(variant: str) -> list[tuple]:
     a variant."""
     from modules import hstu_attention_triton as mod
 
-    rab_tiles, table_gather, _ = VARIANTS[variant]
+    rab_tiles, table_gather, ds_buffer = VARIANTS[variant]
+    flags = dict(RAB_TILES=rab_tiles, RAB_GRAD=True, DS_STORE=ds_buffer is not False)
 
     def tuned(configs):
-        return mod._prune_configs(mod._lookup_configs(configs, table_gather), {}, RAB_TILES=rab_tiles)
+        return mod._prune_configs(mod._lookup_configs(configs, table_gather), {}, **flags)
 
     lists = (tuned(mod._FWD_CONFIGS), tuned(mod._DKDV_CONFIGS), mod._FILL_CONFIGS, mod._RAB_GRAD_CONFIGS)
     return [tuple(c[i % len(c)] for c in lists) for i in range(max(map(len, lists)))]

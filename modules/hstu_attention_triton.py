@@ -626,13 +626,13 @@ def _hstu_bwd_dkdv_kernel(
 # Launch configuration: autotuned on the GPU, fixed small blocks under the interpreter.
 # --------------------------------------------------------------------------------------------------
 
-# Every config below compiles for sm_90 within H100 shared memory and spills at most ~2 KB per thread at
-# Dqk = Dv = 128 with the bias buffer (benchmarks/triton_compile.py); 128x128 forward tiles overflow shared
-# memory. dk/dv tiles are BLOCK_M query rows x BLOCK_N keys. Its products run on Hopper's wgmma when the
-# keys give each warpgroup 64 rows (BLOCK_N >= 64 * warpgroups); 32x32 tiles fall back to Ampere's mma.sync,
-# and were the fastest dk/dv on an H200 while it was query-major (its products then had BLOCK_M rows). The
-# key-major tiles, 64x128 (FlashAttention-3's dk/dv tile at d = 128; 200 B of spills) down to 16x64, are
-# untimed on a GPU so far: the autotuner decides.
+# Every config below compiles for sm_90 within H100 shared memory at Dqk = Dv = 128, and with the bias
+# buffer spills at most 0.25 KB per thread (benchmarks/triton_compile.py); 128x128 forward tiles overflow
+# shared memory. dk/dv tiles are BLOCK_M query rows x BLOCK_N keys. Its products run on Hopper's wgmma when
+# the keys give each warpgroup 64 rows (BLOCK_N >= 64 * warpgroups); 32x32 tiles fall back to Ampere's
+# mma.sync, and were the fastest dk/dv on an H200 while it was query-major (its products then had BLOCK_M
+# rows). The key-major tiles, 64x128 (FlashAttention-3's dk/dv tile at d = 128) down to 16x64, are untimed
+# on a GPU so far: the autotuner decides.
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
@@ -674,12 +674,16 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     """Drop configs that cannot differ or cannot pay off.
 
     With the bias buffer (RAB_TILES) the time-table lookup is not used, so TABLE_GATHER configs would only
-    repeat the others. fp32 inputs (exact "ieee" products) serve correctness checks, not speed: one small
-    tile (the squarest of the smallest) is compiled, as large fp32 tiles spill heavily and take ptxas
-    minutes each (benchmarks/triton_compile.py measures it).
+    repeat the others. dk/dv reducing the bias gradients in its loop (the fallback without the ds buffer)
+    spills 6-7 KB per thread at 128-key blocks, so those are not tried there. fp32 inputs (exact "ieee"
+    products) serve correctness checks, not speed: one small tile (the squarest of the smallest) is
+    compiled, as large fp32 tiles spill heavily and take ptxas minutes each (benchmarks/triton_compile.py
+    measures it).
     """
     if kwargs.get("RAB_TILES"):
         configs = [c for c in configs if not c.kwargs["TABLE_GATHER"]]
+    if kwargs.get("RAB_GRAD") and not kwargs.get("DS_STORE"):
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= _RAB_ALIGN]
     if kwargs.get("DOT_PREC") != "ieee":
         return configs
     return [min(configs, key=lambda c: (c.kwargs["TABLE_GATHER"], math.prod(_tile(c)), max(_tile(c))))]
