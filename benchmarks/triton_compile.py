@@ -43,6 +43,7 @@ SCALARS = {
     "len_key": "i32",
     "ds_head_stride": "i64",
     "heads": "i32",
+    "head0": "i32",
 }
 DIVISIBLE_SCALARS = {"ds_head_stride"}
 """Integer arguments always a multiple of 16 (the ds buffer's head stride: a multiple of 64 elements)."""

@@ -65,8 +65,9 @@ of the device's memory, per-pair computation under the interpreter."""
 _DS_BUFFER: bool | None = None
 """Pin how dk/dv hands over the bias-weight gradients (tests, the GPU check): True, it writes each pair's
 ds per head to a buffer that `_hstu_rab_grad_kernel` reduces once over all heads; False, it reduces them
-per head inside its loop; None, the buffer on the GPU when it fits `_RAB_MEMORY_FRACTION`, the in-loop
-reduction under the interpreter."""
+per head inside its loop; None, the buffer on the GPU, for as many heads at a time as fit
+`_RAB_MEMORY_FRACTION` (dk/dv then runs once per group of heads), the in-loop reduction under the
+interpreter."""
 _RAB_MEMORY_FRACTION = 1 / 32
 """Largest share of the GPU's memory the transient bias buffer may take (2.5 GB on an 80 GB H100: a batch of
 16 sequences of 4096 events needs 0.3 GB in bf16)."""
@@ -517,7 +518,7 @@ def _hstu_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV_OUT, DPOS, DTIME, OFFSETS, TS, POS_W, TIME_W, RAB, RAB_BASE, DS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    alpha, inv_den_const, max_seq_len, num_buckets, len_key, ds_head_stride,
+    alpha, inv_den_const, max_seq_len, num_buckets, len_key, ds_head_stride, head0,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
     RAB_TILES: tl.constexpr, RAB_GRAD: tl.constexpr, DS_STORE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -530,7 +531,7 @@ def _hstu_bwd_dkdv_kernel(
     register tile in between, and every product's rows are the BLOCK_N keys (full Hopper wgmma tiles).
     """
     tl.static_assert(BLOCK_M <= BLOCK_N)
-    h = tl.program_id(0)
+    h = head0 + tl.program_id(0)  # the launch covers heads head0 .. head0 + its grid's first dimension
     pid_n = tl.program_id(1)  # the first key blocks have the most query blocks: longest work first
     b = tl.program_id(2)
     seq_start, seq_len, inv_den = _seq_info(OFFSETS, b, DEN_IS_LEN, inv_den_const)
@@ -558,7 +559,7 @@ def _hstu_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     time_grad = tl.zeros([BLOCK_BUCKETS], dtype=tl.float32)  # this key block's time-bias gradient
-    ds_head = DS + h.to(tl.int64) * ds_head_stride
+    ds_head = DS + tl.program_id(0).to(tl.int64) * ds_head_stride  # the buffer holds this launch's heads
     rab_base = tl.load(RAB_BASE + b)
     for m0 in range(n0, seq_len, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -871,24 +872,28 @@ def plan_triton_attention(offsets: Tensor, timestamps: Tensor, *, max_seq_len: i
     return plan(int(longest), kernel_ts, rab_ends - rab_sizes, int(rab_numel))
 
 
-def _fits_budget(numel: int, x: Tensor) -> bool:
-    """Whether a transient buffer of numel elements of x's dtype fits `_RAB_MEMORY_FRACTION` of x's GPU."""
+def _budget_numel(x: Tensor) -> int:
+    """Elements of x's dtype that a transient buffer may take: `_RAB_MEMORY_FRACTION` of x's GPU memory."""
     budget = torch.cuda.get_device_properties(x.device).total_memory * _RAB_MEMORY_FRACTION
-    return numel * x.element_size() <= budget
+    return int(budget) // x.element_size()
 
 
 def _use_rab_tiles(batch: TritonPlan, q: Tensor) -> bool:
     """Precompute the bias buffer when it fits the memory budget (or as `_RAB_TILES` pins it)."""
     if _RAB_TILES is not None:
         return _RAB_TILES
-    return not _INTERPRET and _fits_budget(batch.rab_numel, q)
+    return not _INTERPRET and batch.rab_numel <= _budget_numel(q)
 
 
-def _use_ds_buffer(batch: TritonPlan, q: Tensor) -> bool:
-    """Hand the bias gradients over as a per-head ds buffer when it fits (or as `_DS_BUFFER` pins it)."""
+def _ds_buffer_heads(batch: TritonPlan, q: Tensor) -> int:
+    """How many heads' ds the buffer holds at a time: all of them, or as many as fit the memory budget;
+    0 where dk/dv reduces the bias gradients in its loop (as `_DS_BUFFER` pins it, or no head fits)."""
+    heads = q.shape[1]
     if _DS_BUFFER is not None:
-        return _DS_BUFFER
-    return not _INTERPRET and _fits_budget(q.shape[1] * batch.rab_numel, q)
+        return heads if _DS_BUFFER else 0
+    if _INTERPRET:
+        return 0
+    return min(heads, _budget_numel(q) // max(batch.rab_numel, 1))
 
 
 def _transient_buffer(
@@ -967,23 +972,30 @@ class _HSTUAttention(torch.autograd.Function):
         if q.shape[0] > 0 and num_seqs > 0 and batch.longest > 0:
             rab, common = _launch_args(q, v, offsets, pos_w, time_w, batch, max_seq_len, alpha, denominator)
             rab_grad = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
+            group = _ds_buffer_heads(batch, q) if rab_grad else 0
             ds = None
-            if rab_grad and _use_ds_buffer(batch, q):
+            if group:
                 ds = _transient_buffer(
-                    heads * batch.rab_numel, q, "bias-gradient buffer", _DS_BUFFER,
+                    group * batch.rab_numel, q, "bias-gradient buffer", _DS_BUFFER,
                     "dk/dv reduces the bias gradients itself",
                 )  # fmt: skip
+            if ds is None:
+                group = heads
             _, dq_kernel, dkdv_kernel = _kernels()
-            dkdv_kernel[_grid(batch.longest, heads, num_seqs, "BLOCK_N", _INTERPRET_DKDV_KEYS)](
-                q, k, v, do, dk, dv, dpos, dtime, offsets, batch.kernel_timestamps, pos_w, time_w,
-                rab, batch.rab_base, q if ds is None else ds,  # q: a placeholder pointer, never read
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                **common, ds_head_stride=batch.rab_numel, RAB_GRAD=rab_grad, DS_STORE=ds is not None,
-                **_blocks("BLOCK_M", BLOCK_N=_INTERPRET_DKDV_KEYS),
-            )  # fmt: skip
-            if ds is not None:
-                _reduce_bias_grads(ds, batch, offsets, dpos, dtime, heads, common)
+            # One dk/dv launch per group of heads whose ds the buffer holds, each followed by its reduction.
+            # Autotuning, which zeroes dpos and dtime, only happens at a key's first launch: the first group.
+            for head0 in range(0, heads, group):
+                group_heads = min(group, heads - head0)
+                dkdv_kernel[_grid(batch.longest, group_heads, num_seqs, "BLOCK_N", _INTERPRET_DKDV_KEYS)](
+                    q, k, v, do, dk, dv, dpos, dtime, offsets, batch.kernel_timestamps, pos_w, time_w,
+                    rab, batch.rab_base, q if ds is None else ds,  # q: a placeholder pointer, never read
+                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                    do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                    **common, ds_head_stride=batch.rab_numel, head0=head0, RAB_GRAD=rab_grad,
+                    DS_STORE=ds is not None, **_blocks("BLOCK_M", BLOCK_N=_INTERPRET_DKDV_KEYS),
+                )  # fmt: skip
+                if ds is not None:
+                    _reduce_bias_grads(ds, batch, offsets, dpos, dtime, group_heads, common)
             dq_kernel[_grid(batch.longest, heads, num_seqs, "BLOCK_M")](
                 q, k, v, do, dq, offsets, batch.kernel_timestamps, pos_w, time_w, rab, batch.rab_base,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

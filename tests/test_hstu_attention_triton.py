@@ -246,6 +246,26 @@ def test_dkdv_key_blocks_wider_than_the_bias_buffer_rows(tri, monkeypatch, ds_bu
         assert_close(a.grad, b.grad, f"grad {name}", 1e-4, 1e-5)
 
 
+@pytest.mark.parametrize("rab_tiles", [False, True])
+def test_ds_buffer_for_some_heads_at_a_time(tri, monkeypatch, rab_tiles):
+    """A ds buffer with room for 2 of 3 heads: dk/dv runs for heads 0-1, then head 2, each launch followed
+    by its reduction; still the oracle's gradients."""
+    monkeypatch.setattr(tri, "_RAB_TILES", rab_tiles)
+    monkeypatch.setattr(tri, "_ds_buffer_heads", lambda batch, q: 2)
+    real_empty, sizes = torch.empty, []
+
+    def recording_empty(*args, **kwargs):
+        sizes.append(args[0] if args else None)
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(tri.torch, "empty", recording_empty)
+    *_, leaves, ref_leaves = run_both(tri, [40, 1, 23], denominator=None, heads=3, seed=11)
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert_close(a.grad, b.grad, f"grad {name}", 1e-4, 1e-5)
+    _, _, _, offsets, ts, _, _, n = make_inputs([40, 1, 23])
+    assert 2 * tri.plan_triton_attention(offsets, ts, max_seq_len=n).rab_numel in sizes
+
+
 def test_ds_buffer_with_inline_bias_and_its_out_of_memory_fallback(tri, monkeypatch):
     """The ds buffer also serves the inline-bias kernels; a GPU too full for it (as the default chose it)
     gets dk/dv's in-loop reduction and a warning; pinned to the buffer, the error stands."""
@@ -265,7 +285,7 @@ def test_ds_buffer_with_inline_bias_and_its_out_of_memory_fallback(tri, monkeypa
     with pytest.raises(torch.OutOfMemoryError):
         run_both(tri, [9, 1, 30], denominator=None)
     monkeypatch.setattr(tri, "_DS_BUFFER", None)
-    monkeypatch.setattr(tri, "_use_ds_buffer", lambda batch, q: True)
+    monkeypatch.setattr(tri, "_ds_buffer_heads", lambda batch, q: q.shape[1])
     with pytest.warns(UserWarning, match="dk/dv reduces the bias gradients itself"):
         *_, leaves, ref_leaves = run_both(tri, [9, 1, 30], denominator=None)
     assert_close(leaves[3].grad, ref_leaves[3].grad, "grad pos_weights", 1e-4, 1e-5)
