@@ -23,9 +23,10 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
   diagonal by diagonal (position) and bucket by bucket (time). By default dk/dv writes each pair's ds per
   head into a buffer laid out like the bias buffer, and `_hstu_rab_grad_kernel` sums the heads of each
   pair once and then reduces (diagonal sums through a sheared `tl.gather`, masked bucket sums into a
-  per-program histogram, a few relaxed atomics per tile). Done per head inside dk/dv's loop instead (the
-  fallback when the buffer does not fit), these reductions took 57% of the fwd+bwd kernel time on an H200
-  (16 sequences of 2048-4096); the buffer path is not yet timed on a GPU.
+  per-program histogram, a few relaxed atomics per tile); a buffer too large for the memory budget holds
+  as many heads as fit, and dk/dv runs once per group of heads. Done per head inside dk/dv's loop instead
+  (the fallback when not even one head fits), these reductions took 57% of the fwd+bwd kernel time on an
+  H200 (16 sequences of 2048-4096); the buffer path is not yet timed on a GPU.
 - backward dq: one program per query block, loops over key blocks like the forward (no atomics).
 Per (i, j) pair, the work besides the two products bounds the speed, so it is kept small: timestamps
 travel as int32 offsets from each sequence's first one (int64 only past 68 years), the causal limit and
