@@ -313,6 +313,44 @@ def test_bias_table_reads_stay_inside_the_tables(tri, monkeypatch, rab_tiles):
         assert torch.isfinite(x).all()
 
 
+@pytest.fixture
+def gpu_launch_path(tri, monkeypatch):
+    """The module's GPU launch path (autotuned kernels, grids from each config, the bias and ds buffers by
+    memory budget) running in the interpreter: autotuning runs each config once and calls them all equal."""
+
+    def bench_once(kernel_call, quantiles):
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(tri, "_INTERPRET", False)
+    monkeypatch.setattr(tri, "_require_cuda", lambda x: None)
+    monkeypatch.setattr(tri, "_fast_math", lambda dtype: False)  # no inline PTX in the interpreter
+    monkeypatch.setattr(tri, "_budget_numel", lambda x: 10**9)
+    tri._autotuned_kernels.cache_clear()
+    tri._autotuned_buffer_kernels.cache_clear()
+    for kernel in (*tri._autotuned_kernels(None), *tri._autotuned_buffer_kernels()):
+        kernel._do_bench = bench_once
+    yield tri
+    tri._autotuned_kernels.cache_clear()
+    tri._autotuned_buffer_kernels.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol", "atol", "ds_heads"),
+    [(torch.float32, 1e-4, 1e-5, None), (torch.bfloat16, 4e-2, 1e-3, 1)],
+)
+def test_gpu_launch_path_matches_naive_oracle(gpu_launch_path, monkeypatch, dtype, rtol, atol, ds_heads):
+    """What only a GPU run would otherwise exercise: autotuned launches with every config (bf16 tries them
+    all; fp32 one), the bias buffer, and the ds buffer for all heads or (ds_heads=1) one head at a time, so
+    later dk/dv launches reuse the tuned config without zeroing the gradients of the first."""
+    if ds_heads is not None:
+        monkeypatch.setattr(gpu_launch_path, "_ds_buffer_heads", lambda batch, q: ds_heads)
+    out, ref, leaves, ref_leaves = run_both(gpu_launch_path, [3, 70, 1], denominator=None, dtype=dtype)
+    assert_close(out, ref, "out", rtol, atol)
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
+
+
 def test_matches_team_reference_backend(tri):
     """Same numbers as modules.hstu_attention's reference backend (denominator = max_seq_len there)."""
     hstu_attention = pytest.importorskip("modules.hstu_attention").hstu_attention
