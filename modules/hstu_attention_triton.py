@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -801,6 +802,9 @@ class TritonPlan:
     """[B] int64: where each sequence's rows start in the bias buffer."""
     rab_numel: int
     """Elements of the bias buffer for the whole batch."""
+    rab_ends: tuple[int, ...]
+    """Where each sequence's rows end in the bias buffer (on the host: the batch is cut into runs of
+    sequences whose buffers fit the memory budget without another sync)."""
 
     def check(
         self, offsets: Tensor, timestamps: Tensor, *, max_seq_len: int, num_time_buckets: int, backend: str
@@ -850,7 +854,7 @@ def plan_triton_attention(offsets: Tensor, timestamps: Tensor, *, max_seq_len: i
     plan = functools.partial(TritonPlan, offsets, timestamps, max_seq_len, kernel_offsets)
     if offsets.numel() == 1 or total == 0:
         no_rows = torch.zeros(offsets.numel() - 1, dtype=torch.int64, device=offsets.device)
-        return plan(0, ts.contiguous(), no_rows, 0)
+        return plan(0, ts.contiguous(), no_rows, 0, (0,) * (offsets.numel() - 1))
     lengths = kernel_offsets[1:] - kernel_offsets[:-1]
     # Each sequence's timestamps relative to its first one: the kernels only take differences within a
     # sequence, and these offsets fit int32 (half the per-pair integer work) unless a user spans 68 years.
@@ -858,8 +862,9 @@ def plan_triton_attention(offsets: Tensor, timestamps: Tensor, *, max_seq_len: i
     rel = ts - torch.repeat_interleave(first, lengths.clamp(min=0), output_size=total)
     rab_sizes = _rab_numel(lengths.clamp(min=0))
     rab_ends = rab_sizes.cumsum(0)
-    stats = [lengths.max(), lengths.min(), kernel_offsets[-1] - total, rel.min(), rel.max(), rab_ends[-1]]
-    longest, shortest, tail, rel_min, rel_max, rab_numel = torch.stack(stats).tolist()
+    stats = torch.stack([lengths.max(), lengths.min(), kernel_offsets[-1] - total, rel.min(), rel.max()])
+    values = torch.cat([stats, rab_ends]).tolist()
+    (longest, shortest, tail, rel_min, rel_max), host_rab_ends = values[:5], tuple(values[5:])
     if tail != 0 or shortest < 0:
         raise ValueError(
             f"triton_hstu_attention: offsets must be non-decreasing and end at T={total}, "
@@ -870,23 +875,64 @@ def plan_triton_attention(offsets: Tensor, timestamps: Tensor, *, max_seq_len: i
             f"triton_hstu_attention: a sequence has {longest} tokens > max_seq_len={max_seq_len}"
         )
     kernel_ts = rel.to(torch.int32) if rel_max - rel_min < 2**31 else rel
-    return plan(int(longest), kernel_ts, rab_ends - rab_sizes, int(rab_numel))
+    return plan(int(longest), kernel_ts, rab_ends - rab_sizes, host_rab_ends[-1], host_rab_ends)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """A run of a batch's sequences that the kernels take in one launch, with one bias buffer."""
+
+    offsets: Tensor
+    """[n+1]: a view of the batch's kernel offsets (token positions stay global)."""
+    rab_base: Tensor
+    """[n] int64: where each sequence's rows start in this run's bias buffer."""
+    rab_numel: int
+    num_seqs: int
+
+
+def _chunks(batch: TritonPlan, q: Tensor) -> list[_Chunk]:
+    """The batch as runs of sequences whose bias buffers each fit the memory budget: one run when the whole
+    batch fits; a sequence too long for the budget alone runs by itself (and computes its bias inline)."""
+    budget, ends = _budget_numel(q), batch.rab_ends
+    bounds, first, base = [], 0, 0
+    for b in range(1, len(ends)):
+        if ends[b] - base > budget:
+            bounds.append((first, b))
+            first, base = b, ends[b - 1]
+    bounds.append((first, len(ends)))
+    if len(bounds) == 1:
+        return [_Chunk(batch.kernel_offsets, batch.rab_base, batch.rab_numel, len(ends))]
+    chunks = []
+    for first, last in bounds:
+        base = ends[first - 1] if first else 0
+        chunks.append(
+            _Chunk(
+                offsets=batch.kernel_offsets[first : last + 1],
+                rab_base=batch.rab_base[first:last] - base,
+                rab_numel=ends[last - 1] - base,
+                num_seqs=last - first,
+            )
+        )
+    return chunks
 
 
 def _budget_numel(x: Tensor) -> int:
-    """Elements of x's dtype that a transient buffer may take: `_RAB_MEMORY_FRACTION` of x's GPU memory."""
+    """Elements of x's dtype that a transient buffer may take: `_RAB_MEMORY_FRACTION` of x's GPU memory
+    (no limit under the interpreter, which has no GPU)."""
+    if _INTERPRET:
+        return sys.maxsize
     budget = torch.cuda.get_device_properties(x.device).total_memory * _RAB_MEMORY_FRACTION
     return int(budget) // x.element_size()
 
 
-def _use_rab_tiles(batch: TritonPlan, q: Tensor) -> bool:
-    """Precompute the bias buffer when it fits the memory budget (or as `_RAB_TILES` pins it)."""
+def _use_rab_tiles(chunk: _Chunk, q: Tensor) -> bool:
+    """Precompute the run's bias buffer when it fits the memory budget (or as `_RAB_TILES` pins it)."""
     if _RAB_TILES is not None:
         return _RAB_TILES
-    return not _INTERPRET and batch.rab_numel <= _budget_numel(q)
+    return not _INTERPRET and chunk.rab_numel <= _budget_numel(q)
 
 
-def _ds_buffer_heads(batch: TritonPlan, q: Tensor) -> int:
+def _ds_buffer_heads(chunk: _Chunk, q: Tensor) -> int:
     """How many heads' ds the buffer holds at a time: all of them, or as many as fit the memory budget;
     0 where dk/dv reduces the bias gradients in its loop (as `_DS_BUFFER` pins it, or no head fits)."""
     heads = q.shape[1]
@@ -894,7 +940,7 @@ def _ds_buffer_heads(batch: TritonPlan, q: Tensor) -> int:
         return heads if _DS_BUFFER else 0
     if _INTERPRET:
         return 0
-    return min(heads, _budget_numel(q) // max(batch.rab_numel, 1))
+    return min(heads, _budget_numel(q) // max(chunk.rab_numel, 1))
 
 
 def _transient_buffer(
@@ -916,24 +962,24 @@ def _transient_buffer(
         return None
 
 
-def _reduce_bias_grads(ds, batch: TritonPlan, offsets, dpos, dtime, heads: int, common: dict) -> None:
-    """dpos, dtime += the bias-weight gradients held in the per-head ds buffer (`_hstu_rab_grad_kernel`);
+def _reduce_bias_grads(ds, batch: TritonPlan, chunk: _Chunk, dpos, dtime, heads: int, common: dict) -> None:
+    """dpos, dtime += the bias-weight gradients held in a run's per-head ds buffer (`_hstu_rab_grad_kernel`);
     common: the attention kernels' named arguments (`_launch_args`)."""
     _, rab_grad = _buffer_kernels()
-    rab_grad[_row_grid(batch.longest, offsets.numel() - 1)](
-        ds, batch.rab_base, offsets, batch.kernel_timestamps, dpos, dtime, heads, batch.rab_numel,
+    rab_grad[_row_grid(batch.longest, chunk.num_seqs)](
+        ds, chunk.rab_base, chunk.offsets, batch.kernel_timestamps, dpos, dtime, heads, chunk.rab_numel,
         common["inv_den_const"], common["max_seq_len"], dtime.numel() - 1, common["len_key"],
         DEN_IS_LEN=common["DEN_IS_LEN"], FAST_MATH=_fast_math(ds.dtype),
         BLOCK_BUCKETS=triton.next_power_of_2(dtime.numel()), **_row_blocks(),
     )  # fmt: skip
 
 
-def _fill_rab(rab: Tensor, batch: TritonPlan, offsets, pos_w, time_w, max_seq_len: int) -> None:
-    """Writes the bias buffer: rab(i, j) of every causal pair, shared by all heads, in rab's dtype."""
+def _fill_rab(rab: Tensor, batch: TritonPlan, chunk: _Chunk, pos_w, time_w, max_seq_len: int) -> None:
+    """Writes a run's bias buffer: rab(i, j) of every causal pair, shared by all heads, in rab's dtype."""
     fill, _ = _buffer_kernels()
-    fill[_row_grid(batch.longest, offsets.numel() - 1)](
-        rab, batch.rab_base, offsets, batch.kernel_timestamps, pos_w, time_w, max_seq_len, time_w.numel() - 1,
-        _len_key(batch.longest), FAST_MATH=_fast_math(rab.dtype),
+    fill[_row_grid(batch.longest, chunk.num_seqs)](
+        rab, chunk.rab_base, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, max_seq_len,
+        time_w.numel() - 1, _len_key(batch.longest), FAST_MATH=_fast_math(rab.dtype),
         BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()), TABLE_GATHER=_TABLE_GATHER is not False,
         **_row_blocks(),
     )  # fmt: skip
@@ -949,20 +995,20 @@ class _HSTUAttention(torch.autograd.Function):
         ctx.cfg = (batch, max_seq_len, alpha, denominator)
         if total == 0 or num_seqs == 0 or batch.longest == 0:
             return out.zero_()
-        rab, common = _launch_args(q, v, offsets, pos_w, time_w, batch, max_seq_len, alpha, denominator)
         fwd, _, _ = _kernels()
-        fwd[_grid(batch.longest, heads, num_seqs, "BLOCK_M")](
-            q, k, v, out, offsets, batch.kernel_timestamps, pos_w, time_w, rab, batch.rab_base,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), **common, **_blocks("BLOCK_M", "BLOCK_N"),
-        )  # fmt: skip
+        for chunk in _chunks(batch, q):
+            rab, common = _launch_args(q, v, batch, chunk, pos_w, time_w, max_seq_len, alpha, denominator)
+            fwd[_grid(batch.longest, heads, chunk.num_seqs, "BLOCK_M")](
+                q, k, v, out, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, rab, chunk.rab_base,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), **common, **_blocks("BLOCK_M", "BLOCK_N"),
+            )  # fmt: skip
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, offsets, pos_w, time_w = ctx.saved_tensors
         batch, max_seq_len, alpha, denominator = ctx.cfg
-        heads = q.shape[1]
         num_seqs = offsets.numel() - 1
         do = _last_dim_contiguous(grad_out.to(q.dtype))
         dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
@@ -971,54 +1017,72 @@ class _HSTUAttention(torch.autograd.Function):
         dpos = torch.zeros(pos_w.numel(), dtype=torch.float32, device=q.device)
         dtime = torch.zeros(time_w.numel(), dtype=torch.float32, device=q.device)
         if q.shape[0] > 0 and num_seqs > 0 and batch.longest > 0:
-            rab, common = _launch_args(q, v, offsets, pos_w, time_w, batch, max_seq_len, alpha, denominator)
             rab_grad = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
-            group = _ds_buffer_heads(batch, q) if rab_grad else 0
-            ds = None
-            if group:
-                ds = _transient_buffer(
-                    group * batch.rab_numel, q, "bias-gradient buffer", _DS_BUFFER,
-                    "dk/dv reduces the bias gradients itself",
+            for chunk in _chunks(batch, q):
+                # Each run's bias gradients start from zero: the autotuner zeroes them when a run is the
+                # first to launch a kernel with its key (a run that computes its bias inline, say).
+                run_dpos, run_dtime = torch.zeros_like(dpos), torch.zeros_like(dtime)
+                _backward_run(
+                    q, k, v, do, dq, dk, dv, run_dpos, run_dtime, pos_w, time_w, batch, chunk, rab_grad,
+                    max_seq_len, alpha, denominator,
                 )  # fmt: skip
-            if ds is None:
-                group = heads
-            _, dq_kernel, dkdv_kernel = _kernels()
-            # One dk/dv launch per group of heads whose ds the buffer holds, each followed by its reduction.
-            # Autotuning, which zeroes dpos and dtime, only happens at a key's first launch: the first group.
-            for head0 in range(0, heads, group):
-                group_heads = min(group, heads - head0)
-                dkdv_kernel[_grid(batch.longest, group_heads, num_seqs, "BLOCK_N", _INTERPRET_DKDV_KEYS)](
-                    q, k, v, do, dk, dv, dpos, dtime, offsets, batch.kernel_timestamps, pos_w, time_w,
-                    rab, batch.rab_base, q if ds is None else ds,  # q: a placeholder pointer, never read
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                    do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                    **common, ds_head_stride=batch.rab_numel, head0=head0, RAB_GRAD=rab_grad,
-                    DS_STORE=ds is not None, **_blocks("BLOCK_M", BLOCK_N=_INTERPRET_DKDV_KEYS),
-                )  # fmt: skip
-                if ds is not None:
-                    _reduce_bias_grads(ds, batch, offsets, dpos, dtime, group_heads, common)
-            dq_kernel[_grid(batch.longest, heads, num_seqs, "BLOCK_M")](
-                q, k, v, do, dq, offsets, batch.kernel_timestamps, pos_w, time_w, rab, batch.rab_base,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-                **common, **_blocks("BLOCK_M", "BLOCK_N"),
-            )  # fmt: skip
+                dpos += run_dpos
+                dtime += run_dtime
         dpos_out = dpos.to(pos_w.dtype) if ctx.needs_input_grad[4] else None
         dtime_out = dtime.to(time_w.dtype) if ctx.needs_input_grad[5] else None
         return dq, dk, dv, None, dpos_out, dtime_out, None, None, None, None
 
 
-def _launch_args(q, v, offsets, pos_w, time_w, batch: TritonPlan, max_seq_len, alpha, denominator):
-    """(bias buffer or a placeholder pointer, the arguments every attention kernel takes by name).
+def _backward_run(
+    q, k, v, do, dq, dk, dv, dpos, dtime, pos_w, time_w, batch: TritonPlan, chunk: _Chunk, rab_grad: bool,
+    max_seq_len, alpha, denominator,
+) -> None:  # fmt: skip
+    """The backward kernels on one run of sequences: dk/dv (and the bias gradients), then dq."""
+    heads = q.shape[1]
+    rab, common = _launch_args(q, v, batch, chunk, pos_w, time_w, max_seq_len, alpha, denominator)
+    group = _ds_buffer_heads(chunk, q) if rab_grad else 0
+    ds = None
+    if group:
+        ds = _transient_buffer(
+            group * chunk.rab_numel, q, "bias-gradient buffer", _DS_BUFFER,
+            "dk/dv reduces the bias gradients itself",
+        )  # fmt: skip
+    if ds is None:
+        group = heads
+    _, dq_kernel, dkdv_kernel = _kernels()
+    # One dk/dv launch per group of heads whose ds the buffer holds, each followed by its reduction.
+    # Autotuning, which zeroes dpos and dtime, only happens at a key's first launch: the first group.
+    for head0 in range(0, heads, group):
+        group_heads = min(group, heads - head0)
+        dkdv_kernel[_grid(batch.longest, group_heads, chunk.num_seqs, "BLOCK_N", _INTERPRET_DKDV_KEYS)](
+            q, k, v, do, dk, dv, dpos, dtime, chunk.offsets, batch.kernel_timestamps, pos_w, time_w,
+            rab, chunk.rab_base, q if ds is None else ds,  # q: a placeholder pointer, never read
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            **common, ds_head_stride=chunk.rab_numel, head0=head0, RAB_GRAD=rab_grad,
+            DS_STORE=ds is not None, **_blocks("BLOCK_M", BLOCK_N=_INTERPRET_DKDV_KEYS),
+        )  # fmt: skip
+        if ds is not None:
+            _reduce_bias_grads(ds, batch, chunk, dpos, dtime, group_heads, common)
+    dq_kernel[_grid(batch.longest, heads, chunk.num_seqs, "BLOCK_M")](
+        q, k, v, do, dq, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, rab, chunk.rab_base,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+        **common, **_blocks("BLOCK_M", "BLOCK_N"),
+    )  # fmt: skip
+
+
+def _launch_args(q, v, batch: TritonPlan, chunk: _Chunk, pos_w, time_w, max_seq_len, alpha, denominator):
+    """(the run's bias buffer or a placeholder pointer, the arguments every attention kernel takes by name).
 
     The buffer is filled per call (forward, then again in backward) rather than kept: it is quick to
     rebuild, and holding it per layer until backward would cost O(sum of squared lengths) memory each.
     """
     rab = None
-    if _use_rab_tiles(batch, q):
-        rab = _transient_buffer(batch.rab_numel, q, "bias buffer", _RAB_TILES, "computing the bias inline")
+    if _use_rab_tiles(chunk, q):
+        rab = _transient_buffer(chunk.rab_numel, q, "bias buffer", _RAB_TILES, "computing the bias inline")
     if rab is not None:
-        _fill_rab(rab, batch, offsets, pos_w, time_w, max_seq_len)
+        _fill_rab(rab, batch, chunk, pos_w, time_w, max_seq_len)
     block_dqk, block_dv = _dims(q.shape[2], v.shape[2])
     common = dict(
         alpha=float(alpha), inv_den_const=0.0 if denominator is None else 1.0 / float(denominator),

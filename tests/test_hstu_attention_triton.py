@@ -150,8 +150,10 @@ def test_bias_buffer_layout_and_fill(tri):
     batch = tri.plan_triton_attention(offsets, ts, max_seq_len=n)
     assert batch.rab_numel == sum(naive)
     assert batch.rab_base.tolist() == [sum(naive[:b]) for b in range(len(naive))]
+    assert batch.rab_ends == tuple(sum(naive[: b + 1]) for b in range(len(naive)))
     rab = torch.empty(batch.rab_numel)
-    tri._fill_rab(rab, batch, offsets, pos_w, time_w, n)
+    (chunk,) = tri._chunks(batch, rab)  # no memory limit under the interpreter: one run
+    tri._fill_rab(rab, batch, chunk, pos_w, time_w, n)
     expected = naive_rab(offsets, ts, pos_w, time_w, n)
     cursor = 0
     for seq, length in zip(expected, lengths.tolist(), strict=True):
@@ -349,6 +351,28 @@ def test_gpu_launch_path_matches_naive_oracle(gpu_launch_path, monkeypatch, dtyp
     assert_close(out, ref, "out", rtol, atol)
     for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
         assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
+
+
+def test_batch_runs_within_the_memory_budget(gpu_launch_path, monkeypatch):
+    """A batch whose bias buffer passes the budget runs as consecutive runs of sequences that each fit; a
+    sequence too long for it alone runs by itself with the bias computed inline and dk/dv reducing the bias
+    gradients in its loop (a different autotune key, tuned mid-batch: it must not zero the other runs'
+    gradients); a run with room for one head's ds at a time relaunches dk/dv per head."""
+    tri = gpu_launch_path
+    monkeypatch.setattr(tri, "_budget_numel", lambda x: 3000)
+    lengths = [40, 3, 70, 1, 25]  # bias-buffer sizes 2560, 192, 4864, 64, 1600
+    _, _, _, offsets, ts, _, _, n = make_inputs(lengths)
+    batch = tri.plan_triton_attention(offsets, ts, max_seq_len=n)
+    runs = tri._chunks(batch, torch.empty(0))
+    assert [(c.num_seqs, c.rab_numel, c.rab_base.tolist()) for c in runs] == [
+        (2, 2752, [0, 2560]), (1, 4864, [0]), (2, 1664, [0, 64])
+    ]  # fmt: skip
+    assert [c.offsets.tolist() for c in runs] == [[0, 40, 43], [43, 113], [113, 114, 139]]
+    # bf16: the autotuner tries several configs (and zeroes the bias gradients before each)
+    out, ref, leaves, ref_leaves = run_both(tri, lengths, denominator=None, dtype=torch.bfloat16)
+    assert_close(out, ref, "out", 4e-2, 1e-3)
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert_close(a.grad, b.grad, f"grad {name}", 4e-2, 1e-3)
 
 
 def test_matches_team_reference_backend(tri):
