@@ -10,8 +10,9 @@ buffer (sum of L^2 / 2 entries in the inputs' dtype; row i padded to a multiple 
 and the attention kernels read it as 16-byte-vectorised tiles. Computing it inline instead costs each pair
 a bucket logarithm and two table gathers per head and per kernel, which on an H100 made the forward
 L1-bound at about a third of its bias-free speed (README, GPU status); the buffer does that work once for
-all heads. The inline path remains for batches whose buffer would pass `_RAB_MEMORY_FRACTION` of the
-GPU's memory or finds no room (with a warning), and under the interpreter.
+all heads. A batch whose buffer would pass `_RAB_MEMORY_FRACTION` of the GPU's memory runs as consecutive
+runs of sequences whose buffers fit, launched one after another. The inline path remains for a sequence too
+long for the budget alone, for a buffer that finds no room (with a warning), and under the interpreter.
 
 Tiling (grid = (heads, blocks, sequences); each program reads its sequence's start/length from offsets):
 - forward: one program per query block; one loop over the key blocks up to its last row, masked by
@@ -62,8 +63,8 @@ interpreter use the global-memory one in the attention kernels; the bias-buffer 
 table copy unless this is False."""
 _RAB_TILES: bool | None = None
 """Pin where the bias comes from (tests, the GPU check): True, the precomputed bias buffer; False, computed
-per pair and head in the attention kernels; None, the buffer on the GPU when it fits `_RAB_MEMORY_FRACTION`
-of the device's memory, per-pair computation under the interpreter."""
+per pair and head in the attention kernels; None, the buffer on the GPU for each run of sequences that fits
+`_RAB_MEMORY_FRACTION` of the device's memory (`_chunks`), per-pair computation under the interpreter."""
 _DS_BUFFER: bool | None = None
 """Pin how dk/dv hands over the bias-weight gradients (tests, the GPU check): True, it writes each pair's
 ds per head to a buffer that `_hstu_rab_grad_kernel` reduces once over all heads; False, it reduces them
@@ -71,8 +72,8 @@ per head inside its loop; None, the buffer on the GPU, for as many heads at a ti
 `_RAB_MEMORY_FRACTION` (dk/dv then runs once per group of heads), the in-loop reduction under the
 interpreter."""
 _RAB_MEMORY_FRACTION = 1 / 32
-"""Largest share of the GPU's memory the transient bias buffer may take (2.5 GB on an 80 GB H100: a batch of
-16 sequences of 4096 events needs 0.3 GB in bf16)."""
+"""Largest share of the GPU's memory a transient bias or ds buffer may take (2.5 GB on an 80 GB H100: a batch
+of 16 sequences of 4096 events needs 0.3 GB in bf16); larger batches run in runs of sequences that fit."""
 _RAB_ALIGN = 64
 """Each row i of the bias buffer holds round_up(i + 1, _RAB_ALIGN) keys: a multiple of every key block, so
 the kernels' unmasked tile loads stay inside their sequence, and of 16 bytes, so they are vectorised."""
