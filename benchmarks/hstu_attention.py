@@ -123,15 +123,18 @@ def bench(fn, *, warmup=3, iters=10) -> float:
 
 
 VARIANTS = {
-    "rab_buffer": (True, None, None),
-    "rab_buffer_fused_grad": (True, None, False),
-    "inline_global": (False, False, False),
-    "inline_table_gather": (False, True, False),
+    "rab_buffer": (True, None, None, None),
+    "rab_buffer_runs": (None, None, None, 2**20),
+    "rab_buffer_fused_grad": (True, None, False, None),
+    "inline_global": (False, False, False, None),
+    "inline_table_gather": (False, True, False, None),
 }
-"""Kernel paths: name -> (_RAB_TILES, _TABLE_GATHER, _DS_BUFFER). The GPU default reads rab(i, j) from the
-bias buffer and hands the bias-weight gradients from dk/dv to one reduction over all heads (ds buffer);
-`fused_grad` reduces them per head inside dk/dv instead; inline, each kernel computes rab per pair and head,
-its time-table lookup a global or a table gather."""
+"""Kernel paths: name -> (_RAB_TILES, _TABLE_GATHER, _DS_BUFFER, transient-buffer budget in bytes or None
+for the module's). The GPU default reads rab(i, j) from the bias buffer and hands the bias-weight gradients
+from dk/dv to one reduction over all heads (ds buffer); `runs` gives the buffers 1 MiB, so the check's
+batches run as several runs of sequences with the ds of one or two heads at a time; `fused_grad` reduces
+the bias gradients per head inside dk/dv instead; inline, each kernel computes rab per pair and head, its
+time-table lookup a global or a table gather."""
 
 
 @contextlib.contextmanager
@@ -139,12 +142,14 @@ def kernel_variant(name: str):
     """Pin the kernels to one way of getting the bias (the defaults pick per memory budget and shape)."""
     from modules import hstu_attention_triton as mod
 
-    saved = mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER
-    mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER = VARIANTS[name]
+    saved = mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER, mod._RAB_MEMORY_FRACTION
+    mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER, budget = VARIANTS[name]
+    if budget is not None and torch.cuda.is_available():
+        mod._RAB_MEMORY_FRACTION = budget / torch.cuda.get_device_properties(0).total_memory
     try:
         yield
     finally:
-        mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER = saved
+        mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER, mod._RAB_MEMORY_FRACTION = saved
 
 
 CONFIG_LISTS = ("_FWD_CONFIGS", "_DKDV_CONFIGS", "_FILL_CONFIGS", "_RAB_GRAD_CONFIGS")
@@ -175,7 +180,7 @@ def config_sets(variant: str) -> list[tuple]:
     a variant."""
     from modules import hstu_attention_triton as mod
 
-    rab_tiles, table_gather, ds_buffer = VARIANTS[variant]
+    rab_tiles, table_gather, ds_buffer, _ = VARIANTS[variant]
     flags = dict(RAB_TILES=rab_tiles, RAB_GRAD=True, DS_STORE=ds_buffer is not False)
 
     def tuned(configs):
