@@ -895,14 +895,14 @@ def _chunks(batch: TritonPlan, q: Tensor) -> list[_Chunk]:
     """The batch as runs of sequences whose bias buffers each fit the memory budget: one run when the whole
     batch fits; a sequence too long for the budget alone runs by itself (and computes its bias inline)."""
     budget, ends = _budget_numel(q), batch.rab_ends
+    if batch.rab_numel <= budget:  # the common case, without a pass over the sequences
+        return [_Chunk(batch.kernel_offsets, batch.rab_base, batch.rab_numel, len(ends))]
     bounds, first, base = [], 0, 0
     for b in range(1, len(ends)):
         if ends[b] - base > budget:
             bounds.append((first, b))
             first, base = b, ends[b - 1]
     bounds.append((first, len(ends)))
-    if len(bounds) == 1:
-        return [_Chunk(batch.kernel_offsets, batch.rab_base, batch.rab_numel, len(ends))]
     chunks = []
     for first, last in bounds:
         base = ends[first - 1] if first else 0
