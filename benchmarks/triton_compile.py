@@ -42,7 +42,6 @@ SCALARS = {
     "num_buckets": "i32",
     "len_key": "i32",
     "ds_head_stride": "i64",
-    "heads": "i32",
     "head0": "i32",
 }
 DIVISIBLE_SCALARS = {"ds_head_stride"}
@@ -70,7 +69,7 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
         if name == "fill":
             specs.append(("fill", hstu._hstu_rab_fill_kernel, hstu._FILL_CONFIGS, {"TABLE_GATHER": True}))
             rab_grad = hstu._hstu_rab_grad_kernel
-            specs.append(("rab_grad", rab_grad, hstu._RAB_GRAD_CONFIGS, {"DEN_IS_LEN": True}))
+            specs.append(("rab_grad", rab_grad, hstu._RAB_GRAD_CONFIGS, {"DEN_IS_LEN": True, "HEADS": 4}))
             continue
         fn, configs, extra = table[name]
         if name == "dkdv":  # inline bias: bias gradients reduced in-loop; buffer: handed over as ds

@@ -304,8 +304,8 @@ def _add_time_grad(DTIME, time_grad, scale, num_buckets, BLOCK_BUCKETS: tl.const
 
 @triton.jit
 def _hstu_rab_grad_kernel(
-    DS, RAB_BASE, OFFSETS, TS, DPOS, DTIME, heads, ds_head_stride, inv_den_const, max_seq_len, num_buckets,
-    len_key, DEN_IS_LEN: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
+    DS, RAB_BASE, OFFSETS, TS, DPOS, DTIME, ds_head_stride, inv_den_const, max_seq_len, num_buckets, len_key,
+    HEADS: tl.constexpr, DEN_IS_LEN: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Bias-weight gradients from the ds buffer that dk/dv wrote per head: each pair's heads are summed
@@ -326,8 +326,9 @@ def _hstu_rab_grad_kernel(
         valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m[:, None]
         ds = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         head = DS  # advanced one head at a time: no head * stride product to overflow int32
-        for _ in range(heads):  # unmasked 16-byte loads inside the sequence's part (as `_rab_tile`'s); pairs
-            # past the diagonal may hold anything, even NaN bits, so they are dropped before the sum
+        for _ in tl.static_range(HEADS):  # unrolled, so the heads' loads are in flight together; unmasked
+            # 16-byte loads inside the sequence's part (as `_rab_tile`'s); pairs past the diagonal may hold
+            # anything, even NaN bits, so they are dropped before the sum
             ds += tl.where(valid, tl.load(head + start + offs_n[None, :]).to(tl.float32), 0.0)
             head += ds_head_stride
         tk = tl.load(TS + seq_start + offs_n, mask=offs_n < seq_len, other=0)[None, :]
@@ -343,7 +344,7 @@ def _hstu_rab_grad_kernel(
 def _hstu_rab_fill_kernel(
     RAB, RAB_BASE, OFFSETS, TS, POS_W, TIME_W, max_seq_len, num_buckets, len_key,
     FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr, TABLE_GATHER: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     """Writes rab(i, j) = pos + time bias for j <= i (zero past the diagonal) over every row's allocation.
 
@@ -362,7 +363,8 @@ def _hstu_rab_fill_kernel(
     last_row = tl.minimum(m0 + BLOCK_R, seq_len) - 1
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     # BLOCK_R divides the row padding, so the block's rows share one allocation length: the loop's bound
-    for n0 in range(0, (last_row // _ALIGN + 1) * _ALIGN, BLOCK_C):
+    # LOOP_STAGES = 2 prefetches the next step's timestamps and position weights while this one computes
+    for n0 in tl.range(0, (last_row // _ALIGN + 1) * _ALIGN, BLOCK_C, num_stages=LOOP_STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_C)
         mask_n = offs_n < seq_len
         tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
@@ -659,19 +661,22 @@ _DKDV_CONFIGS = [
 ]
 _KEY = ["len_key", "DQK", "DV", "DOT_PREC", "DEN_IS_LEN", "RAB_TILES"]
 _FILL_CONFIGS = [
-    triton.Config({"BLOCK_R": 32, "BLOCK_C": _RAB_ALIGN}, num_warps=4),
-    triton.Config({"BLOCK_R": 32, "BLOCK_C": _RAB_ALIGN}, num_warps=8),
-    triton.Config({"BLOCK_R": 64, "BLOCK_C": _RAB_ALIGN}, num_warps=8),
-    triton.Config({"BLOCK_R": 16, "BLOCK_C": _RAB_ALIGN}, num_warps=4),
+    triton.Config({"BLOCK_R": 32, "BLOCK_C": _RAB_ALIGN, "LOOP_STAGES": 1}, num_warps=4),
+    triton.Config({"BLOCK_R": 32, "BLOCK_C": _RAB_ALIGN, "LOOP_STAGES": 2}, num_warps=4),
+    triton.Config({"BLOCK_R": 32, "BLOCK_C": _RAB_ALIGN, "LOOP_STAGES": 2}, num_warps=8),
+    triton.Config({"BLOCK_R": 64, "BLOCK_C": _RAB_ALIGN, "LOOP_STAGES": 2}, num_warps=8),
+    triton.Config({"BLOCK_R": 16, "BLOCK_C": _RAB_ALIGN, "LOOP_STAGES": 2}, num_warps=4),
 ]
-"""The bias-buffer fill's configs: rows per program divide the rows' 64-key padding, 64 keys per step."""
+"""The bias-buffer fill's configs: rows per program divide the rows' 64-key padding, 64 keys per step; with
+or without its loop's loads pipelined (it has no products, so only `tl.range`'s stages pipeline it)."""
 _RAB_GRAD_CONFIGS = [
     triton.Config({"BLOCK_R": 32, "BLOCK_C": 64}, num_warps=8),
     triton.Config({"BLOCK_R": 16, "BLOCK_C": 64}, num_warps=4),
-    triton.Config({"BLOCK_R": 32, "BLOCK_C": 32}, num_warps=4),
+    triton.Config({"BLOCK_R": 32, "BLOCK_C": 32}, num_warps=8),
     triton.Config({"BLOCK_R": 16, "BLOCK_C": 32}, num_warps=4),
 ]
-"""The ds-buffer reduction's configs, none spilling on sm_90 (32x64 tiles do at 4 warps, 64x64 at 8)."""
+"""The ds-buffer reduction's configs, none spilling on sm_90 at 4 or 8 heads (32x64 tiles do at 4 warps, 64x64
+at 8)."""
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -765,6 +770,11 @@ def _blocks(*names: str, **sizes: int) -> dict:
 def _row_blocks() -> dict:
     """The fill's and the ds reduction's tiles under the interpreter: _INTERPRET_BLOCK rows, 64 keys."""
     return {"BLOCK_R": _INTERPRET_BLOCK, "BLOCK_C": _RAB_ALIGN} if _INTERPRET else {}
+
+
+def _fill_blocks() -> dict:
+    """The fill's tiles under the interpreter: `_row_blocks`, its loop as written."""
+    return {**_row_blocks(), "LOOP_STAGES": 1} if _INTERPRET else {}
 
 
 def _len_key(max_len: int) -> int:
@@ -968,8 +978,8 @@ def _reduce_bias_grads(ds, batch: TritonPlan, chunk: _Chunk, dpos, dtime, heads:
     common: the attention kernels' named arguments (`_launch_args`)."""
     _, rab_grad = _buffer_kernels()
     rab_grad[_row_grid(batch.longest, chunk.num_seqs)](
-        ds, chunk.rab_base, chunk.offsets, batch.kernel_timestamps, dpos, dtime, heads, chunk.rab_numel,
-        common["inv_den_const"], common["max_seq_len"], dtime.numel() - 1, common["len_key"],
+        ds, chunk.rab_base, chunk.offsets, batch.kernel_timestamps, dpos, dtime, chunk.rab_numel,
+        common["inv_den_const"], common["max_seq_len"], dtime.numel() - 1, common["len_key"], HEADS=heads,
         DEN_IS_LEN=common["DEN_IS_LEN"], FAST_MATH=_fast_math(ds.dtype),
         BLOCK_BUCKETS=triton.next_power_of_2(dtime.numel()), **_row_blocks(),
     )  # fmt: skip
@@ -982,7 +992,7 @@ def _fill_rab(rab: Tensor, batch: TritonPlan, chunk: _Chunk, pos_w, time_w, max_
         rab, chunk.rab_base, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, max_seq_len,
         time_w.numel() - 1, _len_key(batch.longest), FAST_MATH=_fast_math(rab.dtype),
         BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()), TABLE_GATHER=_TABLE_GATHER is not False,
-        **_row_blocks(),
+        **_fill_blocks(),
     )  # fmt: skip
 
 
