@@ -375,6 +375,27 @@ def test_batch_runs_within_the_memory_budget(gpu_launch_path, monkeypatch):
         assert_close(a.grad, b.grad, f"grad {name}", 4e-2, 1e-3)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gpu_launch_path_random_batches_and_budgets(gpu_launch_path, monkeypatch, seed):
+    """Random jagged batches (lengths 0 and 1 included), head counts, denominators and memory budgets: runs
+    of sequences, groups of heads, and inline runs mix as they fall; every output and gradient matches."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 90, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist()
+    lengths[0] = 1
+    heads = int(torch.randint(1, 4, (1,), generator=g))
+    budget = int(torch.randint(64, 9000, (1,), generator=g))
+    monkeypatch.setattr(gpu_launch_path, "_budget_numel", lambda x: budget)
+    denominator = None if seed % 2 == 0 else 100.0
+    out, ref, leaves, ref_leaves = run_both(
+        gpu_launch_path, lengths, denominator=denominator, heads=heads, max_seq_len=100, seed=seed
+    )
+    assert_close(out, ref, "out", 1e-4, 1e-5)
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert_close(
+            a.grad, b.grad, f"grad {name} (lengths {lengths}, heads {heads}, budget {budget})", 1e-4, 1e-5
+        )
+
+
 def test_matches_team_reference_backend(tri):
     """Same numbers as modules.hstu_attention's reference backend (denominator = max_seq_len there)."""
     hstu_attention = pytest.importorskip("modules.hstu_attention").hstu_attention
