@@ -811,11 +811,14 @@ class TritonPlan:
     """Each sequence's timestamps minus its first one: int32, or int64 where a span passes 2**31 s."""
     rab_base: Tensor
     """[B] int64: where each sequence's rows start in the bias buffer."""
-    rab_numel: int
-    """Elements of the bias buffer for the whole batch."""
     rab_ends: tuple[int, ...]
     """Where each sequence's rows end in the bias buffer (on the host: the batch is cut into runs of
     sequences whose buffers fit the memory budget without another sync)."""
+
+    @property
+    def rab_numel(self) -> int:
+        """Elements of the bias buffer for the whole batch."""
+        return self.rab_ends[-1] if self.rab_ends else 0
 
     def check(
         self, offsets: Tensor, timestamps: Tensor, *, max_seq_len: int, num_time_buckets: int, backend: str
@@ -865,7 +868,7 @@ def plan_triton_attention(offsets: Tensor, timestamps: Tensor, *, max_seq_len: i
     plan = functools.partial(TritonPlan, offsets, timestamps, max_seq_len, kernel_offsets)
     if offsets.numel() == 1 or total == 0:
         no_rows = torch.zeros(offsets.numel() - 1, dtype=torch.int64, device=offsets.device)
-        return plan(0, ts.contiguous(), no_rows, 0, (0,) * (offsets.numel() - 1))
+        return plan(0, ts.contiguous(), no_rows, (0,) * (offsets.numel() - 1))
     lengths = kernel_offsets[1:] - kernel_offsets[:-1]
     # Each sequence's timestamps relative to its first one: the kernels only take differences within a
     # sequence, and these offsets fit int32 (half the per-pair integer work) unless a user spans 68 years.
@@ -886,7 +889,7 @@ def plan_triton_attention(offsets: Tensor, timestamps: Tensor, *, max_seq_len: i
             f"triton_hstu_attention: a sequence has {longest} tokens > max_seq_len={max_seq_len}"
         )
     kernel_ts = rel.to(torch.int32) if rel_max - rel_min < 2**31 else rel
-    return plan(int(longest), kernel_ts, rab_ends - rab_sizes, host_rab_ends[-1], host_rab_ends)
+    return plan(int(longest), kernel_ts, rab_ends - rab_sizes, host_rab_ends)
 
 
 @dataclass(frozen=True)
