@@ -10,7 +10,8 @@ apart), and each Triton row also prints its kernels' GPU time (torch profiler), 
 `triton` reads rab(i, j) from the bias buffer that one fill kernel writes per call (the GPU default);
 `triton_inline_bias` computes it per pair and head inside the kernels instead; `triton_frozen_bias` times
 the backward without the bias-weight gradients (what their reduction costs); `triton` reduces those once
-over all heads from a ds buffer that dk/dv writes, `triton_fused_bias_grad` per head inside dk/dv.
+over all heads from a ds buffer that dk/dv writes, `triton_fused_bias_grad` per head inside dk/dv;
+`triton_dq_atomic` has dk/dv add dq up with atomics instead of running the dq kernel.
 Useful FLOPs count causal pairs on real tokens only: fwd = 2 * pairs * H * (Dqk + Dv), fwd+bwd = 3.5 x fwd
 (the FlashAttention convention, recomputation not counted). SDPA runs on the padded batch (causal softmax,
 a speed yardstick, not the same math). Imports only torch/triton and modules.hstu_attention_triton, so it
@@ -26,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -122,34 +124,48 @@ def bench(fn, *, warmup=3, iters=10) -> float:
     return statistics.median(times)
 
 
+class Variant(NamedTuple):
+    """One kernel path: the module's pins (`_RAB_TILES`, `_TABLE_GATHER`, `_DS_BUFFER`, `_DQ_ATOMIC`) and a
+    transient-buffer budget in bytes (None: the module's)."""
+
+    rab_tiles: bool | None
+    table_gather: bool | None
+    ds_buffer: bool | None
+    dq_atomic: bool = False
+    budget: int | None = None
+
+
 VARIANTS = {
-    "rab_buffer": (True, None, None, None),
-    "rab_buffer_runs": (None, None, None, 2**20),
-    "rab_buffer_fused_grad": (True, None, False, None),
-    "inline_global": (False, False, False, None),
-    "inline_table_gather": (False, True, False, None),
+    "rab_buffer": Variant(True, None, None),
+    "rab_buffer_dq_atomic": Variant(True, None, None, dq_atomic=True),
+    "rab_buffer_runs": Variant(None, None, None, budget=2**20),
+    "rab_buffer_fused_grad": Variant(True, None, False),
+    "inline_global": Variant(False, False, False),
+    "inline_table_gather": Variant(False, True, False),
 }
-"""Kernel paths: name -> (_RAB_TILES, _TABLE_GATHER, _DS_BUFFER, transient-buffer budget in bytes or None
-for the module's). The GPU default reads rab(i, j) from the bias buffer and hands the bias-weight gradients
-from dk/dv to one reduction over all heads (ds buffer); `runs` gives the buffers 1 MiB, so the check's
-batches run as several runs of sequences with the ds of one or two heads at a time; `fused_grad` reduces
-the bias gradients per head inside dk/dv instead; inline, each kernel computes rab per pair and head, its
-time-table lookup a global or a table gather."""
+"""The GPU default reads rab(i, j) from the bias buffer, hands the bias-weight gradients from dk/dv to one
+reduction over all heads (ds buffer), and runs a dq kernel; `dq_atomic` has dk/dv add dq up instead;
+`runs` gives the buffers 1 MiB, so the check's batches run as several runs of sequences with the ds of one
+or two heads at a time; `fused_grad` reduces the bias gradients per head inside dk/dv; inline, each kernel
+computes rab per pair and head, its time-table lookup a global or a table gather."""
+PINS = ("_RAB_TILES", "_TABLE_GATHER", "_DS_BUFFER", "_DQ_ATOMIC", "_RAB_MEMORY_FRACTION")
 
 
 @contextlib.contextmanager
 def kernel_variant(name: str):
-    """Pin the kernels to one way of getting the bias (the defaults pick per memory budget and shape)."""
+    """Pin the kernels to one path (the defaults pick per memory budget and shape)."""
     from modules import hstu_attention_triton as mod
 
-    saved = mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER, mod._RAB_MEMORY_FRACTION
-    mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER, budget = VARIANTS[name]
-    if budget is not None and torch.cuda.is_available():
-        mod._RAB_MEMORY_FRACTION = budget / torch.cuda.get_device_properties(0).total_memory
+    saved = [getattr(mod, pin) for pin in PINS]
+    variant = VARIANTS[name]
+    mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER, mod._DQ_ATOMIC = variant[:4]
+    if variant.budget is not None and torch.cuda.is_available():
+        mod._RAB_MEMORY_FRACTION = variant.budget / torch.cuda.get_device_properties(0).total_memory
     try:
         yield
     finally:
-        mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER, mod._RAB_MEMORY_FRACTION = saved
+        for pin, value in zip(PINS, saved, strict=True):
+            setattr(mod, pin, value)
 
 
 CONFIG_LISTS = ("_FWD_CONFIGS", "_DKDV_CONFIGS", "_FILL_CONFIGS", "_RAB_GRAD_CONFIGS")
@@ -180,11 +196,11 @@ def config_sets(variant: str) -> list[tuple]:
     a variant."""
     from modules import hstu_attention_triton as mod
 
-    rab_tiles, table_gather, ds_buffer, _ = VARIANTS[variant]
-    flags = dict(RAB_TILES=rab_tiles, RAB_GRAD=True, DS_STORE=ds_buffer is not False)
+    pins = VARIANTS[variant]
+    flags = dict(RAB_TILES=pins.rab_tiles, RAB_GRAD=True, DS_STORE=pins.ds_buffer is not False)
 
     def tuned(configs):
-        return mod._prune_configs(mod._lookup_configs(configs, table_gather), {}, **flags)
+        return mod._prune_configs(mod._lookup_configs(configs, pins.table_gather), {}, **flags)
 
     lists = (tuned(mod._FWD_CONFIGS), tuned(mod._DKDV_CONFIGS), mod._FILL_CONFIGS, mod._RAB_GRAD_CONFIGS)
     return [tuple(c[i % len(c)] for c in lists) for i in range(max(map(len, lists)))]
@@ -348,6 +364,7 @@ def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES) -> Non
         rows = [
             ("triton", tri_fwd, tri_step),
             ("triton_frozen_bias", tri_fwd, tri_step_frozen_bias),
+            ("triton_dq_atomic", tri_fwd, pinned("rab_buffer_dq_atomic", tri_step)),
             ("triton_fused_bias_grad", tri_fwd, pinned("rab_buffer_fused_grad", tri_step)),
             ("triton_inline_bias", pinned("inline_global", tri_fwd), pinned("inline_global", tri_step)),
             ("sdpa_causal_padded", sdpa_fwd, sdpa_step),
@@ -394,13 +411,14 @@ def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES) -> Non
     tri = [summary.get((s, "triton"), 0.0) for s in ("B64_L1024", "B16_L4096")]
     inline = [summary.get((s, "triton_inline_bias"), 0.0) for s in ("B64_L1024", "B16_L4096")]
     fused = [summary.get((s, "triton_fused_bias_grad"), 0.0) for s in ("B64_L1024", "B16_L4096")]
+    dq_atomic = [summary.get((s, "triton_dq_atomic"), 0.0) for s in ("B64_L1024", "B16_L4096")]
     sdpa = [summary.get((s, "sdpa_causal_padded"), 0.0) for s in ("B64_L1024", "B16_L4096")]
     beats = all(t > s for t, s in zip(tri, sdpa, strict=True))
     print(
         f"RESULT hstu_attention fwd+bwd TFLOP/s on "
         f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU (interpreter smoke run)'}: "
-        f"triton {tri[0]:.1f} (B64,L<=1024) {tri[1]:.1f} (B16,L<=4096); fused bias grad {fused[0]:.1f} / "
-        f"{fused[1]:.1f}; inline bias {inline[0]:.1f} / "
+        f"triton {tri[0]:.1f} (B64,L<=1024) {tri[1]:.1f} (B16,L<=4096); dq atomic {dq_atomic[0]:.1f} / "
+        f"{dq_atomic[1]:.1f}; fused bias grad {fused[0]:.1f} / {fused[1]:.1f}; inline bias {inline[0]:.1f} / "
         f"{inline[1]:.1f}; sdpa {sdpa[0]:.1f} / {sdpa[1]:.1f}; "
         f"target 400 at L<=4096: {'met' if tri[1] >= 400 else 'not met'}; "
         f"beats sdpa at both shapes: {'yes' if beats else 'no'}"

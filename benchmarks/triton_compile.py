@@ -50,6 +50,9 @@ INDEX_POINTERS = {"OFFSETS": "*i64", "TS": "*i32", "RAB_BASE": "*i64"}
 """Timestamps travel as int32 offsets from each sequence's first one (int64 only for spans past 2**31)."""
 FP32_POINTERS = {"POS_W", "TIME_W", "DPOS", "DTIME"}
 """Bias weights stay fp32 under autocast; their gradients accumulate in fp32 buffers."""
+FP32_ACCUMULATORS = {"_hstu_bwd_dkdv_kernel": {"DQ"}}
+"""Per kernel, the outputs it adds up in fp32 (dk/dv's dq, with DQ_ATOMIC); elsewhere outputs have the
+inputs' dtype."""
 
 
 def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list[triton.Config], dict]]:
@@ -57,7 +60,8 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
 
     Each attention kernel comes twice: computing the bias per pair, and reading it from the precomputed
     buffer (`+rab`, with the fill kernel that writes it); dk/dv with the buffer also hands its bias
-    gradients over as a ds buffer (`+ds`, with the `rab_grad` kernel that reduces it).
+    gradients over as a ds buffer (`+ds`, with the `rab_grad` kernel that reduces it), and comes a third
+    time adding dq up with atomics as well (`+dqa`, `_DQ_ATOMIC`).
     """
     table = {
         "fwd": (hstu._hstu_fwd_kernel, hstu._FWD_CONFIGS, {}),
@@ -73,8 +77,11 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
             continue
         fn, configs, extra = table[name]
         if name == "dkdv":  # inline bias: bias gradients reduced in-loop; buffer: handed over as ds
+            extra = {**extra, "DQ_ATOMIC": False}
             specs.append((name, fn, configs, {**extra, "RAB_TILES": False, "DS_STORE": False}))
             specs.append((f"{name}+rab+ds", fn, configs, {**extra, "RAB_TILES": True, "DS_STORE": True}))
+            dq_atomic = {**extra, "RAB_TILES": True, "DS_STORE": True, "DQ_ATOMIC": True}
+            specs.append((f"{name}+rab+ds+dqa", fn, configs, dq_atomic))
             continue
         specs.append((name, fn, configs, {**extra, "RAB_TILES": False}))
         specs.append((f"{name}+rab", fn, configs, {**extra, "RAB_TILES": True}))
@@ -95,7 +102,8 @@ def signature(fn: triton.JITFunction, dtype: str) -> tuple[dict[str, str], dict]
         elif name.startswith("stride_"):
             sig[name] = "i32"
         elif name.isupper():
-            sig[name] = INDEX_POINTERS.get(name, "*fp32" if name in FP32_POINTERS else f"*{dtype}")
+            fp32 = name in FP32_POINTERS or name in FP32_ACCUMULATORS.get(fn.__name__, ())
+            sig[name] = INDEX_POINTERS.get(name, "*fp32" if fp32 else f"*{dtype}")
         else:
             raise SystemExit(f"triton_compile.py: no type known for argument {name!r} of {fn.__name__}")
         if name.isupper() or name.startswith("stride_") or name in DIVISIBLE_SCALARS:
@@ -152,7 +160,7 @@ def compile_all(args: argparse.Namespace) -> int:
     block_dqk, block_dv = hstu._dims(args.dqk, args.dv)
     limit = SMEM_LIMIT.get(args.arch)
     header = (
-        f"{'kernel':9s} {'dtype':5s} {'config':58s} {'compile_s':>9s} {'regs':>5s} "
+        f"{'kernel':15s} {'dtype':5s} {'config':58s} {'compile_s':>9s} {'regs':>5s} "
         f"{'spill_B':>8s} {'smem_KiB':>8s}  status"
     )
     print(f"target sm_{args.arch}, Dqk={args.dqk}, Dv={args.dv}, triton {triton.__version__}\n{header}")
@@ -191,7 +199,7 @@ def compile_all(args: argparse.Namespace) -> int:
                     )
                 except Exception as err:  # report every failing config, then fail the run
                     failed += 1
-                    print(f"{name:9s} {dtype:5s} {label:58s} {'-':>9s} FAILED: {type(err).__name__}: {err}")
+                    print(f"{name:15s} {dtype:5s} {label:58s} {'-':>9s} FAILED: {type(err).__name__}: {err}")
                     continue
                 seconds = time.perf_counter() - start
                 report = ptxas_report(kernel.asm["ptx"], args.arch)
@@ -203,7 +211,7 @@ def compile_all(args: argparse.Namespace) -> int:
                 worst_spill, slowest = max(worst_spill, spill), max(slowest, seconds)
                 status = "ok" if fits else f"FAILS: shared memory over {limit} B"
                 print(
-                    f"{name:9s} {dtype:5s} {label:58s} {seconds:9.1f} {report['registers']:5d} "
+                    f"{name:15s} {dtype:5s} {label:58s} {seconds:9.1f} {report['registers']:5d} "
                     f"{spill:8d} {smem / 1024:8.1f}  {status}",
                     flush=True,
                 )

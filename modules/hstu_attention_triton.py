@@ -28,7 +28,11 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
   as many heads as fit, and dk/dv runs once per group of heads. Done per head inside dk/dv's loop instead
   (the fallback when not even one head fits), these reductions took 57% of the fwd+bwd kernel time on an
   H200 (16 sequences of 2048-4096); the buffer path is not yet timed on a GPU.
-- backward dq: one program per query block, loops over key blocks like the forward (no atomics).
+- backward dq: by default one program per query block, looping over key blocks like the forward (no
+  atomics), which recomputes s and dp. Alternatively (`_DQ_ATOMIC`, as FlashAttention-2/3 do) dk/dv adds
+  each step's ds q-tile product to an fp32 dq with 16-byte relaxed atomics: 5 products per pair instead of 7
+  and one bias-buffer pass fewer, at the cost of atomics traffic and a dq whose low bits vary with their
+  order; which is faster on a GPU is for `benchmarks/hstu_attention.py` to say (untimed so far).
 Per (i, j) pair, the work besides the two products bounds the speed, so it is kept small: timestamps
 travel as int32 offsets from each sequence's first one (int64 only past 68 years), the causal limit and
 position index come from per-row values, 1/den and alpha scale the accumulators once, and 16-bit inputs
@@ -71,6 +75,10 @@ ds per head to a buffer that `_hstu_rab_grad_kernel` reduces once over all heads
 per head inside its loop; None, the buffer on the GPU, for as many heads at a time as fit
 `_RAB_MEMORY_FRACTION` (dk/dv then runs once per group of heads), the in-loop reduction under the
 interpreter."""
+_DQ_ATOMIC = False
+"""How the backward gets dq: False, its own kernel (timed on an H200); True, dk/dv accumulates it with atomics
+into an fp32 buffer, with no dq kernel (untimed; the GPU benchmark times both, and the faster becomes the
+default)."""
 _RAB_MEMORY_FRACTION = 1 / 32
 """Largest share of the GPU's memory a transient bias or ds buffer may take (2.5 GB on an 80 GB H100: a batch
 of 16 sequences of 4096 events needs 0.3 GB in bf16); larger batches run in runs of sequences that fit."""
@@ -520,20 +528,22 @@ def _hstu_bwd_dq_kernel(
 
 @triton.jit
 def _hstu_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV_OUT, DPOS, DTIME, OFFSETS, TS, POS_W, TIME_W, RAB, RAB_BASE, DS,
+    Q, K, V, DO, DK, DV_OUT, DQ, DPOS, DTIME, OFFSETS, TS, POS_W, TIME_W, RAB, RAB_BASE, DS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     alpha, inv_den_const, max_seq_len, num_buckets, len_key, ds_head_stride, head0,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
-    RAB_TILES: tl.constexpr, RAB_GRAD: tl.constexpr, DS_STORE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
+    RAB_TILES: tl.constexpr, RAB_GRAD: tl.constexpr, DS_STORE: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_N keys per program, BLOCK_M (<= BLOCK_N) query rows per step of its loop.
 
     Key-major tiles ([BLOCK_N keys, BLOCK_M queries], s^T = k q^T), as in FlashAttention's backward: p^T
     and ds^T are the left operands of dv += p^T do and dk += ds^T q as computed, with no transpose of a
     register tile in between, and every product's rows are the BLOCK_N keys (full Hopper wgmma tiles).
+    DQ_ATOMIC: also adds ds k (scaled) to the fp32 DQ of the step's query rows, with relaxed atomics (16-byte
+    vectors on sm_90), so no dq kernel recomputes s and dp.
     """
     tl.static_assert(BLOCK_M <= BLOCK_N)
     h = head0 + tl.program_id(0)  # the launch covers heads head0 .. head0 + its grid's first dimension
@@ -601,6 +611,12 @@ def _hstu_bwd_dkdv_kernel(
         ds = tl.where(valid, dp * dsilu, 0.0)
         ds_in = ds.to(q.dtype)
         dk += tl.dot(ds_in, q, input_precision=DOT_PREC)
+        if DQ_ATOMIC:  # other key blocks add to the same rows: the order of the adds varies from run to run
+            dq = tl.dot(tl.trans(ds_in), k, input_precision=DOT_PREC) * (alpha * inv_den)
+            tl.atomic_add(
+                DQ + rows * stride_dqt + h * stride_dqh + offs_dqk[None, :], dq,
+                mask=mask_m[:, None] & (offs_dqk < DQK)[None, :], sem="relaxed",
+            )  # fmt: skip
         if RAB_GRAD:
             if DS_STORE:  # the product's operand, handed to _hstu_rab_grad_kernel, which reduces all heads
                 # Whole rows, as 16-byte vectors: up to 64 keys they stay in each row's allocation (as the
@@ -739,9 +755,10 @@ def _autotuned_kernels(table_gather: bool | None):
     dq = triton.autotune(fwd_configs, key=_KEY, prune_configs_by=prune)(_hstu_bwd_dq_kernel)
     dkdv = triton.autotune(
         _lookup_configs(_DKDV_CONFIGS, table_gather),
-        key=[*_KEY, "RAB_GRAD", "DS_STORE"],
+        key=[*_KEY, "RAB_GRAD", "DS_STORE", "DQ_ATOMIC"],
         prune_configs_by=prune,
         reset_to_zero=["DPOS", "DTIME"],
+        restore_value=["DQ"],  # it holds earlier runs' and head groups' dq: each trial config adds to a copy
     )(_hstu_bwd_dkdv_kernel)
     return fwd, dq, dkdv
 
@@ -1030,6 +1047,7 @@ class _HSTUAttention(torch.autograd.Function):
         dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
         dpos = torch.zeros(pos_w.numel(), dtype=torch.float32, device=q.device)
         dtime = torch.zeros(time_w.numel(), dtype=torch.float32, device=q.device)
+        dq_acc = _dq_accumulator(dq)
         if q.shape[0] > 0 and num_seqs > 0 and batch.longest > 0:
             rab_grad = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
             for chunk in _chunks(batch, q):
@@ -1037,21 +1055,31 @@ class _HSTUAttention(torch.autograd.Function):
                 # first to launch a kernel with its key (a run that computes its bias inline, say).
                 run_dpos, run_dtime = torch.zeros_like(dpos), torch.zeros_like(dtime)
                 _backward_run(
-                    q, k, v, do, dq, dk, dv, run_dpos, run_dtime, pos_w, time_w, batch, chunk, rab_grad,
-                    max_seq_len, alpha, denominator,
+                    q, k, v, do, dq, dk, dv, dq_acc, run_dpos, run_dtime, pos_w, time_w, batch, chunk,
+                    rab_grad, max_seq_len, alpha, denominator,
                 )  # fmt: skip
                 dpos += run_dpos
                 dtime += run_dtime
+        if dq_acc is not None and dq_acc is not dq:
+            dq.copy_(dq_acc)
         dpos_out = dpos.to(pos_w.dtype) if ctx.needs_input_grad[4] else None
         dtime_out = dtime.to(time_w.dtype) if ctx.needs_input_grad[5] else None
         return dq, dk, dv, None, dpos_out, dtime_out, None, None, None, None
 
 
+def _dq_accumulator(dq: Tensor) -> Tensor | None:
+    """Where dk/dv adds dq up with `_DQ_ATOMIC`: in fp32, dq itself for fp32 inputs (None without it)."""
+    if not _DQ_ATOMIC:
+        return None
+    return dq if dq.dtype == torch.float32 else torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
+
+
 def _backward_run(
-    q, k, v, do, dq, dk, dv, dpos, dtime, pos_w, time_w, batch: TritonPlan, chunk: _Chunk, rab_grad: bool,
-    max_seq_len, alpha, denominator,
+    q, k, v, do, dq, dk, dv, dq_acc, dpos, dtime, pos_w, time_w, batch: TritonPlan, chunk: _Chunk,
+    rab_grad: bool, max_seq_len, alpha, denominator,
 ) -> None:  # fmt: skip
-    """The backward kernels on one run of sequences: dk/dv (and the bias gradients), then dq."""
+    """The backward kernels on one run of sequences: dk/dv (and the bias gradients), then dq; or, given the
+    fp32 dq_acc, dk/dv alone, adding dq into it."""
     heads = q.shape[1]
     rab, common = _launch_args(q, v, batch, chunk, pos_w, time_w, max_seq_len, alpha, denominator)
     group = _ds_buffer_heads(chunk, q) if rab_grad else 0
@@ -1064,20 +1092,25 @@ def _backward_run(
     if ds is None:
         group = heads
     _, dq_kernel, dkdv_kernel = _kernels()
+    dq_out = dq[:0] if dq_acc is None else dq_acc  # an empty view: a pointer dk/dv never writes through
     # One dk/dv launch per group of heads whose ds the buffer holds, each followed by its reduction.
     # Autotuning, which zeroes dpos and dtime, only happens at a key's first launch: the first group.
     for head0 in range(0, heads, group):
         group_heads = min(group, heads - head0)
         dkdv_kernel[_grid(batch.longest, group_heads, chunk.num_seqs, "BLOCK_N", _INTERPRET_DKDV_KEYS)](
-            q, k, v, do, dk, dv, dpos, dtime, chunk.offsets, batch.kernel_timestamps, pos_w, time_w,
+            q, k, v, do, dk, dv, dq_out, dpos, dtime, chunk.offsets, batch.kernel_timestamps, pos_w, time_w,
             rab, chunk.rab_base, q if ds is None else ds,  # q: a placeholder pointer, never read
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            dq_out.stride(0), dq_out.stride(1),
             **common, ds_head_stride=chunk.rab_numel, head0=head0, RAB_GRAD=rab_grad,
-            DS_STORE=ds is not None, **_blocks("BLOCK_M", BLOCK_N=_INTERPRET_DKDV_KEYS),
+            DS_STORE=ds is not None, DQ_ATOMIC=dq_acc is not None,
+            **_blocks("BLOCK_M", BLOCK_N=_INTERPRET_DKDV_KEYS),
         )  # fmt: skip
         if ds is not None:
             _reduce_bias_grads(ds, batch, chunk, dpos, dtime, group_heads, common)
+    if dq_acc is not None:
+        return
     dq_kernel[_grid(batch.longest, heads, chunk.num_seqs, "BLOCK_M")](
         q, k, v, do, dq, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, rab, chunk.rab_base,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -294,6 +294,30 @@ def test_ds_buffer_with_inline_bias_and_its_out_of_memory_fallback(tri, monkeypa
     assert_close(leaves[4].grad, ref_leaves[4].grad, "grad time_weights", 1e-4, 1e-5)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "rtol", "atol", "rab_tiles", "ds_heads"),
+    [(torch.float32, 1e-4, 1e-5, False, 0), (torch.bfloat16, 4e-2, 1e-3, True, 2)],
+)
+def test_dq_added_up_by_dkdv_atomics(tri, monkeypatch, dtype, rtol, atol, rab_tiles, ds_heads):
+    """_DQ_ATOMIC: dk/dv adds each step's dq with atomics and no dq kernel runs; fp32 inputs accumulate into
+    dq itself, 16-bit ones into an fp32 buffer; per-head launches (ds buffer for 2 of 3 heads) add theirs."""
+    monkeypatch.setattr(tri, "_DQ_ATOMIC", True)
+    monkeypatch.setattr(tri, "_RAB_TILES", rab_tiles)
+    monkeypatch.setattr(tri, "_DS_BUFFER", ds_heads > 0)
+    monkeypatch.setattr(tri, "_ds_buffer_heads", lambda batch, q: ds_heads)
+    fwd, _, dkdv = tri._kernels()
+
+    def no_dq_kernel(*args, **kwargs):
+        raise AssertionError("the dq kernel ran although dk/dv adds dq up")
+
+    monkeypatch.setattr(tri, "_kernels", lambda: (fwd, no_dq_kernel, dkdv))
+    out, ref, leaves, ref_leaves = run_both(tri, [1, 70, 0, 17], denominator=None, dtype=dtype, heads=3)
+    assert_close(out, ref, "out", rtol, atol)
+    assert leaves[0].grad.dtype == dtype
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
+
+
 @pytest.mark.parametrize("rab_tiles", [False, True])
 def test_bias_table_reads_stay_inside_the_tables(tri, monkeypatch, rab_tiles):
     """Blocks far longer than max_seq_len (rows and keys past each sequence's end): the kernels must not
@@ -338,28 +362,39 @@ def gpu_launch_path(tri, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("dtype", "rtol", "atol", "ds_heads"),
-    [(torch.float32, 1e-4, 1e-5, None), (torch.bfloat16, 4e-2, 1e-3, 1)],
+    ("dtype", "rtol", "atol", "ds_heads", "dq_atomic"),
+    [
+        (torch.float32, 1e-4, 1e-5, None, False),
+        (torch.bfloat16, 4e-2, 1e-3, 1, False),
+        (torch.bfloat16, 4e-2, 1e-3, 1, True),
+    ],
 )
-def test_gpu_launch_path_matches_naive_oracle(gpu_launch_path, monkeypatch, dtype, rtol, atol, ds_heads):
+def test_gpu_launch_path_matches_naive_oracle(
+    gpu_launch_path, monkeypatch, dtype, rtol, atol, ds_heads, dq_atomic
+):
     """What only a GPU run would otherwise exercise: autotuned launches with every config (bf16 tries them
     all; fp32 one), the bias buffer, and the ds buffer for all heads or (ds_heads=1) one head at a time, so
-    later dk/dv launches reuse the tuned config without zeroing the gradients of the first."""
+    later dk/dv launches reuse the tuned config without zeroing the gradients of the first; with dk/dv
+    adding dq up (dq_atomic), every config the autotuner tries adds to a copy, not to dq."""
     if ds_heads is not None:
         monkeypatch.setattr(gpu_launch_path, "_ds_buffer_heads", lambda batch, q: ds_heads)
+    monkeypatch.setattr(gpu_launch_path, "_DQ_ATOMIC", dq_atomic)
     out, ref, leaves, ref_leaves = run_both(gpu_launch_path, [3, 70, 1], denominator=None, dtype=dtype)
     assert_close(out, ref, "out", rtol, atol)
     for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
         assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
 
 
-def test_batch_runs_within_the_memory_budget(gpu_launch_path, monkeypatch):
+@pytest.mark.parametrize("dq_atomic", [False, True])
+def test_batch_runs_within_the_memory_budget(gpu_launch_path, monkeypatch, dq_atomic):
     """A batch whose bias buffer passes the budget runs as consecutive runs of sequences that each fit; a
     sequence too long for it alone runs by itself with the bias computed inline and dk/dv reducing the bias
     gradients in its loop (a different autotune key, tuned mid-batch: it must not zero the other runs'
-    gradients); a run with room for one head's ds at a time relaunches dk/dv per head."""
+    gradients, nor, when dk/dv adds dq up, their dq); a run with room for one head's ds at a time
+    relaunches dk/dv per head."""
     tri = gpu_launch_path
     monkeypatch.setattr(tri, "_budget_numel", lambda x: 3000)
+    monkeypatch.setattr(tri, "_DQ_ATOMIC", dq_atomic)
     lengths = [40, 3, 70, 1, 25]  # bias-buffer sizes 2560, 192, 4864, 64, 1600
     _, _, _, offsets, ts, _, _, n = make_inputs(lengths)
     batch = tri.plan_triton_attention(offsets, ts, max_seq_len=n)
@@ -378,13 +413,15 @@ def test_batch_runs_within_the_memory_budget(gpu_launch_path, monkeypatch):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gpu_launch_path_random_batches_and_budgets(gpu_launch_path, monkeypatch, seed):
     """Random jagged batches (lengths 0 and 1 included), head counts, denominators and memory budgets: runs
-    of sequences, groups of heads, and inline runs mix as they fall; every output and gradient matches."""
+    of sequences, groups of heads, and inline runs mix as they fall (seed 1 with dq added up by dk/dv, so a
+    run tuned mid-batch must keep the dq of the runs before it); every output and gradient matches."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, 90, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist()
     lengths[0] = 1
     heads = int(torch.randint(1, 4, (1,), generator=g))
     budget = int(torch.randint(64, 9000, (1,), generator=g))
     monkeypatch.setattr(gpu_launch_path, "_budget_numel", lambda x: budget)
+    monkeypatch.setattr(gpu_launch_path, "_DQ_ATOMIC", seed == 1)
     denominator = None if seed % 2 == 0 else 100.0
     out, ref, leaves, ref_leaves = run_both(
         gpu_launch_path, lengths, denominator=denominator, heads=heads, max_seq_len=100, seed=seed
@@ -490,8 +527,8 @@ def test_kernels_compile_for_hopper(tri):
 
     Runs benchmarks/triton_compile.py in a fresh process without TRITON_INTERPRET: layouts, tensor-core
     shapes and shared memory are only checked there, and no GPU is needed to check them. Every bf16 config
-    is compiled, with and without the bias buffer (dk/dv with it also writing the ds buffer) and with both
-    time-bias lookups; fp32 (correctness only) compiles one small tile.
+    is compiled, with and without the bias buffer (dk/dv with it also writing the ds buffer, with and
+    without adding dq up) and with both time-bias lookups; fp32 (correctness only) compiles one small tile.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(REPO / "benchmarks" / "triton_compile.py"), "--dtypes", "bf16,fp32"]
@@ -499,8 +536,9 @@ def test_kernels_compile_for_hopper(tri):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with_buffer = [tri._prune_configs(c, {}, RAB_TILES=True) for c in (tri._FWD_CONFIGS, tri._DKDV_CONFIGS)]
     dkdv_in_loop = tri._prune_configs(tri._DKDV_CONFIGS, {}, RAB_GRAD=True, DS_STORE=False)
-    bf16 = 2 * len(tri._FWD_CONFIGS) + len(dkdv_in_loop) + 2 * len(with_buffer[0]) + len(with_buffer[1])
-    fp32 = 3 * 2  # one small tile per kernel, with and without the buffer
+    # dk/dv with the buffer twice: dq from its own kernel, and added up by dk/dv's atomics
+    bf16 = 2 * len(tri._FWD_CONFIGS) + len(dkdv_in_loop) + 2 * len(with_buffer[0]) + 2 * len(with_buffer[1])
+    fp32 = 3 * 2 + 1  # one small tile per kernel, with and without the buffer (and dk/dv's dq atomics)
     buffer_kernels = len(tri._FILL_CONFIGS) + len(tri._RAB_GRAD_CONFIGS)  # the fill and the ds reduction
     compiled = bf16 + fp32 + 2 * buffer_kernels
     assert f"RESULT arch=sm_90 compiled={compiled} failed=0" in proc.stdout, proc.stdout
@@ -535,9 +573,15 @@ def test_gpu_check_harness_runs_in_the_interpreter():
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RESULT check: PASS" in proc.stdout, proc.stdout
-    assert all(
-        f"check {name}" in proc.stdout for name in ("rab_buffer", "inline_global", "inline_table_gather")
+    variants = ("rab_buffer ", "rab_buffer_dq_atomic", "inline_global", "inline_table_gather")
+    assert all(f"check {name}" in proc.stdout for name in variants), proc.stdout
+    rows = (
+        "triton ",
+        "triton_frozen_bias",
+        "triton_dq_atomic",
+        "triton_fused_bias_grad",
+        "triton_inline_bias",
     )
-    rows = ("triton ", "triton_frozen_bias", "triton_fused_bias_grad", "triton_inline_bias", "sdpa_causal")
+    rows += ("sdpa_causal",)
     assert all(f"  {row}" in proc.stdout for row in rows), proc.stdout
     assert "RESULT hstu_attention fwd+bwd TFLOP/s on CPU" in proc.stdout, proc.stdout
