@@ -649,12 +649,16 @@ def _hstu_bwd_dkdv_kernel(
 # --------------------------------------------------------------------------------------------------
 
 # Every config below compiles for sm_90 within H100 shared memory at Dqk = Dv = 128, and with the bias
-# buffer spills at most 0.25 KB per thread (benchmarks/triton_compile.py); 128x128 forward tiles overflow
-# shared memory. dk/dv tiles are BLOCK_M query rows x BLOCK_N keys. Its products run on Hopper's wgmma when
-# the keys give each warpgroup 64 rows (BLOCK_N >= 64 * warpgroups); 32x32 tiles fall back to Ampere's
-# mma.sync, and were the fastest dk/dv on an H200 while it was query-major (its products then had BLOCK_M
-# rows). The key-major tiles, 64x128 (FlashAttention-3's dk/dv tile at d = 128) down to 16x64, are untimed
-# on a GPU so far: the autotuner decides.
+# buffer spills at most 0.25 KB per thread without dq atomics, 0.45 KB with (benchmarks/triton_compile.py);
+# 128x128 forward tiles overflow shared memory. dk/dv tiles are BLOCK_M query rows x BLOCK_N keys. Its
+# products run on Hopper's wgmma when the keys give each warpgroup 64 rows (BLOCK_N >= 64 * warpgroups);
+# 32x32 tiles fall back to Ampere's mma.sync, and were the fastest dk/dv on an H200 while it was
+# query-major (its products then had BLOCK_M rows). A product that feeds another (s -> p -> dv, as in
+# FlashAttention) gets one 16-row slice per warp, so its rows (BLOCK_M in the forward and dq, BLOCK_N in
+# dk/dv) must be at least 16 x num_warps: with fewer, Triton 3.6 replicates the tile across warps, and
+# 64-key dk/dv tiles at 8 warps computed s, dp and SiLU twice (triton_compile.py reports it). The
+# key-major tiles, 64x128 (FlashAttention-3's dk/dv tile at d = 128) down to 16x64, are untimed on a GPU
+# so far: the autotuner decides.
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
@@ -668,8 +672,6 @@ _DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
