@@ -5,7 +5,7 @@ out[i] = sum_{j <= i, same sequence} SiLU(alpha * <q_i, k_j> + rab(i, j)) / den 
 rab(i, j) = pos_weights[(j - i) + max_seq_len - 1] + time_weights[bucket(tq_i - t_j)], the bucket taken
 from the timestamps. Inputs bf16/fp16/fp32, accumulation fp32.
 
-Where rab comes from: on the GPU, by default, one fill kernel writes rab(i, j) of every causal pair into a
+Where rab comes from: on the GPU, by default, one fill kernel writes rab(i, j) / 2 of every causal pair into a
 buffer (sum of L^2 / 2 entries in the inputs' dtype; row i padded to a multiple of 64 keys) once per call,
 and the attention kernels read it as 16-byte-vectorised tiles. Computing it inline instead costs each pair
 a bucket logarithm and two table gathers per head and per kernel, which on an H100 made the forward
@@ -37,8 +37,10 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
   order; which is faster on a GPU is for `benchmarks/hstu_attention.py` to say (untimed so far).
 Per (i, j) pair, the work besides the two products bounds the speed, so it is kept small: timestamps
 travel as int32 offsets from each sequence's first one (int64 only past 68 years), the causal limit and
-position index come from per-row values, 1/den and alpha scale the accumulators once, and 16-bit inputs
-take lg2 and tanh from one GPU instruction each (FAST_MATH).
+position index come from per-row values, 1/den and alpha scale the accumulators once, 16-bit inputs
+take lg2 and tanh from one GPU instruction each (FAST_MATH), and SiLU works on hs = s / 2 (hence the halved
+bias buffer): SiLU(s) = hs (1 + tanh(hs)) is one FFMA after the tanh, and SiLU'(s) three more, where the
+sigmoid form took two and five.
 Import cost: triton + torch only (no fbgemm/torchrec), so the GPU machine can run it.
 """
 
@@ -138,15 +140,21 @@ _ALIGN = tl.constexpr(_RAB_ALIGN)
 
 
 @triton.jit
-def _sigmoid(x, FAST_MATH: tl.constexpr):
-    """sigmoid(x); FAST_MATH: 0.5 * tanh(x / 2) + 0.5 on the GPU's one-instruction tanh (16-bit inputs)."""
+def _tanh(x, FAST_MATH: tl.constexpr):
+    """tanh(x); FAST_MATH: the GPU's one-instruction tanh (16-bit inputs); else 2 sigmoid(2x) - 1."""
     if FAST_MATH:
-        t = tl.inline_asm_elementwise(
-            "tanh.approx.f32 $0, $1;", "=r,r", [x * 0.5], dtype=tl.float32, is_pure=True, pack=1
+        return tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
         )
-        return 0.5 * t + 0.5
     else:
-        return tl.sigmoid(x)
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _dsilu(hs, t, u):
+    """SiLU'(s) at s = 2 hs, from t = tanh(hs) and u = hs t: sigmoid(s) + s sigmoid(s) (1 - sigmoid(s)),
+    with sigmoid(s) = (1 + t) / 2, is (1 + t) / 2 + (hs - u t) / 2 (three FFMAs)."""
+    return 0.5 * (hs - u * t) + (0.5 * t + 0.5)
 
 
 @triton.jit
@@ -229,7 +237,7 @@ def _rab_start(rab_base, rows):
 
 @triton.jit
 def _rab_tile(RAB, rab_base, rows, keys, WIDE: tl.constexpr):
-    """Precomputed bias of rows x keys (within the sequence; [M, 1] x [1, N], or transposed), fp32.
+    """Precomputed bias / 2 of rows x keys (within the sequence; [M, 1] x [1, N], or transposed), fp32.
 
     Unmasked for key blocks of at most 64 (16-byte vectors): such a block, starting at or before a row's
     last key, ends inside the row's allocation or in later rows of the same sequence, and entries past the
@@ -356,7 +364,8 @@ def _hstu_rab_fill_kernel(
     FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr, TABLE_GATHER: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
-    """Writes rab(i, j) = pos + time bias for j <= i (zero past the diagonal) over every row's allocation.
+    """Writes rab(i, j) / 2 (pos + time bias, halved for the kernels' SiLU in tanh(s / 2)) for j <= i, and
+    zero past the diagonal, over every row's allocation.
 
     Shared by all heads and by the three attention kernels, so each pair's bucket and two table lookups are
     done once per call instead of once per head and kernel. TABLE_GATHER (the default) looks the time table
@@ -383,21 +392,24 @@ def _hstu_rab_fill_kernel(
         bias = tl.where(valid, bias, 0.0) + tl.load(
             POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0
         )
-        tl.store(RAB + start + offs_n[None, :], bias.to(RAB.dtype.element_ty), mask=mask_m)  # 16-byte vectors
+        half = (0.5 * bias).to(RAB.dtype.element_ty)  # exact: a power-of-two scaling
+        tl.store(RAB + start + offs_n[None, :], half, mask=mask_m)  # 16-byte vectors
 
 
 @triton.jit
-def _bias(
+def _half_bias(
     RAB, rab_base, last_key, TS, seq_start, offs_n, mask_n, valid, tq, pos_row, POS_W, TIME_W, time_table,
     num_buckets, FAST_MATH: tl.constexpr, TABLE_GATHER: tl.constexpr, RAB_TILES: tl.constexpr,
 ):  # fmt: skip
-    """rab(i, j) of one [M, N] tile in fp32: read from the bias buffer, or computed from the timestamps."""
+    """rab(i, j) / 2 of one [M, N] tile in fp32: from the bias buffer, or computed from the timestamps."""
     if RAB_TILES:
         return _rab_tile(RAB, rab_base, last_key, offs_n[None, :], False)
     else:
         tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
         bias = _time_bias(TIME_W, time_table, _time_bucket(tq, tk, num_buckets, FAST_MATH), TABLE_GATHER)
-        return bias + tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0).to(tl.float32)
+        return 0.5 * (
+            bias + tl.load(POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0).to(tl.float32)
+        )
 
 
 @triton.jit
@@ -448,10 +460,10 @@ def _hstu_fwd_kernel(
             other=0.0,
         )
         valid = offs_n[None, :] <= last_key
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha
-        s += _bias(RAB, rab_base, last_key, TS, seq_start, offs_n, mask_n, valid, tq, pos_row, POS_W, TIME_W,
-                   time_table, num_buckets, FAST_MATH, TABLE_GATHER, RAB_TILES)  # fmt: skip
-        p = s * _sigmoid(s, FAST_MATH)
+        hs = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * (0.5 * alpha)  # hs = s / 2
+        hs += _half_bias(RAB, rab_base, last_key, TS, seq_start, offs_n, mask_n, valid, tq, pos_row, POS_W,
+                        TIME_W, time_table, num_buckets, FAST_MATH, TABLE_GATHER, RAB_TILES)  # fmt: skip
+        p = hs * _tanh(hs, FAST_MATH) + hs  # SiLU(s) = s sigmoid(s) = hs (1 + tanh(hs))
         if n0 >= m0:  # only key blocks reaching the diagonal (or the sequence's end) need the causal mask
             p = tl.where(valid, p, 0.0)
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -516,12 +528,12 @@ def _hstu_bwd_dq_kernel(
             other=0.0,
         )
         valid = offs_n[None, :] <= last_key
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * alpha
-        s += _bias(RAB, rab_base, last_key, TS, seq_start, offs_n, mask_n, valid, tq, pos_row, POS_W, TIME_W,
-                   time_table, num_buckets, FAST_MATH, TABLE_GATHER, RAB_TILES)  # fmt: skip
-        sig = _sigmoid(s, FAST_MATH)
+        hs = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * (0.5 * alpha)
+        hs += _half_bias(RAB, rab_base, last_key, TS, seq_start, offs_n, mask_n, valid, tq, pos_row, POS_W,
+                        TIME_W, time_table, num_buckets, FAST_MATH, TABLE_GATHER, RAB_TILES)  # fmt: skip
+        t = _tanh(hs, FAST_MATH)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = dp * sig * (1.0 + s * (1.0 - sig))
+        ds = dp * _dsilu(hs, t, hs * t)
         if n0 >= m0:  # as in the forward: earlier key blocks lie wholly before the block's first row
             ds = tl.where(valid, ds, 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -603,15 +615,16 @@ def _hstu_bwd_dkdv_kernel(
         bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)  # compiled out with the buffer and no RAB_GRAD
         last_row = tl.minimum(offs_m, seq_len - 1)[None, :]
         if RAB_TILES:
-            bias = _rab_tile(RAB, rab_base, last_row, keys, BLOCK_N > _ALIGN)
+            half_bias = _rab_tile(RAB, rab_base, last_row, keys, BLOCK_N > _ALIGN)
         else:
             pos = (max_seq_len - 1) - last_row + keys  # inside the table for keys before the end
             bias = tl.load(POS_W + pos, mask=valid & mask_n[:, None], other=0.0)
-            bias = bias.to(tl.float32) + _time_bias(TIME_W, time_table, bucket, TABLE_GATHER)
-        s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * alpha + bias
-        sig = _sigmoid(s, FAST_MATH)
-        p = s * sig
-        dsilu = sig * (1.0 + s * (1.0 - sig))  # SiLU'(s), so that s and sig die before dp is computed
+            half_bias = 0.5 * (bias.to(tl.float32) + _time_bias(TIME_W, time_table, bucket, TABLE_GATHER))
+        hs = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * (0.5 * alpha) + half_bias  # hs = s / 2
+        t = _tanh(hs, FAST_MATH)
+        u = hs * t
+        p = hs + u  # SiLU(s) = hs (1 + tanh(hs))
+        dsilu = _dsilu(hs, t, u)  # SiLU'(s), so that hs and t die before dp is computed
         if m0 < n0 + BLOCK_N:  # only the first query blocks reach the diagonal; later ones lie wholly after
             p = tl.where(valid, p, 0.0)
             dsilu = tl.where(valid, dsilu, 0.0)  # so ds = dp * dsilu is zero there too (dp is finite)
@@ -658,7 +671,7 @@ def _hstu_bwd_dkdv_kernel(
 # --------------------------------------------------------------------------------------------------
 
 # Every config below compiles for sm_90 within H100 shared memory at Dqk = Dv = 128, and with the bias
-# buffer spills at most 0.25 KB per thread without dq atomics, 0.45 KB with (benchmarks/triton_compile.py);
+# buffer spills at most 0.1 KB per thread without dq atomics, 0.5 KB with (benchmarks/triton_compile.py);
 # 128x128 forward tiles overflow shared memory. dk/dv tiles are BLOCK_M query rows x BLOCK_N keys. Its
 # products run on Hopper's wgmma when the keys give each warpgroup 64 rows (BLOCK_N >= 64 * warpgroups);
 # 32x32 tiles fall back to Ampere's mma.sync, and were the fastest dk/dv on an H200 while it was
@@ -1017,7 +1030,7 @@ def _reduce_bias_grads(ds, batch: TritonPlan, chunk: _Chunk, dpos, dtime, heads:
 
 
 def _fill_rab(rab: Tensor, batch: TritonPlan, chunk: _Chunk, pos_w, time_w, max_seq_len: int) -> None:
-    """Writes a run's bias buffer: rab(i, j) of every causal pair, shared by all heads, in rab's dtype."""
+    """Writes a run's bias buffer: rab(i, j) / 2 of every causal pair, shared by all heads, in rab's dtype."""
     fill, _ = _buffer_kernels()
     fill[_row_grid(batch.longest, chunk.num_seqs)](
         rab, chunk.rab_base, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, max_seq_len,

@@ -141,7 +141,8 @@ def naive_rab(offsets, timestamps, pos_w, time_w, max_seq_len):
 
 def test_bias_buffer_layout_and_fill(tri):
     """Row i of a sequence holds round_up(i + 1, 64) keys, rows back to back, sequences back to back; the
-    fill kernel writes every pair's bias there (zeros past the diagonal) and nothing outside."""
+    fill kernel writes every pair's bias there, halved (for the kernels' SiLU in tanh(s / 2)), with zeros
+    past the diagonal, and nothing outside."""
     align = tri._RAB_ALIGN
     lengths = torch.tensor([0, 1, 63, 64, 65, 130, 7])
     naive = [sum(-(-(i + 1) // align) * align for i in range(n)) for n in lengths.tolist()]
@@ -160,7 +161,7 @@ def test_bias_buffer_layout_and_fill(tri):
         for i in range(length):
             row_len = -(-(i + 1) // align) * align
             want = seq.new_zeros(row_len)
-            want[: i + 1] = seq[i, : i + 1]
+            want[: i + 1] = seq[i, : i + 1] / 2
             torch.testing.assert_close(rab[cursor : cursor + row_len], want)
             cursor += row_len
     assert cursor == rab.numel()
