@@ -387,11 +387,14 @@ def _hstu_rab_fill_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_C)
         mask_n = offs_n < seq_len
         tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
-        valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m
         bias = _time_bias(TIME_W, time_table, _time_bucket(tq, tk, num_buckets, FAST_MATH), TABLE_GATHER)
-        bias = tl.where(valid, bias, 0.0) + tl.load(
-            POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0
-        )
+        if n0 + BLOCK_C <= m0:  # keys wholly before the block's first row: every pair is causal
+            bias += tl.load(POS_W + (pos_row + offs_n[None, :]))
+        else:
+            valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m
+            bias = tl.where(valid, bias, 0.0) + tl.load(
+                POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0
+            )
         half = (0.5 * bias).to(RAB.dtype.element_ty)  # exact: a power-of-two scaling
         tl.store(RAB + start + offs_n[None, :], half, mask=mask_m)  # 16-byte vectors
 
