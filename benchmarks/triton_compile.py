@@ -8,7 +8,10 @@ the compile time, registers per thread, spill bytes and shared memory of each. T
 interpreter cannot (layouts, tensor-core shapes, resource limits) and shows which configs spill before any
 GPU time is spent. For the attention kernels with the GPU's one-instruction SiLU (16-bit inputs) it also
 counts the SiLUs per (i, j) pair and fails a config that computes them more than once: Triton replicates
-a product's tile across warps when the tile has fewer than 16 rows per warp.
+a product's tile across warps when the tile has fewer than 16 rows per warp. And it counts the SASS
+instructions of one step of each kernel's main loop on its shortest path (the tiles off the diagonal, which
+skip the causal mask), per (i, j) pair of the thread's share of the tile: the work besides the products,
+which bounds these kernels.
 Compiles into a private, temporary Triton cache, so the times are real.
 Ends with `RESULT compiled=N failed=M ...`; exits 1 if any config failed to compile or fit.
 """
@@ -30,6 +33,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
@@ -136,6 +140,44 @@ def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
     }
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s*(?:/\*.*)?$")
+_BRANCH = re.compile(r"^(@!?U?P\w+\s+)?BRA\s+(?:`\()?\.?(L_x_\d+)")
+
+
+def main_loop_instructions(cubin: bytes) -> int | None:
+    """SASS instructions per thread in one step of the kernel's main loop (its longest backward branch),
+    on the loop body's shortest path through its conditional blocks; None if it has no loop."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run(
+            [knobs.nvidia.nvdisasm.path, "-c", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+    instrs, labels = [], {}
+    for line in sass.splitlines():
+        if (label := re.match(r"^\.(L_x_\d+):", line.strip())) is not None:
+            labels[label.group(1)] = len(instrs)
+        elif (m := _SASS_LINE.search(line)) is not None and not line.strip().startswith("//"):
+            instrs.append(m.group(2))
+    loops = [
+        (labels[m.group(2)], i)
+        for i, ins in enumerate(instrs)
+        if (m := _BRANCH.match(ins)) and labels.get(m.group(2), i + 1) <= i
+    ]
+    if not loops:
+        return None
+    first, last = max(loops, key=lambda span: span[1] - span[0])
+    shortest = [1] * (last + 1)  # instructions from i to the loop's back branch, on the shortest path
+    for i in range(last - 1, first - 1, -1):
+        m = _BRANCH.match(instrs[i])
+        jumps = m is not None and i < labels.get(m.group(2), -1) <= last  # a forward branch in the loop
+        nexts = [shortest[labels[m.group(2)]]] if jumps else []
+        if not (jumps and m.group(1) is None):  # not an unconditional jump: it may fall through
+            nexts.append(shortest[i + 1])
+        shortest[i] = 1 + min(nexts)
+    return shortest[first]
+
+
 def silu_per_pair(ptx: str, config: triton.Config) -> float | None:
     """How many times each thread's (i, j) pairs get their SiLU (tanh.approx sites per thread, times the
     threads, over the tile's pairs): 1 unless warps replicate the tile; None without FAST_MATH's tanh."""
@@ -173,7 +215,7 @@ def compile_all(args: argparse.Namespace) -> int:
     limit = SMEM_LIMIT.get(args.arch)
     header = (
         f"{'kernel':15s} {'dtype':5s} {'config':58s} {'compile_s':>9s} {'regs':>5s} "
-        f"{'spill_B':>8s} {'smem_KiB':>8s} {'silu/pair':>9s}  status"
+        f"{'spill_B':>8s} {'smem_KiB':>8s} {'silu/pair':>9s} {'loop/pair':>9s}  status"
     )
     print(f"target sm_{args.arch}, Dqk={args.dqk}, Dv={args.dv}, triton {triton.__version__}\n{header}")
     compiled = failed = 0
@@ -218,6 +260,9 @@ def compile_all(args: argparse.Namespace) -> int:
                 smem = int(kernel.metadata.shared)
                 spill = report["spill_stores"] + report["spill_loads"]
                 silu = silu_per_pair(kernel.asm["ptx"], config)
+                loop = main_loop_instructions(kernel.asm["cubin"])
+                rows, cols = hstu._tile(config)[:2]
+                per_pair = "-" if loop is None else f"{loop * 32 * config.num_warps / (rows * cols):.1f}"
                 status = "ok"
                 if limit is not None and smem > limit:
                     status = f"FAILS: shared memory over {limit} B"
@@ -228,7 +273,8 @@ def compile_all(args: argparse.Namespace) -> int:
                 worst_spill, slowest = max(worst_spill, spill), max(slowest, seconds)
                 print(
                     f"{name:15s} {dtype:5s} {label:58s} {seconds:9.1f} {report['registers']:5d} "
-                    f"{spill:8d} {smem / 1024:8.1f} {'-' if silu is None else f'{silu:g}':>9s}  {status}",
+                    f"{spill:8d} {smem / 1024:8.1f} {'-' if silu is None else f'{silu:g}':>9s} {per_pair:>9s}"
+                    f"  {status}",
                     flush=True,
                 )
     print(
