@@ -272,36 +272,47 @@ def _row_block(OFFSETS, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _bias_grad_tile(
-    ds, bucket, valid, diag0, time_grad, DPOS, max_seq_len, num_buckets, scale,
-    BLOCK_BUCKETS: tl.constexpr, SHEAR: tl.constexpr,
-):  # fmt: skip
-    """Adds an [R, C] tile of ds (rows i, keys j; j - i = diag0 at its corner) to the bias gradients.
+def _flat(x):
+    """x as one dimension, in whatever element order its layout holds: for whole-tile reductions."""
+    return tl.reshape(x, [x.numel], can_reorder=True)
 
-    Position: sums along diagonals (j - i constant) through a sheared `tl.gather` (SHEAR: a power of two
-    >= R + C - 1), one relaxed atomic per diagonal, times scale. Time: masked tile sums over the buckets
-    present in the tile's valid part, added to the program's histogram time_grad, which is returned: a tile
-    of at most two buckets (most, away from the diagonal) takes one masked sum and the tile's total; wider
-    ones, four buckets per reduction (one cross-warp exchange per four). ds is zero outside `valid`.
-    """
+
+@triton.jit
+def _sum2(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _add_diagonal_sums(DPOS, ds, diag0, max_seq_len, scale, SHEAR: tl.constexpr):
+    """Adds the diagonal sums (j - i constant) of an [R, C] tile of ds (rows i, keys j; j - i = diag0 at
+    its first row and key) to the position-bias gradient, times scale: a sheared `tl.gather` (SHEAR: a power
+    of two >= R + C - 1), a reduction over the rows, and one relaxed atomic per diagonal."""
     R: tl.constexpr = ds.shape[0]
     C: tl.constexpr = ds.shape[1]
     src_col = tl.arange(0, SHEAR)[None, :] + tl.arange(0, R)[:, None] - (R - 1)  # key column of (i, t)
     in_band = (src_col >= 0) & (src_col < C)
     sheared = tl.gather(ds, tl.where(in_band, src_col, 0), axis=1)
-    diag = tl.sum(tl.where(in_band, sheared, 0.0), axis=0)  # [SHEAR]
-    total = tl.sum(diag)
-    diag *= scale
+    diag = tl.sum(tl.where(in_band, sheared, 0.0), axis=0) * scale  # [SHEAR]
     tt = tl.arange(0, SHEAR)
     pos_idx = diag0 + tt - (R - 1) + (max_seq_len - 1)
     pos_ok = (tt < R + C - 1) & (pos_idx >= 0) & (pos_idx < 2 * max_seq_len - 1)
     tl.atomic_add(DPOS + pos_idx, diag, mask=pos_ok & (diag != 0.0), sem="relaxed")
+
+
+@triton.jit
+def _time_grad_tile(ds, bucket, valid, time_grad, num_buckets, BLOCK_BUCKETS: tl.constexpr):
+    """Adds an [R, C] tile of ds (zero outside `valid`) to the program's time-bias histogram time_grad, per
+    time bucket, and returns it. A tile whose valid pairs span at most two buckets (most, away from the
+    diagonal) takes one whole-tile reduction of (masked sum, total); wider ones, four buckets per
+    reduction. Whole-tile reductions (`_flat`) move no per-row partials between threads, which halved these
+    sums' instructions against reducing rows, then columns."""
     four = tl.arange(0, 4)
     bucket_ids = tl.arange(0, BLOCK_BUCKETS)
-    lo, hi = tl.reduce((tl.where(valid, bucket, num_buckets + 1), tl.where(valid, bucket, -1)), 1, _min_max)
-    b_lo, b_hi = tl.reduce((lo, hi), 0, _min_max)
-    if b_hi - b_lo <= 1:  # most tiles away from the diagonal: one masked sum, the rest is the other bucket
-        low = tl.sum(tl.sum(tl.where(bucket == b_lo, ds, 0.0), axis=1), axis=0)
+    b_lo, b_hi = tl.reduce(
+        (_flat(tl.where(valid, bucket, num_buckets + 1)), _flat(tl.where(valid, bucket, -1))), 0, _min_max
+    )
+    if b_hi - b_lo <= 1:
+        low, total = tl.reduce((_flat(tl.where(bucket == b_lo, ds, 0.0)), _flat(ds)), 0, _sum2)
         time_grad += tl.where(bucket_ids == b_lo, low, 0.0) + tl.where(bucket_ids == b_hi, total - low, 0.0)
     else:
         for bk in range(b_lo, b_hi + 1, 4):
@@ -324,37 +335,48 @@ def _add_time_grad(DTIME, time_grad, scale, num_buckets, BLOCK_BUCKETS: tl.const
 def _hstu_rab_grad_kernel(
     DS, RAB_BASE, OFFSETS, TS, DPOS, DTIME, ds_head_stride, inv_den_const, max_seq_len, num_buckets, len_key,
     HEADS: tl.constexpr, DEN_IS_LEN: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Bias-weight gradients from the ds buffer that dk/dv wrote per head: each pair's heads are summed
-    first, so the diagonal and per-bucket reductions (and the 1/den scaling) run once per pair, not once per
-    head inside dk/dv's loop. Rows as in the bias buffer; entries past the diagonal are read (whole 16-byte
-    vectors) but masked out."""
-    b, seq_start, seq_len, m0, offs_m = _row_block(OFFSETS, BLOCK_R)
-    if m0 >= seq_len:
+    first, so the reductions (and the 1/den scaling) run once per pair, not once per head inside dk/dv.
+
+    A program walks one diagonal band of its sequence: BLOCK x BLOCK tiles whose keys lie `band` blocks
+    before their rows (band 0, the longest, holds the diagonal and runs first). Every tile of a band covers
+    the same diagonals, so the position gradient accumulates ds elementwise and takes its diagonal sums once
+    per band; the time-bias sums run per tile, as buckets change from tile to tile. Rows as in the bias
+    buffer; entries past the diagonal are read (whole 16-byte vectors) but masked out.
+    """
+    tl.static_assert(_ALIGN % BLOCK == 0)  # keys up to each tile's last row stay in its rows' allocations
+    band = tl.program_id(0)
+    b = tl.program_id(1)
+    seq_start = tl.load(OFFSETS + b)
+    seq_len = (tl.load(OFFSETS + b + 1) - seq_start).to(tl.int32)
+    first_row = band * BLOCK
+    if first_row >= seq_len:
         return
     inv_den = _inv_den(seq_len, DEN_IS_LEN, inv_den_const)
-    mask_m = offs_m < seq_len
-    start = _rab_start(tl.load(RAB_BASE + b), tl.minimum(offs_m, seq_len - 1)[:, None])
-    tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
-    last_row = tl.minimum(m0 + BLOCK_R, seq_len) - 1
+    rab_base = tl.load(RAB_BASE + b)
+    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     time_grad = tl.zeros([BLOCK_BUCKETS], dtype=tl.float32)
-    for n0 in range(0, last_row + 1, BLOCK_C):
-        offs_n = n0 + tl.arange(0, BLOCK_C)
+    for m0 in range(first_row, seq_len, BLOCK):
+        offs_m = m0 + tl.arange(0, BLOCK)
+        offs_n = offs_m - first_row
+        mask_m = offs_m < seq_len
         valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m[:, None]
-        ds = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        start = _rab_start(rab_base, tl.minimum(offs_m, seq_len - 1)[:, None])
+        ds = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         head = DS  # advanced one head at a time: no head * stride product to overflow int32
         for _ in tl.static_range(HEADS):  # unrolled, so the heads' loads are in flight together; unmasked
             # 16-byte loads inside the sequence's part (as `_rab_tile`'s); pairs past the diagonal may hold
             # anything, even NaN bits, so they are dropped before the sum
             ds += tl.where(valid, tl.load(head + start + offs_n[None, :]).to(tl.float32), 0.0)
             head += ds_head_stride
+        acc += ds
+        tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
         tk = tl.load(TS + seq_start + offs_n, mask=offs_n < seq_len, other=0)[None, :]
         bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
-        time_grad = _bias_grad_tile(
-            ds, bucket, valid, n0 - m0, time_grad, DPOS, max_seq_len, num_buckets, inv_den, BLOCK_BUCKETS,
-            2 * BLOCK_C,
-        )  # fmt: skip
+        time_grad = _time_grad_tile(ds, bucket, valid, time_grad, num_buckets, BLOCK_BUCKETS)
+    _add_diagonal_sums(DPOS, acc, -first_row, max_seq_len, inv_den, 2 * BLOCK)
     _add_time_grad(DTIME, time_grad, inv_den, num_buckets, BLOCK_BUCKETS)
 
 
@@ -651,10 +673,11 @@ def _hstu_bwd_dkdv_kernel(
                     store_mask = store_mask & _rab_row_mask(last_row, keys)
                 tl.store(ds_head + _rab_start(rab_base, last_row) + keys, ds_in, mask=store_mask)
             else:  # the fallback: the tile reduced per head, query-major
-                time_grad = _bias_grad_tile(
-                    tl.trans(ds), tl.trans(bucket), tl.trans(valid), n0 - m0, time_grad, DPOS, max_seq_len,
-                    num_buckets, inv_den, BLOCK_BUCKETS, 2 * BLOCK_N,
-                )  # fmt: skip
+                ds_rows = tl.trans(ds)
+                _add_diagonal_sums(DPOS, ds_rows, n0 - m0, max_seq_len, inv_den, 2 * BLOCK_N)
+                time_grad = _time_grad_tile(
+                    ds_rows, tl.trans(bucket), tl.trans(valid), time_grad, num_buckets, BLOCK_BUCKETS
+                )
     if RAB_GRAD and not DS_STORE:
         _add_time_grad(DTIME, time_grad, inv_den, num_buckets, BLOCK_BUCKETS)
     tl.store(
@@ -713,13 +736,12 @@ _FILL_CONFIGS = [
 """The bias-buffer fill's configs: rows per program divide the rows' 64-key padding, 64 keys per step; with
 or without its loop's loads pipelined (it has no products, so only `tl.range`'s stages pipeline it)."""
 _RAB_GRAD_CONFIGS = [
-    triton.Config({"BLOCK_R": 32, "BLOCK_C": 64}, num_warps=8),
-    triton.Config({"BLOCK_R": 16, "BLOCK_C": 64}, num_warps=4),
-    triton.Config({"BLOCK_R": 32, "BLOCK_C": 32}, num_warps=8),
-    triton.Config({"BLOCK_R": 16, "BLOCK_C": 32}, num_warps=4),
+    triton.Config({"BLOCK": 64}, num_warps=8),
+    triton.Config({"BLOCK": 32}, num_warps=8),
+    triton.Config({"BLOCK": 32}, num_warps=4),
+    triton.Config({"BLOCK": 16}, num_warps=4),
 ]
-"""The ds-buffer reduction's configs, none spilling on sm_90 at 4 or 8 heads (32x64 tiles do at 4 warps, 64x64
-at 8)."""
+"""The ds-buffer reduction's configs: square tiles (a diagonal band's tiles cover the same diagonals)."""
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -797,11 +819,11 @@ def _grid(max_len: int, heads: int, num_seqs: int, block_name: str, interpret_bl
     return lambda meta: (heads, triton.cdiv(max_len, meta[block_name]), num_seqs)
 
 
-def _row_grid(max_len: int, num_seqs: int):
-    """(row blocks, sequences): the bias fill's and the ds reduction's grid."""
+def _row_grid(max_len: int, num_seqs: int, block_name: str):
+    """(row blocks, sequences): the bias fill's grid, and the ds reduction's (a band per block of rows)."""
     if _INTERPRET:
         return (triton.cdiv(max_len, _INTERPRET_BLOCK), num_seqs)
-    return lambda meta: (triton.cdiv(max_len, meta["BLOCK_R"]), num_seqs)
+    return lambda meta: (triton.cdiv(max_len, meta[block_name]), num_seqs)
 
 
 def _blocks(*names: str, **sizes: int) -> dict:
@@ -811,14 +833,9 @@ def _blocks(*names: str, **sizes: int) -> dict:
     return {**dict.fromkeys(names, _INTERPRET_BLOCK), **sizes, "TABLE_GATHER": bool(_TABLE_GATHER)}
 
 
-def _row_blocks() -> dict:
-    """The fill's and the ds reduction's tiles under the interpreter: _INTERPRET_BLOCK rows, 64 keys."""
-    return {"BLOCK_R": _INTERPRET_BLOCK, "BLOCK_C": _RAB_ALIGN} if _INTERPRET else {}
-
-
 def _fill_blocks() -> dict:
-    """The fill's tiles under the interpreter: `_row_blocks`, its loop as written."""
-    return {**_row_blocks(), "LOOP_STAGES": 1} if _INTERPRET else {}
+    """The fill's tiles under the interpreter: _INTERPRET_BLOCK rows, 64 keys, its loop as written."""
+    return {"BLOCK_R": _INTERPRET_BLOCK, "BLOCK_C": _RAB_ALIGN, "LOOP_STAGES": 1} if _INTERPRET else {}
 
 
 def _len_key(max_len: int) -> int:
@@ -1024,18 +1041,19 @@ def _reduce_bias_grads(ds, batch: TritonPlan, chunk: _Chunk, dpos, dtime, heads:
     """dpos, dtime += the bias-weight gradients held in a run's per-head ds buffer (`_hstu_rab_grad_kernel`);
     common: the attention kernels' named arguments (`_launch_args`)."""
     _, rab_grad = _buffer_kernels()
-    rab_grad[_row_grid(batch.longest, chunk.num_seqs)](
+    rab_grad[_row_grid(batch.longest, chunk.num_seqs, "BLOCK")](
         ds, chunk.rab_base, chunk.offsets, batch.kernel_timestamps, dpos, dtime, chunk.rab_numel,
         common["inv_den_const"], common["max_seq_len"], dtime.numel() - 1, common["len_key"], HEADS=heads,
         DEN_IS_LEN=common["DEN_IS_LEN"], FAST_MATH=_fast_math(ds.dtype),
-        BLOCK_BUCKETS=triton.next_power_of_2(dtime.numel()), **_row_blocks(),
+        BLOCK_BUCKETS=triton.next_power_of_2(dtime.numel()),
+        **({"BLOCK": _INTERPRET_BLOCK} if _INTERPRET else {}),
     )  # fmt: skip
 
 
 def _fill_rab(rab: Tensor, batch: TritonPlan, chunk: _Chunk, pos_w, time_w, max_seq_len: int) -> None:
     """Writes a run's bias buffer: rab(i, j) / 2 of every causal pair, shared by all heads, in rab's dtype."""
     fill, _ = _buffer_kernels()
-    fill[_row_grid(batch.longest, chunk.num_seqs)](
+    fill[_row_grid(batch.longest, chunk.num_seqs, "BLOCK_R")](
         rab, chunk.rab_base, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, max_seq_len,
         time_w.numel() - 1, _len_key(batch.longest), FAST_MATH=_fast_math(rab.dtype),
         BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()), TABLE_GATHER=_TABLE_GATHER is not False,

@@ -168,15 +168,16 @@ def test_bias_buffer_layout_and_fill(tri):
 
 
 def test_bias_buffer_tile_reads_stay_inside_their_sequence(tri):
-    """The kernels read bias tiles (and the ds-buffer reduction reads ds tiles) of up to 64 keys without
-    masks: every such tile any config visits must lie within its sequence's part of the buffer (rows past
+    """The kernels read bias tiles (and the ds-buffer reduction, walking diagonal bands, reads ds tiles) of
+    up to 64 keys without masks: every such tile any config visits must lie within its sequence's part of
+    the buffer (rows past
     the end are clamped to the last one). dk/dv also writes whole rows of its ds tiles: each must stay in
     its own row's allocation, or it would overwrite another program's ds. Wider key blocks (dk/dv's 128)
     mask both at the end of each row's allocation."""
     tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tri._FWD_CONFIGS}
-    tiles |= {(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_C"]) for c in tri._RAB_GRAD_CONFIGS}
-    tiles |= {(tri._INTERPRET_BLOCK, tri._INTERPRET_BLOCK), (tri._INTERPRET_BLOCK, tri._RAB_ALIGN)}
-    assert all(bn <= tri._RAB_ALIGN for _, bn in tiles)
+    tiles |= {(tri._INTERPRET_BLOCK, tri._INTERPRET_BLOCK)}
+    bands = {c.kwargs["BLOCK"] for c in tri._RAB_GRAD_CONFIGS} | {tri._INTERPRET_BLOCK}  # the ds reduction's
+    assert all(bn <= tri._RAB_ALIGN for _, bn in tiles) and max(bands) <= tri._RAB_ALIGN
     dkdv = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tri._DKDV_CONFIGS}
     dkdv = {(bm, bn) for bm, bn in dkdv | {(tri._INTERPRET_BLOCK, tri._INTERPRET_DKDV_KEYS)} if bn <= 64}
     lengths = torch.arange(1, 300)
@@ -186,6 +187,9 @@ def test_bias_buffer_tile_reads_stay_inside_their_sequence(tri):
         for bm, bn in tiles:
             for m0 in range(0, length, bm):
                 reads += [(m0, m0 + bm - 1, n0, bn) for n0 in range(0, min(m0 + bm, length), bn)]
+        for block in bands:  # diagonal bands: keys a whole number of blocks before the rows
+            for first in range(0, length, block):
+                reads += [(m0, m0 + block - 1, m0 - first, block) for m0 in range(first, length, block)]
         for bm, bn in dkdv:
             for n0 in range(0, length, bn):
                 for m0 in range(n0, length, bm):
