@@ -25,11 +25,12 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
   group), accumulates dv += p^T do and dk += ds^T q. The bias-weight gradients need ds summed over heads,
   diagonal by diagonal (position) and bucket by bucket (time). By default dk/dv writes each pair's ds per
   head into a buffer laid out like the bias buffer, and `_hstu_rab_grad_kernel` sums the heads of each
-  pair once and then reduces (diagonal sums through a sheared `tl.gather`, masked bucket sums into a
-  per-program histogram, a few relaxed atomics per tile); a buffer too large for the memory budget holds
-  as many heads as fit, and dk/dv runs once per group of heads. Done per head inside dk/dv's loop instead
-  (the fallback when not even one head fits), these reductions took 57% of the fwd+bwd kernel time on an
-  H200 (16 sequences of 2048-4096); the buffer path is not yet timed on a GPU.
+  pair once and then reduces, walking diagonal bands of square tiles (ds accumulated elementwise along a
+  band, its diagonal sums taken once per band through a sheared `tl.gather`; per tile, masked bucket sums
+  into a per-program histogram; a few relaxed atomics per band); a buffer too large for the memory budget
+  holds as many heads as fit, and dk/dv runs once per group of heads. Done per head inside dk/dv's loop
+  instead (the fallback when not even one head fits), these reductions took 57% of the fwd+bwd kernel time
+  on an H200 (16 sequences of 2048-4096); the buffer path is not yet timed on a GPU.
 - backward dq: by default one program per query block, looping over key blocks like the forward (no
   atomics), which recomputes s and dp. Alternatively (`_DQ_ATOMIC`, as FlashAttention-2/3 do) dk/dv adds
   each step's ds q-tile product to an fp32 dq with 16-byte relaxed atomics: 5 products per pair instead of 7
