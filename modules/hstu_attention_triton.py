@@ -152,10 +152,11 @@ def _tanh(x, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
-def _dsilu(hs, t, u):
-    """SiLU'(s) at s = 2 hs, from t = tanh(hs) and u = hs t: sigmoid(s) + s sigmoid(s) (1 - sigmoid(s)),
-    with sigmoid(s) = (1 + t) / 2, is (1 + t) / 2 + (hs - u t) / 2 (three FFMAs)."""
-    return 0.5 * (hs - u * t) + (0.5 * t + 0.5)
+def _dsilu2(hs, t):
+    """2 SiLU'(s) at s = 2 hs, from t = tanh(hs): sigmoid(s) + s sigmoid(s) (1 - sigmoid(s)), with
+    sigmoid(s) = (1 + t) / 2, is ((1 + hs) + t (1 - hs t)) / 2. Two FFMAs and an add; the kernels fold the
+    1/2 into a scaling they do anyway (dq: its do tile, halved once; dk/dv: its outputs' scales)."""
+    return t * (1.0 - hs * t) + (hs + 1.0)
 
 
 @triton.jit
@@ -338,8 +339,9 @@ def _hstu_rab_grad_kernel(
     HEADS: tl.constexpr, DEN_IS_LEN: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Bias-weight gradients from the ds buffer that dk/dv wrote per head: each pair's heads are summed
-    first, so the reductions (and the 1/den scaling) run once per pair, not once per head inside dk/dv.
+    """Bias-weight gradients from the ds buffer that dk/dv wrote per head (2 ds, its product operand: the
+    1/2 joins the 1/den scaling here). Each pair's heads are summed first, so the reductions (and the
+    scaling) run once per pair, not once per head inside dk/dv.
 
     A program walks one diagonal band of its sequence: BLOCK x BLOCK tiles whose keys lie `band` blocks
     before their rows (band 0, the longest, holds the diagonal and runs first). Every tile of a band covers
@@ -377,8 +379,8 @@ def _hstu_rab_grad_kernel(
         tk = tl.load(TS + seq_start + offs_n, mask=offs_n < seq_len, other=0)[None, :]
         bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
         time_grad = _time_grad_tile(ds, bucket, valid, time_grad, num_buckets, BLOCK_BUCKETS)
-    _add_diagonal_sums(DPOS, acc, -first_row, max_seq_len, inv_den, 2 * BLOCK)
-    _add_time_grad(DTIME, time_grad, inv_den, num_buckets, BLOCK_BUCKETS)
+    _add_diagonal_sums(DPOS, acc, -first_row, max_seq_len, 0.5 * inv_den, 2 * BLOCK)  # the buffer holds 2 ds
+    _add_time_grad(DTIME, time_grad, 0.5 * inv_den, num_buckets, BLOCK_BUCKETS)
 
 
 @triton.jit
@@ -532,6 +534,7 @@ def _hstu_bwd_dq_kernel(
         mask=mask_m[:, None] & (offs_dv < DV)[None, :],
         other=0.0,
     )
+    do_half = (do.to(tl.float32) * 0.5).to(do.dtype)  # exact; dp / 2 meets 2 SiLU'(s) (`_dsilu2`)
     last_key = tl.minimum(offs_m, seq_len - 1)[:, None]
     rab_base = tl.load(RAB_BASE + b)
     tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
@@ -558,8 +561,8 @@ def _hstu_bwd_dq_kernel(
         hs += _half_bias(RAB, rab_base, last_key, TS, seq_start, offs_n, mask_n, valid, tq, pos_row, POS_W,
                         TIME_W, time_table, num_buckets, FAST_MATH, TABLE_GATHER, RAB_TILES)  # fmt: skip
         t = _tanh(hs, FAST_MATH)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = dp * _dsilu(hs, t, hs * t)
+        dp_half = tl.dot(do_half, tl.trans(v), input_precision=DOT_PREC)
+        ds = dp_half * _dsilu2(hs, t)
         if n0 >= m0:  # as in the forward: earlier key blocks lie wholly before the block's first row
             ds = tl.where(valid, ds, 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -648,19 +651,18 @@ def _hstu_bwd_dkdv_kernel(
             half_bias = 0.5 * (bias.to(tl.float32) + _time_bias(TIME_W, time_table, bucket, TABLE_GATHER))
         hs = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * (0.5 * alpha) + half_bias  # hs = s / 2
         t = _tanh(hs, FAST_MATH)
-        u = hs * t
-        p = hs + u  # SiLU(s) = hs (1 + tanh(hs))
-        dsilu = _dsilu(hs, t, u)  # SiLU'(s), so that hs and t die before dp is computed
+        p = hs * t + hs  # SiLU(s) = hs (1 + tanh(hs))
+        dsilu2 = _dsilu2(hs, t)  # 2 SiLU'(s), so that hs and t die before dp is computed
         if m0 < n0 + BLOCK_N:  # only the first query blocks reach the diagonal; later ones lie wholly after
             p = tl.where(valid, p, 0.0)
-            dsilu = tl.where(valid, dsilu, 0.0)  # so ds = dp * dsilu is zero there too (dp is finite)
+            dsilu2 = tl.where(valid, dsilu2, 0.0)  # so ds is zero there too (dp is finite)
         dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PREC)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        ds = dp * dsilu
+        ds = dp * dsilu2  # 2 ds: each of its uses below takes the 1/2 with its own scaling, for free
         ds_in = ds.to(q.dtype)
         dk += tl.dot(ds_in, q, input_precision=DOT_PREC)
         if DQ_ATOMIC:  # other key blocks add to the same rows: the order of the adds varies from run to run
-            dq = tl.dot(tl.trans(ds_in), k, input_precision=DOT_PREC) * (alpha * inv_den)
+            dq = tl.dot(tl.trans(ds_in), k, input_precision=DOT_PREC) * (0.5 * alpha * inv_den)
             tl.atomic_add(
                 DQ + rows * stride_dqt + h * stride_dqh + offs_dqk[None, :], dq,
                 mask=mask_m[:, None] & (offs_dqk < DQK)[None, :], sem="relaxed",
@@ -675,15 +677,15 @@ def _hstu_bwd_dkdv_kernel(
                 tl.store(ds_head + _rab_start(rab_base, last_row) + keys, ds_in, mask=store_mask)
             else:  # the fallback: the tile reduced per head, query-major
                 ds_rows = tl.trans(ds)
-                _add_diagonal_sums(DPOS, ds_rows, n0 - m0, max_seq_len, inv_den, 2 * BLOCK_N)
+                _add_diagonal_sums(DPOS, ds_rows, n0 - m0, max_seq_len, 0.5 * inv_den, 2 * BLOCK_N)
                 time_grad = _time_grad_tile(
                     ds_rows, tl.trans(bucket), tl.trans(valid), time_grad, num_buckets, BLOCK_BUCKETS
                 )
     if RAB_GRAD and not DS_STORE:
-        _add_time_grad(DTIME, time_grad, inv_den, num_buckets, BLOCK_BUCKETS)
+        _add_time_grad(DTIME, time_grad, 0.5 * inv_den, num_buckets, BLOCK_BUCKETS)
     tl.store(
         DK + cols * stride_dkt + h * stride_dkh + offs_dqk[None, :],
-        (dk * (alpha * inv_den)).to(DK.dtype.element_ty),
+        (dk * (0.5 * alpha * inv_den)).to(DK.dtype.element_ty),
         mask=mask_n[:, None] & (offs_dqk < DQK)[None, :],
     )
     tl.store(
