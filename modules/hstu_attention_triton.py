@@ -161,11 +161,13 @@ def _dsilu2(hs, t):
 
 @triton.jit
 def _time_bucket(tq, tk, num_buckets, FAST_MATH: tl.constexpr):
-    """bucket(|tq - tk|) as int32; FAST_MATH takes the logarithm from the GPU's one-instruction lg2."""
+    """bucket(|tq - tk|) as int32; FAST_MATH takes the logarithm from the GPU's one-instruction lg2, in its
+    flush-to-zero form: dt >= 1 is never subnormal, and the plain form's subnormal handling cost three
+    instructions per pair in the sm_90 SASS (12% of the bias fill's and of the ds reduction's loops)."""
     dt = tl.maximum(tl.abs(tq - tk), 1).to(tl.float32)
     if FAST_MATH:
         lg2 = tl.inline_asm_elementwise(
-            "lg2.approx.f32 $0, $1;", "=r,r", [dt], dtype=tl.float32, is_pure=True, pack=1
+            "lg2.approx.ftz.f32 $0, $1;", "=r,r", [dt], dtype=tl.float32, is_pure=True, pack=1
         )
         bucket = (lg2 * _LOG2_TO_BUCKET).to(tl.int32)
     else:
