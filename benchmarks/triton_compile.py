@@ -261,7 +261,8 @@ def compile_all(args: argparse.Namespace) -> int:
                 spill = report["spill_stores"] + report["spill_loads"]
                 silu = silu_per_pair(kernel.asm["ptx"], config)
                 loop = main_loop_instructions(kernel.asm["cubin"])
-                rows, cols = hstu._tile(config)[0], hstu._tile(config)[-1]  # square tiles name one size
+                tile = hstu._tile(config)
+                rows, cols = tile[0], tile[-1]  # square tiles name one size
                 per_pair = "-" if loop is None else f"{loop * 32 * config.num_warps / (rows * cols):.1f}"
                 status = "ok"
                 if limit is not None and smem > limit:

@@ -40,8 +40,8 @@ Per (i, j) pair, the work besides the two products bounds the speed, so it is ke
 travel as int32 offsets from each sequence's first one (int64 only past 68 years), the causal limit and
 position index come from per-row values, 1/den and alpha scale the accumulators once, 16-bit inputs
 take lg2 and tanh from one GPU instruction each (FAST_MATH), and SiLU works on hs = s / 2 (hence the halved
-bias buffer): SiLU(s) = hs (1 + tanh(hs)) is one FFMA after the tanh, and SiLU'(s) three more, where the
-sigmoid form took two and five.
+bias buffer): SiLU(s) = hs (1 + tanh(hs)) is one FFMA after the tanh, and 2 SiLU'(s) two FFMAs and an add
+(`_dsilu2`; the 1/2 folds into scalings the kernels do anyway).
 Import cost: triton + torch only (no fbgemm/torchrec), so the GPU machine can run it.
 """
 
@@ -415,13 +415,12 @@ def _hstu_rab_fill_kernel(
         mask_n = offs_n < seq_len
         tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
         bias = _time_bias(TIME_W, time_table, _time_bucket(tq, tk, num_buckets, FAST_MATH), TABLE_GATHER)
+        pos_ptrs = POS_W + (pos_row + offs_n[None, :])
         if n0 + BLOCK_C <= m0:  # keys wholly before the block's first row: every pair is causal
-            bias += tl.load(POS_W + (pos_row + offs_n[None, :]))
+            bias += tl.load(pos_ptrs)
         else:
             valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m
-            bias = tl.where(valid, bias, 0.0) + tl.load(
-                POS_W + (pos_row + offs_n[None, :]), mask=valid, other=0.0
-            )
+            bias = tl.where(valid, bias, 0.0) + tl.load(pos_ptrs, mask=valid, other=0.0)
         half = (0.5 * bias).to(RAB.dtype.element_ty)  # exact: a power-of-two scaling
         tl.store(RAB + start + offs_n[None, :], half, mask=mask_m)  # 16-byte vectors
 
