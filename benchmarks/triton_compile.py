@@ -11,7 +11,8 @@ counts the SiLUs per (i, j) pair and fails a config that computes them more than
 a product's tile across warps when the tile has fewer than 16 rows per warp. And it counts the SASS
 instructions of one step of each kernel's main loop on its shortest path (the tiles off the diagonal, which
 skip the causal mask), per (i, j) pair of the thread's share of the tile: the work besides the products,
-which bounds these kernels.
+which bounds these kernels, and the block-wide barriers on that path (`bar/step`: layout conversions
+through shared memory, each of which stalls every warp of the program).
 Compiles into a private, temporary Triton cache, so the times are real.
 Ends with `RESULT compiled=N failed=M ...`; exits 1 if any config failed to compile or fit.
 """
@@ -66,9 +67,10 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
     """(name, kernel, autotune configs, extra constexprs) of each requested kernel.
 
     Each attention kernel comes twice: computing the bias per pair, and reading it from the precomputed
-    buffer (`+rab`, with the fill kernel that writes it); dk/dv with the buffer also hands its bias
-    gradients over as a ds buffer (`+ds`, with the `rab_grad` kernel that reduces it), and comes a third
-    time adding dq up with atomics as well (`+dqa`, `_DQ_ATOMIC`).
+    buffer (`+rab`, with the fill kernel that writes it: `fill`, query-major, for the forward; `fill+keys`,
+    both layouts, for the backward); dk/dv with the buffer also hands its bias gradients over as a ds buffer
+    (`+ds`, with the `rab_grad` kernel that reduces it), and comes a third time adding dq up with atomics as
+    well (`+dqa`, `_DQ_ATOMIC`).
     """
     table = {
         "fwd": (hstu._hstu_fwd_kernel, hstu._FWD_CONFIGS, {}),
@@ -77,8 +79,11 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
     }
     specs = []
     for name in kernels:
-        if name == "fill":
-            specs.append(("fill", hstu._hstu_rab_fill_kernel, hstu._FILL_CONFIGS, {"TABLE_GATHER": True}))
+        if name == "fill":  # the forward's (query-major) and the backward's (both layouts, dq kernel on)
+            fill = hstu._hstu_rab_fill_kernel
+            forward = {"TABLE_GATHER": True, "QUERY_MAJOR": True, "KEY_MAJOR": False}
+            specs.append(("fill", fill, hstu._FILL_CONFIGS, forward))
+            specs.append(("fill+keys", fill, hstu._FILL_CONFIGS, {**forward, "KEY_MAJOR": True}))
             rab_grad = hstu._hstu_rab_grad_kernel
             specs.append(("rab_grad", rab_grad, hstu._RAB_GRAD_CONFIGS, {"DEN_IS_LEN": True, "HEADS": 4}))
             continue
@@ -144,9 +149,11 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s*(?:/\*.*)?$")
 _BRANCH = re.compile(r"^(@!?U?P\w+\s+)?BRA\s+(?:`\()?\.?(L_x_\d+)")
 
 
-def main_loop_instructions(cubin: bytes) -> int | None:
-    """SASS instructions per thread in one step of the kernel's main loop (its longest backward branch),
-    on the loop body's shortest path through its conditional blocks; None if it has no loop."""
+def main_loop_instructions(cubin: bytes) -> tuple[int, int] | None:
+    """(SASS instructions per thread, block-wide barriers) in one step of the kernel's main loop (its longest
+    backward branch), on the loop body's shortest path through its conditional blocks; None if it has no
+    loop. Barriers mostly come from layout conversions through shared memory: each one stalls every warp
+    until the slowest arrives."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
@@ -168,14 +175,20 @@ def main_loop_instructions(cubin: bytes) -> int | None:
         return None
     first, last = max(loops, key=lambda span: span[1] - span[0])
     shortest = [1] * (last + 1)  # instructions from i to the loop's back branch, on the shortest path
+    step = list(range(1, last + 2))  # the instruction after i on that path
     for i in range(last - 1, first - 1, -1):
         m = _BRANCH.match(instrs[i])
         jumps = m is not None and i < labels.get(m.group(2), -1) <= last  # a forward branch in the loop
-        nexts = [shortest[labels[m.group(2)]]] if jumps else []
+        nexts = [labels[m.group(2)]] if jumps else []
         if not (jumps and m.group(1) is None):  # not an unconditional jump: it may fall through
-            nexts.append(shortest[i + 1])
-        shortest[i] = 1 + min(nexts)
-    return shortest[first]
+            nexts.append(i + 1)
+        step[i] = min(nexts, key=lambda j: shortest[j])
+        shortest[i] = 1 + shortest[step[i]]
+    barriers, i = 0, first
+    while i <= last:
+        barriers += instrs[i].lstrip().startswith("BAR.SYNC")
+        i = step[i]
+    return shortest[first], barriers
 
 
 def silu_per_pair(ptx: str, config: triton.Config) -> float | None:
@@ -215,7 +228,7 @@ def compile_all(args: argparse.Namespace) -> int:
     limit = SMEM_LIMIT.get(args.arch)
     header = (
         f"{'kernel':15s} {'dtype':5s} {'config':58s} {'compile_s':>9s} {'regs':>5s} "
-        f"{'spill_B':>8s} {'smem_KiB':>8s} {'silu/pair':>9s} {'loop/pair':>9s}  status"
+        f"{'spill_B':>8s} {'smem_KiB':>8s} {'silu/pair':>9s} {'loop/pair':>9s} {'bar/step':>8s}  status"
     )
     print(f"target sm_{args.arch}, Dqk={args.dqk}, Dv={args.dv}, triton {triton.__version__}\n{header}")
     compiled = failed = 0
@@ -225,7 +238,7 @@ def compile_all(args: argparse.Namespace) -> int:
         for name, fn, configs, extra in kernel_specs(args.kernels.split(",")):
             pruned = (
                 configs
-                if name in ("fill", "rab_grad")
+                if name in ("fill", "fill+keys", "rab_grad")
                 else hstu._prune_configs(configs, {}, DOT_PREC=precision, **extra)
             )
             for config in pruned[:1] if args.first_config_only else pruned:
@@ -233,7 +246,7 @@ def compile_all(args: argparse.Namespace) -> int:
                     FAST_MATH=dtype != "fp32", BLOCK_BUCKETS=triton.next_power_of_2(args.num_buckets + 1),
                     **extra, **config.kwargs,
                 )  # fmt: skip
-                if name not in ("fill", "rab_grad"):
+                if name not in ("fill", "fill+keys", "rab_grad"):
                     constants |= dict(
                         DQK=args.dqk, DV=args.dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, DEN_IS_LEN=True,
                         DOT_PREC=precision,
@@ -263,7 +276,8 @@ def compile_all(args: argparse.Namespace) -> int:
                 loop = main_loop_instructions(kernel.asm["cubin"])
                 tile = hstu._tile(config)
                 rows, cols = tile[0], tile[-1]  # square tiles name one size
-                per_pair = "-" if loop is None else f"{loop * 32 * config.num_warps / (rows * cols):.1f}"
+                per_pair = "-" if loop is None else f"{loop[0] * 32 * config.num_warps / (rows * cols):.1f}"
+                barriers = "-" if loop is None else str(loop[1])
                 status = "ok"
                 if limit is not None and smem > limit:
                     status = f"FAILS: shared memory over {limit} B"
@@ -275,7 +289,7 @@ def compile_all(args: argparse.Namespace) -> int:
                 print(
                     f"{name:15s} {dtype:5s} {label:58s} {seconds:9.1f} {report['registers']:5d} "
                     f"{spill:8d} {smem / 1024:8.1f} {'-' if silu is None else f'{silu:g}':>9s} {per_pair:>9s}"
-                    f"  {status}",
+                    f" {barriers:>8s}  {status}",
                     flush=True,
                 )
     print(

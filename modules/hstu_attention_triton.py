@@ -6,13 +6,16 @@ rab(i, j) = pos_weights[(j - i) + max_seq_len - 1] + time_weights[bucket(tq_i - 
 from the timestamps. Inputs bf16/fp16/fp32, accumulation fp32.
 
 Where rab comes from: on the GPU, by default, one fill kernel writes rab(i, j) / 2 of every causal pair into a
-buffer (sum of L^2 / 2 entries in the inputs' dtype; row i padded to a multiple of 64 keys) once per call,
-and the attention kernels read it as 16-byte-vectorised tiles. Computing it inline instead costs each pair
-a bucket logarithm and two table gathers per head and per kernel, which on an H100 made the forward
-L1-bound at about a third of its bias-free speed (README, GPU status); the buffer does that work once for
-all heads. A batch whose buffer would pass `_RAB_MEMORY_FRACTION` of the GPU's memory runs as consecutive
-runs of sequences whose buffers fit, launched one after another. The inline path remains for a sequence too
-long for the budget alone, for a buffer that finds no room (with a warning), and under the interpreter.
+buffer (sum of L^2 / 2 entries in the inputs' dtype; row i padded to a multiple of 64 keys, a sequence's rows
+to a multiple of 8) once per call, and the attention kernels read it as 16-byte-vectorised tiles: query-major
+for the forward and dq; in the backward also key-major (the same pairs transposed, each key's queries
+contiguous) for dk/dv, whose tiles are key-major, so its bias tiles need no transpose. Computing it
+inline instead costs each pair a bucket logarithm and two table gathers per head and per kernel, which on
+an H100 made the forward L1-bound at about a third of its bias-free speed (README, GPU status); the buffer
+does that work once for all heads. A batch whose buffer would pass `_RAB_MEMORY_FRACTION` of the GPU's
+memory runs as consecutive runs of sequences whose buffers fit, launched one after another. The inline
+path remains for a sequence too long for the budget alone, for a buffer that finds no room (with a
+warning), and under the interpreter.
 
 Tiling (grid = (heads, blocks, sequences); each program reads its sequence's start/length from offsets):
 - forward: one program per query block; one loop over the key blocks up to its last row, acc += SiLU(s) @ v
@@ -24,8 +27,8 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
   (as FlashAttention's backward does: no register transposes, and Hopper wgmma tiles of 64 keys per warp
   group), accumulates dv += p^T do and dk += ds^T q. The bias-weight gradients need ds summed over heads,
   diagonal by diagonal (position) and bucket by bucket (time). By default dk/dv writes each pair's ds per
-  head into a buffer laid out like the bias buffer, and `_hstu_rab_grad_kernel` sums the heads of each
-  pair once and then reduces, walking diagonal bands of square tiles (ds accumulated elementwise along a
+  head into a buffer laid out like its key-major bias buffer, and `_hstu_rab_grad_kernel` sums the heads of
+  each pair once and then reduces, walking diagonal bands of square tiles (ds accumulated elementwise along a
   band, its diagonal sums taken once per band through a sheared `tl.gather`; per tile, masked bucket sums
   into a per-program histogram; a few relaxed atomics per band); a buffer too large for the memory budget
   holds as many heads as fit, and dk/dv runs once per group of heads. Done per head inside dk/dv's loop
@@ -34,8 +37,9 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
 - backward dq: by default one program per query block, looping over key blocks like the forward (no
   atomics), which recomputes s and dp. Alternatively (`_DQ_ATOMIC`, as FlashAttention-2/3 do) dk/dv adds
   each step's ds q-tile product to an fp32 dq with 16-byte relaxed atomics: 5 products per pair instead of 7
-  and one bias-buffer pass fewer, at the cost of atomics traffic and a dq whose low bits vary with their
-  order; which is faster on a GPU is for `benchmarks/hstu_attention.py` to say (untimed so far).
+  and no query-major bias buffer in the backward, at the cost of atomics traffic and a dq whose low bits
+  vary with their order; which is faster on a GPU is for `benchmarks/hstu_attention.py` to say (untimed so
+  far).
 Per (i, j) pair, the work besides the two products bounds the speed, so it is kept small: timestamps
 travel as int32 offsets from each sequence's first one (int64 only past 68 years), the causal limit and
 position index come from per-row values, 1/den and alpha scale the accumulators once, 16-bit inputs
@@ -90,6 +94,9 @@ of 16 sequences of 4096 events needs 0.3 GB in bf16); larger batches run in runs
 _RAB_ALIGN = 64
 """Each row i of the bias buffer holds round_up(i + 1, _RAB_ALIGN) keys: a multiple of every key block, so
 the kernels' unmasked tile loads stay inside their sequence, and of 16 bytes, so they are vectorised."""
+_RAB_ROW_PAD = 8
+"""A sequence's rows in the bias and ds buffers run to its length rounded up to this (16 bytes of bf16), so
+the key-major layout's columns, which hold those rows' queries, are whole 16-byte vectors."""
 
 
 def _patch_interpreter() -> None:
@@ -138,6 +145,7 @@ if _INTERPRET:
 _BUCKET_DIVISOR = tl.constexpr(TIME_BUCKET_DIVISOR)
 _LOG2_TO_BUCKET = tl.constexpr(math.log(2.0) / TIME_BUCKET_DIVISOR)
 _ALIGN = tl.constexpr(_RAB_ALIGN)
+_ROW_PAD = tl.constexpr(_RAB_ROW_PAD)
 
 
 @triton.jit
@@ -263,6 +271,36 @@ def _rab_row_mask(rows, keys):
 
 
 @triton.jit
+def _padded_rows(seq_len):
+    """Rows of a sequence's part of the bias and ds buffers: its length rounded up to `_RAB_ROW_PAD`."""
+    return (seq_len + _ROW_PAD - 1) // _ROW_PAD * _ROW_PAD
+
+
+@triton.jit
+def _rab_key_start(rab_base, keys, rows):
+    """Key-major layout (the backward's dk/dv and ds reduction): entry (i, j) of the sequence whose part
+    starts at rab_base, with `rows` padded rows, sits at this + i for keys j. Column j holds queries
+    64 floor(j / 64) .. rows - 1, columns back to back: the same pairs as the query-major rows, transposed,
+    so both layouts take the same space and share each sequence's start. Multiples of 8 (16 bytes)."""
+    j = keys.to(tl.int64)
+    full, part = j // _ALIGN, j % _ALIGN
+    origin = j * rows - _ALIGN * full * ((_ALIGN // 2) * (full - 1) + part + 1)
+    return tl.multiple_of(rab_base + origin, [_ROW_PAD, _ROW_PAD])
+
+
+@triton.jit
+def _rab_key_mask(keys, queries, rows, WIDE: tl.constexpr):
+    """Entries of a key-major [N, 1] x [1, M] tile inside their columns: queries before the sequence's padded
+    end (a bound that is a multiple of 8, so the mask is constant over 16-byte vectors). WIDE key blocks
+    (> 64) also stop at the last column and, where a column starts after the block's first query (keys in
+    its second 64), at the column's start."""
+    mask = queries < rows
+    if WIDE:
+        mask = mask & (keys < (rows + _ALIGN - 1) // _ALIGN * _ALIGN) & (queries >= keys // _ALIGN * _ALIGN)
+    return mask
+
+
+@triton.jit
 def _row_block(OFFSETS, BLOCK_R: tl.constexpr):
     """(sequence, its start and length, first row, rows) of a program in a (row blocks, sequences) grid.
 
@@ -341,15 +379,15 @@ def _hstu_rab_grad_kernel(
     HEADS: tl.constexpr, DEN_IS_LEN: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Bias-weight gradients from the ds buffer that dk/dv wrote per head (2 ds, its product operand: the
-    1/2 joins the 1/den scaling here). Each pair's heads are summed first, so the reductions (and the
-    scaling) run once per pair, not once per head inside dk/dv.
+    """Bias-weight gradients from the key-major ds buffer that dk/dv wrote per head (2 ds, its product
+    operand: the 1/2 joins the 1/den scaling here). Each pair's heads are summed first, so the reductions
+    (and the scaling) run once per pair, not once per head inside dk/dv.
 
-    A program walks one diagonal band of its sequence: BLOCK x BLOCK tiles whose keys lie `band` blocks
-    before their rows (band 0, the longest, holds the diagonal and runs first). Every tile of a band covers
-    the same diagonals, so the position gradient accumulates ds elementwise and takes its diagonal sums once
-    per band; the time-bias sums run per tile, as buckets change from tile to tile. Rows as in the bias
-    buffer; entries past the diagonal are read (whole 16-byte vectors) but masked out.
+    A program walks one diagonal band of its sequence: BLOCK x BLOCK tiles ([keys, queries], as stored)
+    whose keys lie `band` blocks before their queries (band 0, the longest, holds the diagonal and runs
+    first). Every tile of a band covers the same diagonals, so the position gradient accumulates ds
+    elementwise and takes its diagonal sums once per band; the time-bias sums run per tile, as buckets
+    change from tile to tile. Entries past the diagonal are read (whole 16-byte vectors) but masked out.
     """
     tl.static_assert(_ALIGN % BLOCK == 0)  # keys up to each tile's last row stay in its rows' allocations
     band = tl.program_id(0)
@@ -361,38 +399,43 @@ def _hstu_rab_grad_kernel(
         return
     inv_den = _inv_den(seq_len, DEN_IS_LEN, inv_den_const)
     rab_base = tl.load(RAB_BASE + b)
+    rows = _padded_rows(seq_len)
     acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     time_grad = tl.zeros([BLOCK_BUCKETS], dtype=tl.float32)
     for m0 in range(first_row, seq_len, BLOCK):
         offs_m = m0 + tl.arange(0, BLOCK)
         offs_n = offs_m - first_row
-        mask_m = offs_m < seq_len
-        valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m[:, None]
-        start = _rab_start(rab_base, tl.minimum(offs_m, seq_len - 1)[:, None])
+        queries, keys = offs_m[None, :], offs_n[:, None]
+        valid = (keys <= queries) & (queries < seq_len)
+        start = _rab_key_start(rab_base, keys, rows)
+        in_rows = _rab_key_mask(keys, queries, rows, False)  # columns start at or before the band's queries
         ds = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         head = DS  # advanced one head at a time: no head * stride product to overflow int32
-        for _ in tl.static_range(HEADS):  # unrolled, so the heads' loads are in flight together; unmasked
-            # 16-byte loads inside the sequence's part (as `_rab_tile`'s); pairs past the diagonal may hold
-            # anything, even NaN bits, so they are dropped before the sum
-            ds += tl.where(valid, tl.load(head + start + offs_n[None, :]).to(tl.float32), 0.0)
+        for _ in tl.static_range(HEADS):  # unrolled, so the heads' loads are in flight together; pairs past
+            # the diagonal may hold anything, even NaN bits, so they are dropped before the sum
+            ds += tl.where(
+                valid, tl.load(head + start + queries, mask=in_rows, other=0.0).to(tl.float32), 0.0
+            )
             head += ds_head_stride
         acc += ds
-        tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
-        tk = tl.load(TS + seq_start + offs_n, mask=offs_n < seq_len, other=0)[None, :]
+        tq = _load_query_times(TS, seq_start, offs_m, seq_len)[None, :]
+        tk = tl.load(TS + seq_start + offs_n, mask=offs_n < seq_len, other=0)[:, None]
         bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
         time_grad = _time_grad_tile(ds, bucket, valid, time_grad, num_buckets, BLOCK_BUCKETS)
-    _add_diagonal_sums(DPOS, acc, -first_row, max_seq_len, 0.5 * inv_den, 2 * BLOCK)  # the buffer holds 2 ds
+    # query-major for the diagonal sums (once per band); the buffer holds 2 ds
+    _add_diagonal_sums(DPOS, tl.trans(acc), -first_row, max_seq_len, 0.5 * inv_den, 2 * BLOCK)
     _add_time_grad(DTIME, time_grad, 0.5 * inv_den, num_buckets, BLOCK_BUCKETS)
 
 
 @triton.jit
 def _hstu_rab_fill_kernel(
-    RAB, RAB_BASE, OFFSETS, TS, POS_W, TIME_W, max_seq_len, num_buckets, len_key,
-    FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr, TABLE_GATHER: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    RAB, RAB_KEYS, RAB_BASE, OFFSETS, TS, POS_W, TIME_W, max_seq_len, num_buckets, len_key,
+    QUERY_MAJOR: tl.constexpr, KEY_MAJOR: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
+    TABLE_GATHER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     """Writes rab(i, j) / 2 (pos + time bias, halved for the kernels' SiLU in tanh(s / 2)) for j <= i, and
-    zero past the diagonal, over every row's allocation.
+    zero past the diagonal and in the padding rows, over every row's allocation: to the query-major buffer
+    RAB (forward and dq) and/or the key-major RAB_KEYS (dk/dv), from one computation.
 
     Shared by all heads and by the three attention kernels, so each pair's bucket and two table lookups are
     done once per call instead of once per head and kernel. TABLE_GATHER (the default) looks the time table
@@ -400,15 +443,19 @@ def _hstu_rab_fill_kernel(
     """
     tl.static_assert((_ALIGN % BLOCK_R == 0) & (_ALIGN % BLOCK_C == 0))
     b, seq_start, seq_len, m0, offs_m = _row_block(OFFSETS, BLOCK_R)
-    if m0 >= seq_len:
+    rows = _padded_rows(seq_len)
+    if m0 >= rows:
         return
-    mask_m = (offs_m < seq_len)[:, None]
-    start = _rab_start(tl.load(RAB_BASE + b), offs_m[:, None])
+    in_rows = offs_m[:, None] < rows
+    real = offs_m[:, None] < seq_len
+    rab_base = tl.load(RAB_BASE + b)
+    start = _rab_start(rab_base, offs_m[:, None])
     tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
     pos_row = (max_seq_len - 1) - offs_m[:, None]
-    last_row = tl.minimum(m0 + BLOCK_R, seq_len) - 1
+    last_row = tl.minimum(m0 + BLOCK_R, rows) - 1
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     # BLOCK_R divides the row padding, so the block's rows share one allocation length: the loop's bound
+    # (and every key-major column the loop writes starts at or before the block's first row).
     # LOOP_STAGES = 2 prefetches the next step's timestamps and position weights while this one computes
     for n0 in tl.range(0, (last_row // _ALIGN + 1) * _ALIGN, BLOCK_C, num_stages=LOOP_STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_C)
@@ -416,13 +463,17 @@ def _hstu_rab_fill_kernel(
         tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
         bias = _time_bias(TIME_W, time_table, _time_bucket(tq, tk, num_buckets, FAST_MATH), TABLE_GATHER)
         pos_ptrs = POS_W + (pos_row + offs_n[None, :])
-        if n0 + BLOCK_C <= m0:  # keys wholly before the block's first row: every pair is causal
-            bias += tl.load(pos_ptrs)
+        if (n0 + BLOCK_C <= m0) & (m0 + BLOCK_R <= seq_len):  # keys before every row, and rows all real
+            bias += tl.load(pos_ptrs)  # (a padding row past max_seq_len would index before the table)
         else:
-            valid = (offs_n[None, :] <= offs_m[:, None]) & mask_m
+            valid = (offs_n[None, :] <= offs_m[:, None]) & real
             bias = tl.where(valid, bias, 0.0) + tl.load(pos_ptrs, mask=valid, other=0.0)
         half = (0.5 * bias).to(RAB.dtype.element_ty)  # exact: a power-of-two scaling
-        tl.store(RAB + start + offs_n[None, :], half, mask=mask_m)  # 16-byte vectors
+        if QUERY_MAJOR:
+            tl.store(RAB + start + offs_n[None, :], half, mask=in_rows)  # 16-byte vectors
+        if KEY_MAJOR:  # 16-byte vectors along the rows (the mask is constant over 8 of them)
+            keys_start = _rab_key_start(rab_base, offs_n[None, :], rows)
+            tl.store(RAB_KEYS + keys_start + offs_m[:, None], half, mask=in_rows)
 
 
 @triton.jit
@@ -590,6 +641,11 @@ def _hstu_bwd_dkdv_kernel(
     Key-major tiles ([BLOCK_N keys, BLOCK_M queries], s^T = k q^T), as in FlashAttention's backward: p^T
     and ds^T are the left operands of dv += p^T do and dk += ds^T q as computed, with no transpose of a
     register tile in between, and every product's rows are the BLOCK_N keys (full Hopper wgmma tiles).
+    The bias tiles it reads (RAB) and the ds tiles it writes (DS) are key-major in memory too (queries
+    contiguous, `_rab_key_start`): the bias tile is then copied to shared memory asynchronously and read
+    straight into the products' register layout, and ds leaves in one pass. Query-major buffers made every
+    step transpose both through shared memory in chunks, 16 block-wide barriers per step at 64x128 in the
+    sm_90 SASS (3 now), and kept the bias load out of the software pipeline.
     DQ_ATOMIC: also adds ds k (scaled) to the fp32 DQ of the step's query rows, with relaxed atomics (16-byte
     vectors on sm_90), so no dq kernel recomputes s and dp.
     """
@@ -624,6 +680,8 @@ def _hstu_bwd_dkdv_kernel(
     time_grad = tl.zeros([BLOCK_BUCKETS], dtype=tl.float32)  # this key block's time-bias gradient
     ds_head = DS + tl.program_id(0).to(tl.int64) * ds_head_stride  # the buffer holds this launch's heads
     rab_base = tl.load(RAB_BASE + b)
+    padded = _padded_rows(seq_len)
+    keys_start = _rab_key_start(rab_base, keys, padded)
     for m0 in range(n0, seq_len, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < seq_len
@@ -644,8 +702,9 @@ def _hstu_bwd_dkdv_kernel(
         valid = keys <= offs_m[None, :]  # [BLOCK_N(j), BLOCK_M(i)]
         bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)  # compiled out with the buffer and no RAB_GRAD
         last_row = tl.minimum(offs_m, seq_len - 1)[None, :]
-        if RAB_TILES:
-            half_bias = _rab_tile(RAB, rab_base, last_row, keys, BLOCK_N > _ALIGN)
+        if RAB_TILES:  # rows past the end (up to the padding) hold zeros; later ones are masked
+            in_cols = _rab_key_mask(keys, offs_m[None, :], padded, BLOCK_N > _ALIGN)
+            half_bias = tl.load(RAB + keys_start + offs_m[None, :], mask=in_cols, other=0.0).to(tl.float32)
         else:
             pos = (max_seq_len - 1) - last_row + keys  # inside the table for keys before the end
             bias = tl.load(POS_W + pos, mask=valid & mask_n[:, None], other=0.0)
@@ -670,12 +729,10 @@ def _hstu_bwd_dkdv_kernel(
             )  # fmt: skip
         if RAB_GRAD:
             if DS_STORE:  # the product's operand, handed to _hstu_rab_grad_kernel, which reduces all heads
-                # Whole rows, as 16-byte vectors: up to 64 keys they stay in each row's allocation (as the
-                # bias tiles do); wider blocks stop at its end. Rows past the end would repeat the last.
-                store_mask = mask_m[None, :]
-                if BLOCK_N > _ALIGN:
-                    store_mask = store_mask & _rab_row_mask(last_row, keys)
-                tl.store(ds_head + _rab_start(rab_base, last_row) + keys, ds_in, mask=store_mask)
+                # Key-major, as 16-byte vectors, each key's queries inside its own column (where a column
+                # starts later than the block's first query, the mask keeps the column before it intact)
+                in_cols = _rab_key_mask(keys, offs_m[None, :], padded, BLOCK_N > _ALIGN)
+                tl.store(ds_head + keys_start + offs_m[None, :], ds_in, mask=in_cols)
             else:  # the fallback: the tile reduced per head, query-major
                 ds_rows = tl.trans(ds)
                 _add_diagonal_sums(DPOS, ds_rows, n0 - m0, max_seq_len, 0.5 * inv_den, 2 * BLOCK_N)
@@ -905,9 +962,16 @@ class TritonPlan:
                 )
 
 
+def _padded_len(length):
+    """A sequence's rows in the bias and ds buffers (`_padded_rows`): its length rounded up to 8."""
+    return -(-length // _RAB_ROW_PAD) * _RAB_ROW_PAD
+
+
 def _rab_numel(lengths: Tensor) -> Tensor:
-    """Bias-buffer elements a sequence of each length takes: row i holds round_up(i + 1, _RAB_ALIGN) keys."""
-    full, part = lengths // _RAB_ALIGN, lengths % _RAB_ALIGN
+    """Bias-buffer elements a sequence of each length takes: row i < `_padded_len` holds round_up(i + 1,
+    _RAB_ALIGN) keys (the key-major layout holds the same pairs, transposed)."""
+    rows = _padded_len(lengths)
+    full, part = rows // _RAB_ALIGN, rows % _RAB_ALIGN
     return _RAB_ALIGN * _RAB_ALIGN * full * (full + 1) // 2 + _RAB_ALIGN * part * (full + 1)
 
 
@@ -1054,12 +1118,19 @@ def _reduce_bias_grads(ds, batch: TritonPlan, chunk: _Chunk, dpos, dtime, heads:
     )  # fmt: skip
 
 
-def _fill_rab(rab: Tensor, batch: TritonPlan, chunk: _Chunk, pos_w, time_w, max_seq_len: int) -> None:
-    """Writes a run's bias buffer: rab(i, j) / 2 of every causal pair, shared by all heads, in rab's dtype."""
+def _fill_rab(
+    query_major: Tensor | None, key_major: Tensor | None, batch: TritonPlan, chunk: _Chunk, pos_w, time_w,
+    max_seq_len: int,
+) -> None:  # fmt: skip
+    """Writes a run's bias buffers, either or both (one pass): rab(i, j) / 2 of every causal pair, shared by
+    all heads, query-major (forward, dq) and key-major (dk/dv), in their dtype."""
     fill, _ = _buffer_kernels()
-    fill[_row_grid(batch.longest, chunk.num_seqs, "BLOCK_R")](
-        rab, chunk.rab_base, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, max_seq_len,
-        time_w.numel() - 1, _len_key(batch.longest), FAST_MATH=_fast_math(rab.dtype),
+    some = query_major if query_major is not None else key_major  # the pointer a missing one passes
+    fill[_row_grid(_padded_len(batch.longest), chunk.num_seqs, "BLOCK_R")](
+        some, some if key_major is None else key_major, chunk.rab_base, chunk.offsets,
+        batch.kernel_timestamps, pos_w, time_w, max_seq_len, time_w.numel() - 1, _len_key(batch.longest),
+        QUERY_MAJOR=query_major is not None, KEY_MAJOR=key_major is not None,
+        FAST_MATH=_fast_math(some.dtype),
         BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()), TABLE_GATHER=_TABLE_GATHER is not False,
         **_fill_blocks(),
     )  # fmt: skip
@@ -1077,7 +1148,9 @@ class _HSTUAttention(torch.autograd.Function):
             return out.zero_()
         fwd, _, _ = _kernels()
         for chunk in _chunks(batch, q):
-            rab, common = _launch_args(q, v, batch, chunk, pos_w, time_w, max_seq_len, alpha, denominator)
+            rab, _, common = _launch_args(
+                q, v, batch, chunk, pos_w, time_w, max_seq_len, alpha, denominator, query_major=True
+            )
             fwd[_grid(batch.longest, heads, chunk.num_seqs, "BLOCK_M")](
                 q, k, v, out, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, rab, chunk.rab_base,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -1130,7 +1203,10 @@ def _backward_run(
     """The backward kernels on one run of sequences: dk/dv (and the bias gradients), then dq; or, given the
     fp32 dq_acc, dk/dv alone, adding dq into it."""
     heads = q.shape[1]
-    rab, common = _launch_args(q, v, batch, chunk, pos_w, time_w, max_seq_len, alpha, denominator)
+    rab, rab_keys, common = _launch_args(
+        q, v, batch, chunk, pos_w, time_w, max_seq_len, alpha, denominator, query_major=dq_acc is None,
+        key_major=True,
+    )  # fmt: skip
     group = _ds_buffer_heads(chunk, q) if rab_grad else 0
     ds = None
     if group:
@@ -1148,7 +1224,7 @@ def _backward_run(
         group_heads = min(group, heads - head0)
         dkdv_kernel[_grid(batch.longest, group_heads, chunk.num_seqs, "BLOCK_N", _INTERPRET_DKDV_KEYS)](
             q, k, v, do, dk, dv, dq_out, dpos, dtime, chunk.offsets, batch.kernel_timestamps, pos_w, time_w,
-            rab, chunk.rab_base, q if ds is None else ds,  # q: a placeholder pointer, never read
+            rab_keys, chunk.rab_base, q if ds is None else ds,  # q: a placeholder pointer, never read
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             dq_out.stride(0), dq_out.stride(1),
@@ -1168,26 +1244,40 @@ def _backward_run(
     )  # fmt: skip
 
 
-def _launch_args(q, v, batch: TritonPlan, chunk: _Chunk, pos_w, time_w, max_seq_len, alpha, denominator):
-    """(the run's bias buffer or a placeholder pointer, the arguments every attention kernel takes by name).
+def _launch_args(
+    q, v, batch: TritonPlan, chunk: _Chunk, pos_w, time_w, max_seq_len, alpha, denominator, *,
+    query_major: bool, key_major: bool = False,
+):  # fmt: skip
+    """(the run's query-major bias buffer, its key-major one, the arguments every attention kernel takes by
+    name); a buffer not asked for, or with no room (then neither is used), is a placeholder pointer.
 
-    The buffer is filled per call (forward, then again in backward) rather than kept: it is quick to
-    rebuild, and holding it per layer until backward would cost O(sum of squared lengths) memory each.
+    The buffers are filled per call (forward, then again in backward) rather than kept: they are quick to
+    rebuild, and holding them per layer until backward would cost O(sum of squared lengths) memory each.
     """
-    rab = None
+    buffers = []
     if _use_rab_tiles(chunk, q):
-        rab = _transient_buffer(chunk.rab_numel, q, "bias buffer", _RAB_TILES, "computing the bias inline")
-    if rab is not None:
-        _fill_rab(rab, batch, chunk, pos_w, time_w, max_seq_len)
+        for _ in range(query_major + key_major):
+            buffers.append(
+                _transient_buffer(chunk.rab_numel, q, "bias buffer", _RAB_TILES, "computing the bias inline")
+            )
+            if buffers[-1] is None:
+                buffers = []
+                break
+    tiles = bool(buffers)
+    rab = buffers.pop(0) if tiles and query_major else None
+    rab_keys = buffers.pop(0) if tiles and key_major else None
+    if tiles:
+        _fill_rab(rab, rab_keys, batch, chunk, pos_w, time_w, max_seq_len)
     block_dqk, block_dv = _dims(q.shape[2], v.shape[2])
     common = dict(
         alpha=float(alpha), inv_den_const=0.0 if denominator is None else 1.0 / float(denominator),
         max_seq_len=max_seq_len, num_buckets=time_w.numel() - 1, len_key=_len_key(batch.longest),
         DQK=q.shape[2], DV=v.shape[2], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         DEN_IS_LEN=denominator is None, DOT_PREC=_dot_precision(q.dtype), FAST_MATH=_fast_math(q.dtype),
-        BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()), RAB_TILES=rab is not None,
+        BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()), RAB_TILES=tiles,
     )  # fmt: skip
-    return q if rab is None else rab, common  # q: a placeholder pointer the inline path never reads
+    placeholder = lambda x: q if x is None else x  # noqa: E731  (q: a pointer the kernels never read)
+    return placeholder(rab), placeholder(rab_keys), common
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

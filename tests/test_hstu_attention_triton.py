@@ -7,6 +7,7 @@ built in the mode active at triton's first import).
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import os
 import subprocess
@@ -139,66 +140,92 @@ def naive_rab(offsets, timestamps, pos_w, time_w, max_seq_len):
     return out
 
 
-def test_bias_buffer_layout_and_fill(tri):
-    """Row i of a sequence holds round_up(i + 1, 64) keys, rows back to back, sequences back to back; the
-    fill kernel writes every pair's bias there, halved (for the kernels' SiLU in tanh(s / 2)), with zeros
-    past the diagonal, and nothing outside."""
-    align = tri._RAB_ALIGN
-    lengths = torch.tensor([0, 1, 63, 64, 65, 130, 7])
-    naive = [sum(-(-(i + 1) // align) * align for i in range(n)) for n in lengths.tolist()]
-    assert tri._rab_numel(lengths).tolist() == naive
+def naive_layouts(length, align=64, pad=8):
+    """A sequence's two bias/ds-buffer layouts as stated in words, {(i, j): offset in its part}: rows up to
+    its length rounded up to 8; query-major, row i holds keys 0 .. round_up(i + 1, 64) - 1; key-major,
+    column j holds those pairs' rows 64 floor(j / 64) .. last (the same pairs, transposed)."""
+    rows = -(-length // pad) * pad
+    pairs = [(i, j) for i in range(rows) for j in range(-(-(i + 1) // align) * align)]
+    query_major = {pair: offset for offset, pair in enumerate(pairs)}
+    key_major = {pair: offset for offset, pair in enumerate(sorted(pairs, key=lambda p: (p[1], p[0])))}
+    return query_major, key_major
+
+
+def test_bias_buffer_layouts_and_fill(tri):
+    """Both layouts of the bias buffer (query-major for the forward and dq, key-major for dk/dv), sequences
+    back to back: the fill kernel writes every pair's bias there, halved (for the kernels' SiLU in
+    tanh(s / 2)), with zeros past the diagonal and in the padding rows, and every element once."""
+    lengths = torch.tensor([0, 1, 63, 64, 65, 130, 7, 72])
+    layouts = [naive_layouts(n) for n in lengths.tolist()]
+    sizes = [len(rows) for rows, _ in layouts]
+    assert tri._rab_numel(lengths).tolist() == sizes
     *_, offsets, ts, pos_w, time_w, n = make_inputs(lengths.tolist(), seed=4)
     batch = tri.plan_triton_attention(offsets, ts, max_seq_len=n)
-    assert batch.rab_numel == sum(naive)
-    assert batch.rab_base.tolist() == [sum(naive[:b]) for b in range(len(naive))]
-    assert batch.rab_ends == tuple(sum(naive[: b + 1]) for b in range(len(naive)))
-    rab = torch.empty(batch.rab_numel)
-    (chunk,) = tri._chunks(batch, rab)  # no memory limit under the interpreter: one run
-    tri._fill_rab(rab, batch, chunk, pos_w, time_w, n)
-    expected = naive_rab(offsets, ts, pos_w, time_w, n)
-    cursor = 0
-    for seq, length in zip(expected, lengths.tolist(), strict=True):
-        for i in range(length):
-            row_len = -(-(i + 1) // align) * align
-            want = seq.new_zeros(row_len)
-            want[: i + 1] = seq[i, : i + 1] / 2
-            torch.testing.assert_close(rab[cursor : cursor + row_len], want)
-            cursor += row_len
-    assert cursor == rab.numel()
+    assert batch.rab_numel == sum(sizes)
+    assert batch.rab_base.tolist() == [sum(sizes[:b]) for b in range(len(sizes))]
+    assert batch.rab_ends == tuple(sum(sizes[: b + 1]) for b in range(len(sizes)))
+    (chunk,) = tri._chunks(batch, pos_w)  # no memory limit under the interpreter: one run
+    for query_major, key_major in ((True, False), (False, True), (True, True)):
+        buffers = [
+            torch.full((batch.rab_numel,), float("nan")) if on else None for on in (query_major, key_major)
+        ]
+        tri._fill_rab(*buffers, batch, chunk, pos_w, time_w, n)
+        for buffer, which in zip(buffers, (0, 1), strict=True):
+            if buffer is None:
+                continue
+            want = torch.full_like(buffer, float("nan"))
+            for base, seq, length, layout in zip(
+                batch.rab_base.tolist(), naive_rab(offsets, ts, pos_w, time_w, n), lengths.tolist(), layouts,
+                strict=True,
+            ):  # fmt: skip
+                for (i, j), offset in layout[which].items():
+                    want[base + offset] = seq[i, j] / 2 if j <= i < length else 0.0
+            torch.testing.assert_close(buffer, want, msg=f"query_major={query_major}, key_major={key_major}")
 
 
-def test_bias_buffer_tile_reads_stay_inside_their_sequence(tri):
-    """The kernels read bias tiles (and the ds-buffer reduction, walking diagonal bands, reads ds tiles) of
-    up to 64 keys without masks: every such tile any config visits must lie within its sequence's part of
-    the buffer (rows past
-    the end are clamped to the last one). dk/dv also writes whole rows of its ds tiles: each must stay in
-    its own row's allocation, or it would overwrite another program's ds. Wider key blocks (dk/dv's 128)
-    mask both at the end of each row's allocation."""
+def test_bias_buffer_tiles_stay_inside_their_sequence_and_column(tri):
+    """Unmasked reads must stay in their sequence's part of a buffer, and writes in their own row or column
+    (else they overwrite another program's ds), for every tile any config visits, over sequence lengths
+    1-299. Query-major (forward, dq): bias tiles of up to 64 keys, rows past the end clamped to the last.
+    Key-major (dk/dv, the ds reduction's diagonal bands, the fill's writes; all masked past the padded
+    rows only): every entry a tile touches lies in its own column."""
+    align, pad = tri._RAB_ALIGN, tri._RAB_ROW_PAD
     tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tri._FWD_CONFIGS}
     tiles |= {(tri._INTERPRET_BLOCK, tri._INTERPRET_BLOCK)}
-    bands = {c.kwargs["BLOCK"] for c in tri._RAB_GRAD_CONFIGS} | {tri._INTERPRET_BLOCK}  # the ds reduction's
-    assert all(bn <= tri._RAB_ALIGN for _, bn in tiles) and max(bands) <= tri._RAB_ALIGN
+    bands = {c.kwargs["BLOCK"] for c in tri._RAB_GRAD_CONFIGS} | {tri._INTERPRET_BLOCK}
     dkdv = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tri._DKDV_CONFIGS}
-    dkdv = {(bm, bn) for bm, bn in dkdv | {(tri._INTERPRET_BLOCK, tri._INTERPRET_DKDV_KEYS)} if bn <= 64}
-    lengths = torch.arange(1, 300)
-    row_start = torch.cat([torch.zeros(1, dtype=torch.int64), tri._rab_numel(lengths)])  # of rows 0..299
-    for length in lengths.tolist():
-        reads = []  # (first row, last row, first key, keys) of every tile visited
-        for bm, bn in tiles:
+    dkdv |= {(tri._INTERPRET_BLOCK, tri._INTERPRET_DKDV_KEYS), (tri._INTERPRET_BLOCK, 128)}
+    fills = {c.kwargs["BLOCK_R"] for c in tri._FILL_CONFIGS} | {tri._INTERPRET_BLOCK}
+    assert all(bn <= align for _, bn in tiles) and max(bands) <= align
+    assert all(c.kwargs["BLOCK_C"] == align for c in tri._FILL_CONFIGS)
+
+    for length in range(1, 300):
+        rows = -(-length // pad) * pad
+        row_len = [-(-(i + 1) // align) * align for i in range(rows)]
+        row_start = [0, *itertools.accumulate(row_len)]
+        for bm, bn in tiles:  # query-major bias reads
             for m0 in range(0, length, bm):
-                reads += [(m0, m0 + bm - 1, n0, bn) for n0 in range(0, min(m0 + bm, length), bn)]
-        for block in bands:  # diagonal bands: keys a whole number of blocks before the rows
+                last = min(m0 + bm, length) - 1  # rows past the end read the last one
+                for n0 in range(0, min(m0 + bm, length), bn):
+                    assert row_start[last] + n0 + bn <= row_start[-1], (length, m0, n0, bm, bn)
+        # Key-major tiles as (first query, first key, keys), queries up to the padded rows (masked past
+        # them). Column j holds rows 64 floor(j / 64) .. rows - 1, for j < rows rounded up to 64. dk/dv's
+        # 128-key blocks mask each entry to its column; the tiles below have no such mask.
+        tiles_k = []
+        for block in bands:  # the ds reduction's diagonal bands: keys a whole number of blocks back
             for first in range(0, length, block):
-                reads += [(m0, m0 + block - 1, m0 - first, block) for m0 in range(first, length, block)]
+                tiles_k += [(m0, m0 - first, block) for m0 in range(first, length, block)]
         for bm, bn in dkdv:
-            for n0 in range(0, length, bn):
-                for m0 in range(n0, length, bm):
-                    reads.append((m0, m0 + bm - 1, n0, bn))
-                    for i in range(m0, min(m0 + bm, length)):  # the ds rows it writes
-                        assert n0 + bn <= row_start[i + 1] - row_start[i], (length, i, n0, bn)
-        for first, last, n0, width in reads:
-            rows = torch.arange(first, last + 1).clamp(max=length - 1)
-            assert int(row_start[rows].max()) + n0 + width <= int(row_start[length]), (length, first, n0)
+            if bn <= align:
+                tiles_k += [(m0, n0, bn) for n0 in range(0, length, bn) for m0 in range(n0, length, bm)]
+        for block_r in fills:
+            for m0 in range(0, rows, block_r):
+                for n0 in range(0, (min(m0 + block_r, rows) - 1) // align * align + align, align):
+                    assert all(n0 + align <= row_len[i] for i in range(m0, min(m0 + block_r, rows)))
+                    tiles_k.append((m0, n0, align))
+        for m0, j0, width in tiles_k:
+            last_key = j0 + width - 1
+            assert m0 >= last_key // align * align and last_key < -(-rows // align) * align, (length, m0, j0)
 
 
 @pytest.mark.parametrize("ds_buffer", [False, True])
@@ -324,17 +351,19 @@ def test_dq_added_up_by_dkdv_atomics(tri, monkeypatch, dtype, rtol, atol, rab_ti
 
 
 @pytest.mark.parametrize("rab_tiles", [False, True])
-def test_bias_table_reads_stay_inside_the_tables(tri, monkeypatch, rab_tiles):
-    """Blocks far longer than max_seq_len (rows and keys past each sequence's end): the kernels must not
-    read past the bias tables. Here the tables are views into NaN-padded storage, so a stray read poisons
-    the result."""
+@pytest.mark.parametrize(("lengths", "max_seq_len"), [([1, 5, 3], 5), ([70, 3], 70)])
+def test_bias_table_reads_stay_inside_the_tables(tri, monkeypatch, rab_tiles, lengths, max_seq_len):
+    """Blocks far longer than max_seq_len (rows and keys past each sequence's end), and a sequence as long
+    as max_seq_len whose last block of rows runs into the padding: the kernels must not read outside the
+    bias tables. Here the tables are views into storage NaN-padded on both sides, so a stray read poisons
+    the result (the padding rows' bias, which dk/dv reads, included)."""
     monkeypatch.setattr(tri, "_RAB_TILES", rab_tiles)
-    q, k, v, offsets, ts, pos_w, time_w, n = make_inputs([1, 5, 3], max_seq_len=5, seed=5)
-    padded = [torch.full((x.numel() + 64,), float("nan")) for x in (pos_w, time_w)]
+    q, k, v, offsets, ts, pos_w, time_w, n = make_inputs(lengths, max_seq_len=max_seq_len, seed=5)
+    padded = [torch.full((x.numel() + 128,), float("nan")) for x in (pos_w, time_w)]
     for store, x in zip(padded, (pos_w, time_w), strict=True):
-        store[: x.numel()] = x
+        store[64 : 64 + x.numel()] = x
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    tables = [store[: x.numel()] for store, x in zip(padded, (pos_w, time_w), strict=True)]
+    tables = [store[64 : 64 + x.numel()] for store, x in zip(padded, (pos_w, time_w), strict=True)]
     tables = [x.requires_grad_(True) for x in tables]
     out = tri.triton_hstu_attention(
         *leaves, offsets, ts, *tables, max_seq_len=n, alpha=0.25, denominator=None
@@ -398,14 +427,14 @@ def test_batch_runs_within_the_memory_budget(gpu_launch_path, monkeypatch, dq_at
     gradients, nor, when dk/dv adds dq up, their dq); a run with room for one head's ds at a time
     relaunches dk/dv per head."""
     tri = gpu_launch_path
-    monkeypatch.setattr(tri, "_budget_numel", lambda x: 3000)
+    monkeypatch.setattr(tri, "_budget_numel", lambda x: 3100)
     monkeypatch.setattr(tri, "_DQ_ATOMIC", dq_atomic)
-    lengths = [40, 3, 70, 1, 25]  # bias-buffer sizes 2560, 192, 4864, 64, 1600
+    lengths = [40, 3, 70, 1, 25]  # bias-buffer sizes 2560, 512, 5120, 512, 2048 (rows padded to 8)
     _, _, _, offsets, ts, _, _, n = make_inputs(lengths)
     batch = tri.plan_triton_attention(offsets, ts, max_seq_len=n)
     runs = tri._chunks(batch, torch.empty(0))
     assert [(c.num_seqs, c.rab_numel, c.rab_base.tolist()) for c in runs] == [
-        (2, 2752, [0, 2560]), (1, 4864, [0]), (2, 1664, [0, 64])
+        (2, 3072, [0, 2560]), (1, 5120, [0]), (2, 2560, [0, 512])
     ]  # fmt: skip
     assert [c.offsets.tolist() for c in runs] == [[0, 40, 43], [43, 113], [113, 114, 139]]
     # bf16: the autotuner tries several configs (and zeroes the bias gradients before each)
@@ -544,7 +573,8 @@ def test_kernels_compile_for_hopper(tri):
     # dk/dv with the buffer twice: dq from its own kernel, and added up by dk/dv's atomics
     bf16 = 2 * len(tri._FWD_CONFIGS) + len(dkdv_in_loop) + 2 * len(with_buffer[0]) + 2 * len(with_buffer[1])
     fp32 = 3 * 2 + 1  # one small tile per kernel, with and without the buffer (and dk/dv's dq atomics)
-    buffer_kernels = len(tri._FILL_CONFIGS) + len(tri._RAB_GRAD_CONFIGS)  # the fill and the ds reduction
+    # the fill (forward: query-major; backward: both layouts) and the ds reduction
+    buffer_kernels = 2 * len(tri._FILL_CONFIGS) + len(tri._RAB_GRAD_CONFIGS)
     compiled = bf16 + fp32 + 2 * buffer_kernels
     assert f"RESULT arch=sm_90 compiled={compiled} failed=0" in proc.stdout, proc.stdout
 
