@@ -150,8 +150,8 @@ _BRANCH = re.compile(r"^(@!?U?P\w+\s+)?BRA\s+(?:`\()?\.?(L_x_\d+)")
 
 
 def main_loop_instructions(cubin: bytes) -> tuple[int, int] | None:
-    """(SASS instructions per thread, block-wide barriers) in one step of the kernel's main loop (its longest
-    backward branch), on the loop body's shortest path through its conditional blocks; None if it has no
+    """(SASS instructions per thread, block-wide barriers) in one step of the kernel's main loop (the first to
+    start), on the loop body's shortest path through its conditional blocks; None if it has no
     loop. Barriers mostly come from layout conversions through shared memory: each one stalls every warp
     until the slowest arrives."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,22 +173,36 @@ def main_loop_instructions(cubin: bytes) -> tuple[int, int] | None:
     ]
     if not loops:
         return None
-    first, last = max(loops, key=lambda span: span[1] - span[0])
-    shortest = [1] * (last + 1)  # instructions from i to the loop's back branch, on the shortest path
-    step = list(range(1, last + 2))  # the instruction after i on that path
-    for i in range(last - 1, first - 1, -1):
-        m = _BRANCH.match(instrs[i])
-        jumps = m is not None and i < labels.get(m.group(2), -1) <= last  # a forward branch in the loop
-        nexts = [labels[m.group(2)]] if jumps else []
-        if not (jumps and m.group(1) is None):  # not an unconditional jump: it may fall through
-            nexts.append(i + 1)
-        step[i] = min(nexts, key=lambda j: shortest[j])
-        shortest[i] = 1 + shortest[step[i]]
-    barriers, i = 0, first
-    while i <= last:
-        barriers += instrs[i].lstrip().startswith("BAR.SYNC")
-        i = step[i]
-    return shortest[first], barriers
+    # the outermost loop, which starts first (the longest span can be a cold block placed after the main
+    # loop that branches back into it)
+    first, last = min(loops, key=lambda span: (span[0], span[0] - span[1]))
+
+    def successors(i: int) -> list[int]:
+        if re.match(r"(EXIT|RET)\b", instrs[i]):
+            return []
+        if (m := _BRANCH.match(instrs[i])) is None or m.group(2) not in labels:
+            return [i + 1]
+        target = labels[m.group(2)]
+        return [target] if m.group(1) is None else [i + 1, target]  # unconditional, or it may fall through
+
+    # breadth-first from the loop's first instruction to its back branch, through the whole function (the
+    # compiler may place a conditional block's code after the loop, with a branch back)
+    previous, frontier = {first: None}, [first]
+    while frontier and last not in previous:
+        following = []
+        for i in frontier:
+            for j in successors(i):
+                if j < len(instrs) and j not in previous:
+                    previous[j] = i
+                    following.append(j)
+        frontier = following
+    if last not in previous:
+        return None
+    path, i = [], last
+    while i is not None:
+        path.append(instrs[i])
+        i = previous[i]
+    return len(path), sum(ins.startswith("BAR.SYNC") for ins in path)
 
 
 def silu_per_pair(ptx: str, config: triton.Config) -> float | None:

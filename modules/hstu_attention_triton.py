@@ -169,10 +169,17 @@ def _dsilu2(hs, t):
 
 @triton.jit
 def _time_bucket(tq, tk, num_buckets, FAST_MATH: tl.constexpr):
-    """bucket(|tq - tk|) as int32; FAST_MATH takes the logarithm from the GPU's one-instruction lg2, in its
-    flush-to-zero form: dt >= 1 is never subnormal, and the plain form's subnormal handling cost three
-    instructions per pair in the sm_90 SASS (12% of the bias fill's and of the ds reduction's loops)."""
-    dt = tl.maximum(tl.abs(tq - tk), 1).to(tl.float32)
+    """bucket(|tq - tk|) as int32 (`_bucket_of`)."""
+    return _bucket_of(tl.abs(tq - tk), num_buckets, FAST_MATH)
+
+
+@triton.jit
+def _bucket_of(dt, num_buckets, FAST_MATH: tl.constexpr):
+    """The time bucket of gaps dt >= 0, as int32: non-decreasing in dt. FAST_MATH takes the logarithm from
+    the GPU's one-instruction lg2, in its flush-to-zero form: dt >= 1 is never subnormal, and the plain
+    form's subnormal handling cost three instructions per pair in the sm_90 SASS (12% of the bias fill's
+    and of the ds reduction's loops)."""
+    dt = tl.maximum(dt, 1).to(tl.float32)
     if FAST_MATH:
         lg2 = tl.inline_asm_elementwise(
             "lg2.approx.ftz.f32 $0, $1;", "=r,r", [dt], dtype=tl.float32, is_pure=True, pack=1
@@ -228,9 +235,9 @@ def _seq_info(OFFSETS, b, DEN_IS_LEN: tl.constexpr, inv_den_const):
 
 @triton.jit
 def _load_query_times(TS, seq_start, offs_m, seq_len):
-    """tq_i: timestamp of position i + 1 of the same sequence, t_i at the last position."""
-    nxt = tl.where(offs_m + 1 < seq_len, offs_m + 1, offs_m)
-    return tl.load(TS + seq_start + nxt, mask=offs_m < seq_len, other=0)
+    """tq_i: timestamp of position i + 1 of the same sequence; t_i at the last position, and the last
+    position's for rows past the end (so they widen no bucket bounds). Needs seq_len >= 1."""
+    return tl.load(TS + seq_start + tl.minimum(offs_m + 1, seq_len - 1))
 
 
 @triton.jit
@@ -342,26 +349,56 @@ def _add_diagonal_sums(DPOS, ds, diag0, max_seq_len, scale, SHEAR: tl.constexpr)
 
 
 @triton.jit
-def _time_grad_tile(ds, bucket, valid, time_grad, num_buckets, BLOCK_BUCKETS: tl.constexpr):
-    """Adds an [R, C] tile of ds (zero outside `valid`) to the program's time-bias histogram time_grad, per
-    time bucket, and returns it. A tile whose valid pairs span at most two buckets (most, away from the
-    diagonal) takes one whole-tile reduction of (masked sum, total); wider ones, four buckets per
-    reduction. Whole-tile reductions (`_flat`) move no per-row partials between threads, which halved these
-    sums' instructions against reducing rows, then columns."""
-    four = tl.arange(0, 4)
+def _bucket_bounds(tq, tk, num_buckets, FAST_MATH: tl.constexpr):
+    """Bounds on the buckets of every (tq_i, tk_j) pair of a tile, from its query and key times (two short
+    reductions, not one over the tile's buckets, whose other register layout made the compiler compute
+    every bucket again): the bucket of the gap between their ranges (0 where they overlap), and that of
+    their widest spread. Exact off the diagonal for sorted times, where queries' times follow keys'."""
+    tq_lo, tq_hi = tl.reduce((_flat(tq), _flat(tq)), 0, _min_max)
+    tk_lo, tk_hi = tl.reduce((_flat(tk), _flat(tk)), 0, _min_max)
+    gap = tl.maximum(tl.maximum(tq_lo - tk_hi, tk_lo - tq_hi), 0)
+    spread = tl.maximum(tq_hi - tk_lo, tk_hi - tq_lo)
+    return _bucket_of(gap, num_buckets, FAST_MATH), _bucket_of(spread, num_buckets, FAST_MATH)
+
+
+@triton.jit
+def _time_grad_tile(ds, bucket, b_lo, b_hi, time_grad, BLOCK_BUCKETS: tl.constexpr):
+    """Adds an [R, C] tile of ds to the program's time-bias histogram time_grad, per time bucket, and
+    returns it; every pair's bucket lies in [b_lo, b_hi]. A tile within two buckets (most, away from the
+    diagonal) takes one whole-tile reduction of (masked sum, total); wider ones, one more per four buckets
+    past the first. All in
+    the tile's own register layout, so the compiler computes its buckets once. Whole-tile reductions
+    (`_flat`) move no per-row partials between threads, which halved these sums' instructions against
+    reducing rows, then columns."""
     bucket_ids = tl.arange(0, BLOCK_BUCKETS)
-    b_lo, b_hi = tl.reduce(
-        (_flat(tl.where(valid, bucket, num_buckets + 1)), _flat(tl.where(valid, bucket, -1))), 0, _min_max
-    )
-    if b_hi - b_lo <= 1:
-        low, total = tl.reduce((_flat(tl.where(bucket == b_lo, ds, 0.0)), _flat(ds)), 0, _sum2)
-        time_grad += tl.where(bucket_ids == b_lo, low, 0.0) + tl.where(bucket_ids == b_hi, total - low, 0.0)
+    low, total = tl.reduce((_flat(tl.where(bucket == b_lo, ds, 0.0)), _flat(ds)), 0, _sum2)
+    time_grad += tl.where(bucket_ids == b_lo, low, 0.0)
+    if b_hi - b_lo <= 1:  # the rest is b_hi's (nothing, if b_hi is b_lo)
+        time_grad += tl.where(bucket_ids == b_hi, total - low, 0.0)
     else:
-        for bk in range(b_lo, b_hi + 1, 4):
-            onehot = bucket[None, :, :] == (bk + four)[:, None, None]  # [4, R, C]
-            part = tl.sum(tl.sum(tl.where(onehot, ds[None, :, :], 0.0), axis=2), axis=1)
-            time_grad += tl.sum(tl.where(bucket_ids[None, :] == (bk + four)[:, None], part[:, None], 0.0), 0)
+        for bk in range(b_lo + 1, b_hi + 1, 4):  # four buckets per reduction, joined in registers
+            part = tl.join(  # [R, C, 2, 2]: join adds a last axis, so [..., i, j] holds bucket bk + 2 i + j
+                tl.join(tl.where(bucket == bk, ds, 0.0), tl.where(bucket == bk + 2, ds, 0.0)),
+                tl.join(tl.where(bucket == bk + 1, ds, 0.0), tl.where(bucket == bk + 3, ds, 0.0)),
+            )
+            part = tl.sum(tl.reshape(part, [ds.numel, 4]), axis=0)  # [4]: buckets bk .. bk + 3
+            ids = bk + tl.arange(0, 4)
+            time_grad += tl.sum(tl.where(bucket_ids[None, :] == ids[:, None], part[:, None], 0.0), axis=0)
     return time_grad
+
+
+@triton.jit
+def _sum_heads(ptrs, head_stride, HEADS: tl.constexpr, mask):
+    """The heads' ds tiles at ptrs, ptrs + head_stride, ..., summed in fp32; unrolled, so their loads are
+    in flight together (the pointer advances a head at a time: no head * stride product to overflow)."""
+    ds = tl.zeros(ptrs.shape, dtype=tl.float32)
+    for _ in tl.static_range(HEADS):
+        if mask is None:
+            ds += tl.load(ptrs).to(tl.float32)
+        else:
+            ds += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        ptrs += head_stride
+    return ds
 
 
 @triton.jit
@@ -406,22 +443,17 @@ def _hstu_rab_grad_kernel(
         offs_m = m0 + tl.arange(0, BLOCK)
         offs_n = offs_m - first_row
         queries, keys = offs_m[None, :], offs_n[:, None]
-        valid = (keys <= queries) & (queries < seq_len)
-        start = _rab_key_start(rab_base, keys, rows)
-        in_rows = _rab_key_mask(keys, queries, rows, False)  # columns start at or before the band's queries
-        ds = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        head = DS  # advanced one head at a time: no head * stride product to overflow int32
-        for _ in tl.static_range(HEADS):  # unrolled, so the heads' loads are in flight together; pairs past
-            # the diagonal may hold anything, even NaN bits, so they are dropped before the sum
-            ds += tl.where(
-                valid, tl.load(head + start + queries, mask=in_rows, other=0.0).to(tl.float32), 0.0
-            )
-            head += ds_head_stride
+        ptrs = DS + _rab_key_start(rab_base, keys, rows) + queries
+        tq = _load_query_times(TS, seq_start, offs_m, seq_len)
+        tk = tl.load(TS + seq_start + tl.minimum(offs_n, seq_len - 1))  # keys past the end: the last one's
+        bucket = _time_bucket(tq[None, :], tk[:, None], num_buckets, FAST_MATH)
+        b_lo, b_hi = _bucket_bounds(tq, tk, num_buckets, FAST_MATH)
+        if (first_row > 0) & (m0 + BLOCK <= seq_len):  # off the diagonal, before the end: all pairs real
+            ds = _sum_heads(ptrs, ds_head_stride, HEADS, None)
+        else:  # pairs past the diagonal or the end may hold anything, even NaN bits: not loaded
+            ds = _sum_heads(ptrs, ds_head_stride, HEADS, (keys <= queries) & (queries < seq_len))
+        time_grad = _time_grad_tile(ds, bucket, b_lo, b_hi, time_grad, BLOCK_BUCKETS)
         acc += ds
-        tq = _load_query_times(TS, seq_start, offs_m, seq_len)[None, :]
-        tk = tl.load(TS + seq_start + offs_n, mask=offs_n < seq_len, other=0)[:, None]
-        bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)
-        time_grad = _time_grad_tile(ds, bucket, valid, time_grad, num_buckets, BLOCK_BUCKETS)
     # query-major for the diagonal sums (once per band); the buffer holds 2 ds
     _add_diagonal_sums(DPOS, tl.trans(acc), -first_row, max_seq_len, 0.5 * inv_den, 2 * BLOCK)
     _add_time_grad(DTIME, time_grad, 0.5 * inv_den, num_buckets, BLOCK_BUCKETS)
@@ -736,9 +768,8 @@ def _hstu_bwd_dkdv_kernel(
             else:  # the fallback: the tile reduced per head, query-major
                 ds_rows = tl.trans(ds)
                 _add_diagonal_sums(DPOS, ds_rows, n0 - m0, max_seq_len, 0.5 * inv_den, 2 * BLOCK_N)
-                time_grad = _time_grad_tile(
-                    ds_rows, tl.trans(bucket), tl.trans(valid), time_grad, num_buckets, BLOCK_BUCKETS
-                )
+                b_lo, b_hi = _bucket_bounds(tq, tk, num_buckets, FAST_MATH)
+                time_grad = _time_grad_tile(ds_rows, tl.trans(bucket), b_lo, b_hi, time_grad, BLOCK_BUCKETS)
     if RAB_GRAD and not DS_STORE:
         _add_time_grad(DTIME, time_grad, 0.5 * inv_den, num_buckets, BLOCK_BUCKETS)
     tl.store(

@@ -17,6 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from modules import hstu_attention_triton as hstu_triton
 
 MODULE = "modules.hstu_attention_triton"
 REPO = Path(__file__).resolve().parents[1]
@@ -409,7 +413,16 @@ def test_gpu_launch_path_matches_naive_oracle(
     """What only a GPU run would otherwise exercise: autotuned launches with every config (bf16 tries them
     all; fp32 one), the bias buffer, and the ds buffer for all heads or (ds_heads=1) one head at a time, so
     later dk/dv launches reuse the tuned config without zeroing the gradients of the first; with dk/dv
-    adding dq up (dq_atomic), every config the autotuner tries adds to a copy, not to dq."""
+    adding dq up (dq_atomic), every config the autotuner tries adds to a copy, not to dq. The bias and ds
+    buffers start as NaN, as fresh GPU memory may: what a kernel reads without writing it first (the ds
+    reduction's larger tiles reach entries past the diagonal that no dk/dv tile wrote) must stay masked."""
+    real_buffer = gpu_launch_path._transient_buffer
+
+    def nan_buffer(*args, **kwargs):
+        buffer = real_buffer(*args, **kwargs)
+        return None if buffer is None else buffer.fill_(float("nan"))
+
+    monkeypatch.setattr(gpu_launch_path, "_transient_buffer", nan_buffer)
     if ds_heads is not None:
         monkeypatch.setattr(gpu_launch_path, "_ds_buffer_heads", lambda batch, q: ds_heads)
     monkeypatch.setattr(gpu_launch_path, "_DQ_ATOMIC", dq_atomic)
@@ -577,6 +590,36 @@ def test_kernels_compile_for_hopper(tri):
     buffer_kernels = 2 * len(tri._FILL_CONFIGS) + len(tri._RAB_GRAD_CONFIGS)
     compiled = bf16 + fp32 + 2 * buffer_kernels
     assert f"RESULT arch=sm_90 compiled={compiled} failed=0" in proc.stdout, proc.stdout
+
+
+@triton.jit
+def bucket_bounds_kernel(TQ, TK, OUT, N: tl.constexpr):
+    """`_bucket_bounds` of N query and N key times, into OUT[0:2]."""
+    tq, tk = tl.load(TQ + tl.arange(0, N)), tl.load(TK + tl.arange(0, N))
+    lo, hi = hstu_triton._bucket_bounds(tq, tk, 128, False)
+    tl.store(OUT, lo)
+    tl.store(OUT + 1, hi)
+
+
+def test_bucket_bounds_hold_every_pair_and_are_exact_for_separate_times():
+    """`_bucket_bounds` (the ds reduction's per-tile bucket range, from the query and key times alone)
+    against every pair's bucket: they bound all of them, for any times, and are the exact lowest and
+    highest when the query times all follow the key times (off the diagonal of sorted times) or all
+    precede them."""
+    g = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        times = torch.exp(torch.rand(32, generator=g) * 20).long().to(torch.int32)
+        order = trial % 3  # 0: any order; 1: queries after keys; 2: queries before keys
+        if order:
+            times = times.sort(descending=order == 2).values
+        tk, tq = times[:16].contiguous(), times[16:].contiguous()
+        out = torch.zeros(2, dtype=torch.int32)
+        bucket_bounds_kernel[(1,)](tq, tk, out, N=16)
+        dt = (tq[:, None] - tk[None, :]).abs().clamp(min=1).float()  # the kernel's fp32 logarithm
+        buckets = (torch.log(dt) / 0.301).long().clamp(0, 128)
+        assert out[0] <= buckets.min() and buckets.max() <= out[1], (trial, out.tolist())
+        if order:
+            assert out.tolist() == [buckets.min().item(), buckets.max().item()], trial
 
 
 @pytest.mark.parametrize(("gap_scale", "kernel_dtype"), [(1e6, torch.int32), (3e8, torch.int64)])
