@@ -255,26 +255,12 @@ def _rab_start(rab_base, rows):
 
 
 @triton.jit
-def _rab_tile(RAB, rab_base, rows, keys, WIDE: tl.constexpr):
-    """Precomputed bias / 2 of rows x keys (within the sequence; [M, 1] x [1, N], or transposed), fp32.
-
-    Unmasked for key blocks of at most 64 (16-byte vectors): such a block, starting at or before a row's
-    last key, ends inside the row's allocation or in later rows of the same sequence, and entries past the
-    diagonal are only ever masked out. WIDE key blocks (> 64) would run past the buffer: they stop at the
-    end of each row's allocation (`_rab_row_mask`), still in 16-byte vectors.
-    """
-    ptrs = RAB + _rab_start(rab_base, rows) + keys
-    if WIDE:
-        return tl.load(ptrs, mask=_rab_row_mask(rows, keys), other=0.0).to(tl.float32)
-    else:
-        return tl.load(ptrs).to(tl.float32)
-
-
-@triton.jit
-def _rab_row_mask(rows, keys):
-    """keys inside each row's allocation: a bound that is a multiple of 64, so the mask is constant over
-    64-key runs and the compiler keeps 16-byte vector accesses."""
-    return keys < (rows // _ALIGN + 1) * _ALIGN
+def _rab_tile(RAB, rab_base, rows, keys):
+    """Precomputed bias / 2 of rows x keys ([M, 1] x [1, N], within the sequence) from the query-major
+    buffer, fp32. Unmasked (16-byte vectors): a block of at most 64 keys, starting at or before a row's last
+    key, ends inside the row's allocation or in later rows of the same sequence, and entries past the
+    diagonal are only ever masked out."""
+    return tl.load(RAB + _rab_start(rab_base, rows) + keys).to(tl.float32)
 
 
 @triton.jit
@@ -366,10 +352,9 @@ def _time_grad_tile(ds, bucket, b_lo, b_hi, time_grad, BLOCK_BUCKETS: tl.constex
     """Adds an [R, C] tile of ds to the program's time-bias histogram time_grad, per time bucket, and
     returns it; every pair's bucket lies in [b_lo, b_hi]. A tile within two buckets (most, away from the
     diagonal) takes one whole-tile reduction of (masked sum, total); wider ones, one more per four buckets
-    past the first. All in
-    the tile's own register layout, so the compiler computes its buckets once. Whole-tile reductions
-    (`_flat`) move no per-row partials between threads, which halved these sums' instructions against
-    reducing rows, then columns."""
+    past the first. All in the tile's own register layout, so the compiler computes its buckets once.
+    Whole-tile reductions (`_flat`) move no per-row partials between threads, which halved these sums'
+    instructions against reducing rows, then columns."""
     bucket_ids = tl.arange(0, BLOCK_BUCKETS)
     low, total = tl.reduce((_flat(tl.where(bucket == b_lo, ds, 0.0)), _flat(ds)), 0, _sum2)
     time_grad += tl.where(bucket_ids == b_lo, low, 0.0)
@@ -424,7 +409,8 @@ def _hstu_rab_grad_kernel(
     whose keys lie `band` blocks before their queries (band 0, the longest, holds the diagonal and runs
     first). Every tile of a band covers the same diagonals, so the position gradient accumulates ds
     elementwise and takes its diagonal sums once per band; the time-bias sums run per tile, as buckets
-    change from tile to tile. Entries past the diagonal are read (whole 16-byte vectors) but masked out.
+    change from tile to tile. Tiles off the diagonal and before the sequence's end load whole 16-byte
+    vectors unmasked; the others load only their causal, real pairs.
     """
     tl.static_assert(_ALIGN % BLOCK == 0)  # keys up to each tile's last row stay in its rows' allocations
     band = tl.program_id(0)
@@ -515,7 +501,7 @@ def _half_bias(
 ):  # fmt: skip
     """rab(i, j) / 2 of one [M, N] tile in fp32: from the bias buffer, or computed from the timestamps."""
     if RAB_TILES:
-        return _rab_tile(RAB, rab_base, last_key, offs_n[None, :], False)
+        return _rab_tile(RAB, rab_base, last_key, offs_n[None, :])
     else:
         tk = tl.load(TS + seq_start + offs_n, mask=mask_n, other=0)[None, :]
         bias = _time_bias(TIME_W, time_table, _time_bucket(tq, tk, num_buckets, FAST_MATH), TABLE_GATHER)
@@ -677,7 +663,7 @@ def _hstu_bwd_dkdv_kernel(
     contiguous, `_rab_key_start`): the bias tile is then copied to shared memory asynchronously and read
     straight into the products' register layout, and ds leaves in one pass. Query-major buffers made every
     step transpose both through shared memory in chunks, 16 block-wide barriers per step at 64x128 in the
-    sm_90 SASS (3 now), and kept the bias load out of the software pipeline.
+    sm_90 SASS (2 now), and kept the bias load out of the software pipeline.
     DQ_ATOMIC: also adds ds k (scaled) to the fp32 DQ of the step's query rows, with relaxed atomics (16-byte
     vectors on sm_90), so no dq kernel recomputes s and dp.
     """
