@@ -716,14 +716,16 @@ def _hstu_bwd_dkdv_kernel(
         )
         tq = _load_query_times(TS, seq_start, offs_m, seq_len)[None, :]
         # Causal only: keys past the end lie past every real row, and rows past the end have q = do = 0, so
-        # their p and ds add nothing to dk and dv (and their ds is never stored)
+        # their p and ds add nothing to dk and dv (their ds, zero, is stored up to the padded rows)
         valid = keys <= offs_m[None, :]  # [BLOCK_N(j), BLOCK_M(i)]
         bucket = _time_bucket(tq, tk, num_buckets, FAST_MATH)  # compiled out with the buffer and no RAB_GRAD
-        last_row = tl.minimum(offs_m, seq_len - 1)[None, :]
+        # the key-major bias and ds entries of the tile, each key's queries inside its own column (where a
+        # column starts later than the block's first query, the mask keeps the column before it intact)
+        in_cols = _rab_key_mask(keys, offs_m[None, :], padded, BLOCK_N > _ALIGN)
         if RAB_TILES:  # rows past the end (up to the padding) hold zeros; later ones are masked
-            in_cols = _rab_key_mask(keys, offs_m[None, :], padded, BLOCK_N > _ALIGN)
             half_bias = tl.load(RAB + keys_start + offs_m[None, :], mask=in_cols, other=0.0).to(tl.float32)
         else:
+            last_row = tl.minimum(offs_m, seq_len - 1)[None, :]
             pos = (max_seq_len - 1) - last_row + keys  # inside the table for keys before the end
             bias = tl.load(POS_W + pos, mask=valid & mask_n[:, None], other=0.0)
             half_bias = 0.5 * (bias.to(tl.float32) + _time_bias(TIME_W, time_table, bucket, TABLE_GATHER))
@@ -747,10 +749,7 @@ def _hstu_bwd_dkdv_kernel(
             )  # fmt: skip
         if RAB_GRAD:
             if DS_STORE:  # the product's operand, handed to _hstu_rab_grad_kernel, which reduces all heads
-                # Key-major, as 16-byte vectors, each key's queries inside its own column (where a column
-                # starts later than the block's first query, the mask keeps the column before it intact)
-                in_cols = _rab_key_mask(keys, offs_m[None, :], padded, BLOCK_N > _ALIGN)
-                tl.store(ds_head + keys_start + offs_m[None, :], ds_in, mask=in_cols)
+                tl.store(ds_head + keys_start + offs_m[None, :], ds_in, mask=in_cols)  # 16-byte vectors
             else:  # the fallback: the tile reduced per head, query-major
                 ds_rows = tl.trans(ds)
                 _add_diagonal_sums(DPOS, ds_rows, n0 - m0, max_seq_len, 0.5 * inv_den, 2 * BLOCK_N)
