@@ -774,7 +774,7 @@ def _hstu_bwd_dkdv_kernel(
 # --------------------------------------------------------------------------------------------------
 
 # Every config below compiles for sm_90 within H100 shared memory at Dqk = Dv = 128, and with the bias
-# buffer spills at most 0.1 KB per thread without dq atomics, 0.5 KB with (benchmarks/triton_compile.py);
+# buffer spills at most 0.15 KB per thread without dq atomics, 1 KB with (benchmarks/triton_compile.py);
 # 128x128 forward tiles overflow shared memory. dk/dv tiles are BLOCK_M query rows x BLOCK_N keys. Its
 # products run on Hopper's wgmma when the keys give each warpgroup 64 rows (BLOCK_N >= 64 * warpgroups);
 # 32x32 tiles fall back to Ampere's mma.sync, and were the fastest dk/dv on an H200 while it was
@@ -783,7 +783,12 @@ def _hstu_bwd_dkdv_kernel(
 # dk/dv) must be at least 16 x num_warps: with fewer, Triton 3.6 replicates the tile across warps, and
 # 64-key dk/dv tiles at 8 warps computed s, dp and SiLU twice (triton_compile.py reports it). The
 # key-major tiles, 64x128 (FlashAttention-3's dk/dv tile at d = 128) down to 16x64, are untimed on a GPU
-# so far: the autotuner decides.
+# so far: the autotuner decides. Within a program, Triton 3.6 waits for each product before the SiLU work
+# that reads it (a product issued a step early in the source is moved back next to its wait), and a
+# 64x128 program's two warpgroups meet at its barriers every step, so they multiply and compute SiLU in
+# step. Programs of one warpgroup that fit twice on an SM (4 warps, <= 255 registers, <= 113 KB of shared
+# memory: dk/dv 64x64 at 2 stages and 32x64, forward and dq 64x64 at 2 stages and 64x32) run
+# unsynchronised, so one's SiLU work can overlap the other's products.
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
@@ -797,6 +802,7 @@ _DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
@@ -826,7 +832,8 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
     With the bias buffer (RAB_TILES) the time-table lookup is not used, so TABLE_GATHER configs would only
     repeat the others. dk/dv reducing the bias gradients in its loop (the fallback without the ds buffer)
-    spills 6-7 KB per thread at 128-key blocks, so those are not tried there. fp32 inputs (exact "ieee"
+    spills 4 KB per thread at 64x64 tiles and 6-7 KB at 128-key blocks, so only tiles of up to 2048 pairs
+    are tried there. fp32 inputs (exact "ieee"
     products) serve correctness checks, not speed: one small tile (the squarest of the smallest) is
     compiled, as large fp32 tiles spill heavily and take ptxas minutes each (benchmarks/triton_compile.py
     measures it).
@@ -834,7 +841,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     if kwargs.get("RAB_TILES"):
         configs = [c for c in configs if not c.kwargs["TABLE_GATHER"]]
     if kwargs.get("RAB_GRAD") and not kwargs.get("DS_STORE"):
-        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= _RAB_ALIGN]
+        configs = [c for c in configs if math.prod(_tile(c)) <= 2048]
     if kwargs.get("DOT_PREC") != "ieee":
         return configs
     return [min(configs, key=lambda c: (c.kwargs["TABLE_GATHER"], math.prod(_tile(c)), max(_tile(c))))]
