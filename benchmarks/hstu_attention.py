@@ -198,9 +198,11 @@ def config_sets(variant: str) -> list[tuple]:
 
     pins = VARIANTS[variant]
     flags = dict(RAB_TILES=pins.rab_tiles, RAB_GRAD=True, DS_STORE=pins.ds_buffer is not False)
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+    tma = None if hopper or mod._INTERPRET else False  # TMA configs only where the device has TMA
 
     def tuned(configs):
-        return mod._prune_configs(mod._lookup_configs(configs, pins.table_gather), {}, **flags)
+        return mod._prune_configs(mod._lookup_configs(configs, pins.table_gather, tma), {}, **flags)
 
     lists = (tuned(mod._FWD_CONFIGS), tuned(mod._DKDV_CONFIGS), mod._FILL_CONFIGS, mod._RAB_GRAD_CONFIGS)
     return [tuple(c[i % len(c)] for c in lists) for i in range(max(map(len, lists)))]
@@ -279,7 +281,8 @@ def config_label(config) -> str:
     from modules.hstu_attention_triton import _tile
 
     gather = " gather" if config.kwargs.get("TABLE_GATHER") else ""
-    return f"{'x'.join(map(str, _tile(config)))} w{config.num_warps} s{config.num_stages}{gather}"
+    tma = " tma" if config.kwargs.get("TMA") else ""
+    return f"{'x'.join(map(str, _tile(config)))} w{config.num_warps} s{config.num_stages}{gather}{tma}"
 
 
 def kernel_ms(fn, iters: int = 3) -> dict[str, float]:

@@ -40,6 +40,10 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
   and no query-major bias buffer in the backward, at the cost of atomics traffic and a dq whose low bits
   vary with their order; which is faster on a GPU is for `benchmarks/hstu_attention.py` to say (untimed so
   far).
+The loops stream their large tiles (keys and values in the forward and dq, queries and output gradients in
+dk/dv) with masked loads, or on sm_90+ through TMA descriptors of each sequence's rows (`_rows_source`: one
+copy instruction a tile, no address arithmetic per thread); the autotuner tries both where the tensors'
+alignment allows TMA.
 Per (i, j) pair, the work besides the two products bounds the speed, so it is kept small: timestamps
 travel as int32 offsets from each sequence's first one (int64 only past 68 years), the causal limit and
 position index come from per-row values, 1/den and alpha scale the accumulators once, 16-bit inputs
@@ -51,6 +55,7 @@ Import cost: triton + torch only (no fbgemm/torchrec), so the GPU machine can ru
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -62,6 +67,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime import _allocation
 
 from modules.hstu_attention import TIME_BUCKET_DIVISOR, check_attention_shapes
 
@@ -78,6 +84,11 @@ _RAB_TILES: bool | None = None
 """Pin where the bias comes from (tests, the GPU check): True, the precomputed bias buffer; False, computed
 per pair and head in the attention kernels; None, the buffer on the GPU for each run of sequences that fits
 `_RAB_MEMORY_FRACTION` of the device's memory (`_chunks`), per-pair computation under the interpreter."""
+_TMA: bool | None = None
+"""Pin how the attention kernels stream their loop's tiles (keys and values in the forward and dq, queries
+and output gradients in dk/dv): True, through TMA tensor descriptors (sm_90+, 16-byte aligned tensors and
+strides); False, plain masked loads; None, the GPU autotuner tries both where the device and tensors allow
+TMA, and the interpreter uses plain loads."""
 _DS_BUFFER: bool | None = None
 """Pin how dk/dv hands over the bias-weight gradients (tests, the GPU check): True, it writes each pair's
 ds per head to a buffer that `_hstu_rab_grad_kernel` reduces once over all heads; False, it reduces them
@@ -238,6 +249,42 @@ def _load_query_times(TS, seq_start, offs_m, seq_len):
     """tq_i: timestamp of position i + 1 of the same sequence; t_i at the last position, and the last
     position's for rows past the end (so they widen no bucket bounds). Needs seq_len >= 1."""
     return tl.load(TS + seq_start + tl.minimum(offs_m + 1, seq_len - 1))
+
+
+@triton.jit
+def _rows_source(
+    X, seq_start, seq_len, h, stride_t, stride_h, D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """Where a loop's streamed [rows, D] tiles of one head of one sequence come from (`_rows_tile`): with
+    TMA, a tensor descriptor of exactly those rows (Hopper's tensor memory accelerator fills tiles past the
+    sequence's end or past D with zeros, and copies each tile in one instruction); else the head's first
+    row."""
+    if TMA:
+        return tl.make_tensor_descriptor(
+            X + seq_start * stride_t + h * stride_h, shape=[seq_len, D], strides=[stride_t, 1],
+            block_shape=[BLOCK_ROWS, BLOCK_D],
+        )  # fmt: skip
+    else:
+        return X + seq_start * stride_t + h * stride_h
+
+
+@triton.jit
+def _rows_tile(
+    src, r0, seq_len, stride_t, D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr,
+):  # fmt: skip
+    """Rows r0 .. r0 + BLOCK_ROWS of `_rows_source`'s src, zeros past the sequence's end and past D."""
+    if TMA:
+        return src.load([r0, 0])
+    else:
+        offs = r0 + tl.arange(0, BLOCK_ROWS)
+        offs_d = tl.arange(0, BLOCK_D)
+        return tl.load(
+            src + offs[:, None] * stride_t + offs_d[None, :],
+            mask=(offs < seq_len)[:, None] & (offs_d < D)[None, :],
+            other=0.0,
+        )
 
 
 @triton.jit
@@ -518,6 +565,7 @@ def _hstu_fwd_kernel(
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
     RAB_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(0)  # heads vary fastest: the H reads of a bias tile follow each other (L2 hits)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # longest work first
@@ -543,20 +591,13 @@ def _hstu_fwd_kernel(
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     offs_n0 = tl.arange(0, BLOCK_N)
+    k_src = _rows_source(K, seq_start, seq_len, h, stride_kt, stride_kh, DQK, BLOCK_N, BLOCK_DQK, TMA)
+    v_src = _rows_source(V, seq_start, seq_len, h, stride_vt, stride_vh, DV, BLOCK_N, BLOCK_DV, TMA)
     for n0 in range(0, tl.minimum(m0 + BLOCK_M, seq_len), BLOCK_N):
         offs_n = n0 + offs_n0
         mask_n = offs_n < seq_len
-        cols = (seq_start + offs_n)[:, None]
-        k = tl.load(
-            K + cols * stride_kt + h * stride_kh + offs_dqk[None, :],
-            mask=mask_n[:, None] & (offs_dqk < DQK)[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            V + cols * stride_vt + h * stride_vh + offs_dv[None, :],
-            mask=mask_n[:, None] & (offs_dv < DV)[None, :],
-            other=0.0,
-        )
+        k = _rows_tile(k_src, n0, seq_len, stride_kt, DQK, BLOCK_N, BLOCK_DQK, TMA)
+        v = _rows_tile(v_src, n0, seq_len, stride_vt, DV, BLOCK_N, BLOCK_DV, TMA)
         valid = offs_n[None, :] <= last_key
         hs = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * (0.5 * alpha)  # hs = s / 2
         hs += _half_bias(RAB, rab_base, last_key, TS, seq_start, offs_n, mask_n, valid, tq, pos_row, POS_W,
@@ -581,6 +622,7 @@ def _hstu_bwd_dq_kernel(
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
     RAB_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -612,20 +654,13 @@ def _hstu_bwd_dq_kernel(
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
     offs_n0 = tl.arange(0, BLOCK_N)
+    k_src = _rows_source(K, seq_start, seq_len, h, stride_kt, stride_kh, DQK, BLOCK_N, BLOCK_DQK, TMA)
+    v_src = _rows_source(V, seq_start, seq_len, h, stride_vt, stride_vh, DV, BLOCK_N, BLOCK_DV, TMA)
     for n0 in range(0, tl.minimum(m0 + BLOCK_M, seq_len), BLOCK_N):
         offs_n = n0 + offs_n0
         mask_n = offs_n < seq_len
-        cols = (seq_start + offs_n)[:, None]
-        k = tl.load(
-            K + cols * stride_kt + h * stride_kh + offs_dqk[None, :],
-            mask=mask_n[:, None] & (offs_dqk < DQK)[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            V + cols * stride_vt + h * stride_vh + offs_dv[None, :],
-            mask=mask_n[:, None] & (offs_dv < DV)[None, :],
-            other=0.0,
-        )
+        k = _rows_tile(k_src, n0, seq_len, stride_kt, DQK, BLOCK_N, BLOCK_DQK, TMA)
+        v = _rows_tile(v_src, n0, seq_len, stride_vt, DV, BLOCK_N, BLOCK_DV, TMA)
         valid = offs_n[None, :] <= last_key
         hs = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * (0.5 * alpha)
         hs += _half_bias(RAB, rab_base, last_key, TS, seq_start, offs_n, mask_n, valid, tq, pos_row, POS_W,
@@ -652,7 +687,7 @@ def _hstu_bwd_dkdv_kernel(
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
     RAB_TILES: tl.constexpr, RAB_GRAD: tl.constexpr, DS_STORE: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TABLE_GATHER: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_N keys per program, BLOCK_M (<= BLOCK_N) query rows per step of its loop.
 
@@ -700,20 +735,14 @@ def _hstu_bwd_dkdv_kernel(
     rab_base = tl.load(RAB_BASE + b)
     padded = _padded_rows(seq_len)
     keys_start = _rab_key_start(rab_base, keys, padded)
+    q_src = _rows_source(Q, seq_start, seq_len, h, stride_qt, stride_qh, DQK, BLOCK_M, BLOCK_DQK, TMA)
+    do_src = _rows_source(DO, seq_start, seq_len, h, stride_dot, stride_doh, DV, BLOCK_M, BLOCK_DV, TMA)
     for m0 in range(n0, seq_len, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < seq_len
         rows = (seq_start + offs_m)[:, None]
-        q = tl.load(
-            Q + rows * stride_qt + h * stride_qh + offs_dqk[None, :],
-            mask=mask_m[:, None] & (offs_dqk < DQK)[None, :],
-            other=0.0,
-        )
-        do = tl.load(
-            DO + rows * stride_dot + h * stride_doh + offs_dv[None, :],
-            mask=mask_m[:, None] & (offs_dv < DV)[None, :],
-            other=0.0,
-        )
+        q = _rows_tile(q_src, m0, seq_len, stride_qt, DQK, BLOCK_M, BLOCK_DQK, TMA)
+        do = _rows_tile(do_src, m0, seq_len, stride_dot, DV, BLOCK_M, BLOCK_DV, TMA)
         tq = _load_query_times(TS, seq_start, offs_m, seq_len)[None, :]
         # Causal only: keys past the end lie past every real row, and rows past the end have q = do = 0, so
         # their p and ds add nothing to dk and dv (their ds, zero, is stored up to the padded rows)
@@ -773,8 +802,18 @@ def _hstu_bwd_dkdv_kernel(
 # Launch configuration: autotuned on the GPU, fixed small blocks under the interpreter.
 # --------------------------------------------------------------------------------------------------
 
+
+def _attention_config(
+    block_m: int, block_n: int, warps: int, stages: int, *, table_gather: bool = False, tma: bool = False
+) -> triton.Config:
+    """An attention kernel's autotune config: its tile, how it looks the time bias up without the bias
+    buffer (`_time_bias`), and whether it streams its loop's tiles through TMA (`_rows_source`)."""
+    kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "TABLE_GATHER": table_gather, "TMA": tma}
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+
+
 # Every config below compiles for sm_90 within H100 shared memory at Dqk = Dv = 128, and with the bias
-# buffer spills at most 0.15 KB per thread without dq atomics, 1 KB with (benchmarks/triton_compile.py);
+# buffer spills at most 0.2 KB per thread without dq atomics, 1.3 KB with (benchmarks/triton_compile.py);
 # 128x128 forward tiles overflow shared memory. dk/dv tiles are BLOCK_M query rows x BLOCK_N keys. Its
 # products run on Hopper's wgmma when the keys give each warpgroup 64 rows (BLOCK_N >= 64 * warpgroups);
 # 32x32 tiles fall back to Ampere's mma.sync, and were the fastest dk/dv on an H200 while it was
@@ -788,25 +827,33 @@ def _hstu_bwd_dkdv_kernel(
 # 64x128 program's two warpgroups meet at its barriers every step, so they multiply and compute SiLU in
 # step. Programs of one warpgroup that fit twice on an SM (4 warps, <= 255 registers, <= 113 KB of shared
 # memory: dk/dv 64x64 at 2 stages and 32x64, forward and dq 64x64 at 2 stages and 64x32) run
-# unsynchronised, so one's SiLU work can overlap the other's products.
+# unsynchronised, so one's SiLU work can overlap the other's products (on an H200 the autotuner picked
+# 4-warp tiles for every forward and dq launch). The TMA configs stream their tiles
+# with one copy instruction each: with the bias buffer, 9.0-16.4 instructions per pair in the main loops
+# against 10.5-19.0 with masked loads, and no spills at 64x64 dk/dv.
 _FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TABLE_GATHER": True}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "TABLE_GATHER": True}, num_warps=4, num_stages=3),
+    _attention_config(128, 64, 8, 2),
+    _attention_config(128, 64, 8, 2, tma=True),
+    _attention_config(128, 32, 8, 3),
+    _attention_config(64, 64, 4, 3),
+    _attention_config(64, 64, 4, 2),
+    _attention_config(64, 64, 4, 2, tma=True),
+    _attention_config(64, 32, 4, 3),
+    _attention_config(64, 32, 4, 3, tma=True),
+    _attention_config(64, 64, 4, 2, table_gather=True),
+    _attention_config(64, 32, 4, 3, table_gather=True),
 ]
 _DKDV_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "TABLE_GATHER": False}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "TABLE_GATHER": False}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "TABLE_GATHER": True}, num_warps=4, num_stages=3),
+    _attention_config(64, 128, 8, 2),
+    _attention_config(64, 128, 8, 2, tma=True),
+    _attention_config(32, 128, 8, 2),
+    _attention_config(32, 128, 8, 3),
+    _attention_config(64, 64, 4, 2),
+    _attention_config(64, 64, 4, 2, tma=True),
+    _attention_config(32, 64, 4, 3),
+    _attention_config(16, 64, 4, 3),
+    _attention_config(32, 32, 4, 3),
+    _attention_config(32, 32, 4, 3, table_gather=True),
 ]
 _KEY = ["len_key", "DQK", "DV", "DOT_PREC", "DEN_IS_LEN", "RAB_TILES"]
 _FILL_CONFIGS = [
@@ -833,10 +880,9 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     With the bias buffer (RAB_TILES) the time-table lookup is not used, so TABLE_GATHER configs would only
     repeat the others. dk/dv reducing the bias gradients in its loop (the fallback without the ds buffer)
     spills 4 KB per thread at 64x64 tiles and 6-7 KB at 128-key blocks, so only tiles of up to 2048 pairs
-    are tried there. fp32 inputs (exact "ieee"
-    products) serve correctness checks, not speed: one small tile (the squarest of the smallest) is
-    compiled, as large fp32 tiles spill heavily and take ptxas minutes each (benchmarks/triton_compile.py
-    measures it).
+    are tried there. fp32 inputs (exact "ieee" products) serve correctness checks, not speed: one small tile
+    (the squarest of the smallest, with plain loads) is compiled, as large fp32 tiles spill heavily and take
+    ptxas minutes each (benchmarks/triton_compile.py measures it).
     """
     if kwargs.get("RAB_TILES"):
         configs = [c for c in configs if not c.kwargs["TABLE_GATHER"]]
@@ -844,23 +890,76 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
         configs = [c for c in configs if math.prod(_tile(c)) <= 2048]
     if kwargs.get("DOT_PREC") != "ieee":
         return configs
-    return [min(configs, key=lambda c: (c.kwargs["TABLE_GATHER"], math.prod(_tile(c)), max(_tile(c))))]
+    return [min(configs, key=lambda c: (c.kwargs["TABLE_GATHER"], c.kwargs["TMA"], *_squareness(c)))]
 
 
 def _tile(config: triton.Config) -> list[int]:
     return [v for k, v in config.kwargs.items() if k.startswith("BLOCK")]
 
 
-def _lookup_configs(configs: list[triton.Config], table_gather: bool | None) -> list[triton.Config]:
-    """The configs whose time-bias lookup is `table_gather` (None: all)."""
-    return [c for c in configs if table_gather in (None, c.kwargs["TABLE_GATHER"])]
+def _squareness(config: triton.Config) -> tuple[int, int]:
+    """(area, longest side) of a config's tile: the smallest, then the squarest, sorts first."""
+    tile = _tile(config)
+    return math.prod(tile), max(tile)
 
 
-def _kernels():
-    """(fwd, dq, dkdv) launchers: the raw kernels under the interpreter, autotuned ones on the GPU."""
+def _lookup_configs(
+    configs: list[triton.Config], table_gather: bool | None, tma: bool | None = None
+) -> list[triton.Config]:
+    """The configs whose time-bias lookup is `table_gather` and whose streaming is `tma` (None: any)."""
+    return [
+        c
+        for c in configs
+        if table_gather in (None, c.kwargs["TABLE_GATHER"]) and tma in (None, c.kwargs["TMA"])
+    ]
+
+
+def _kernels(*streamed: Tensor):
+    """(fwd, dq, dkdv) launchers for a call on these tensors: the raw kernels under the interpreter,
+    autotuned ones on the GPU (with the TMA configs where `_tma_usable`)."""
     if _INTERPRET:
         return _hstu_fwd_kernel, _hstu_bwd_dq_kernel, _hstu_bwd_dkdv_kernel
-    return _autotuned_kernels(_TABLE_GATHER)
+    usable = _tma_usable(*streamed)
+    if _TMA and not usable:
+        raise ValueError(
+            "triton_hstu_attention: _TMA pins TMA streaming, which needs an sm_90+ GPU and q, k, v, grad "
+            "with 16-byte aligned data and token/head strides"
+        )
+    return _autotuned_kernels(_TABLE_GATHER, _TMA if usable else False)
+
+
+def _tma_usable(*tensors: Tensor) -> bool:
+    """Whether TMA descriptors can stream these tensors' rows: an sm_90+ GPU, and `_tma_aligned` tensors."""
+    if _TMA is False or not all(t.is_cuda for t in tensors):
+        return False
+    return torch.cuda.get_device_capability(tensors[0].device) >= (9, 0) and all(map(_tma_aligned, tensors))
+
+
+def _tma_aligned(x: Tensor) -> bool:
+    """Whether every head's rows of a [T, H, D] tensor suit a TMA descriptor: contiguous rows, each head's
+    first row on 16 bytes (aligned data and head stride), and a token stride of whole 16 bytes."""
+    return (
+        x.stride(2) == 1
+        and x.data_ptr() % 16 == 0
+        and all(stride * x.element_size() % 16 == 0 for stride in x.stride()[:2])
+    )
+
+
+@contextlib.contextmanager
+def _descriptor_scratch():
+    """Lets the kernels build TMA descriptors on the device: Triton then asks for a little global memory
+    per launch (128 bytes a descriptor and program), from the allocator set by `triton.set_allocator`.
+    Where the caller has set none, a torch allocation on the current stream serves our launches only."""
+    if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = _allocation._allocator.set(
+        lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda")
+    )
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def _buffer_kernels():
@@ -880,14 +979,16 @@ def _autotuned_buffer_kernels():
 
 
 @functools.cache
-def _autotuned_kernels(table_gather: bool | None):
-    """Autotuned launchers over the configs whose time-bias lookup is `table_gather` (None: all)."""
+def _autotuned_kernels(table_gather: bool | None, tma: bool | None):
+    """Autotuned launchers over the configs whose time-bias lookup is `table_gather` and whose streaming
+    is `tma` (None: any). Calls whose tensors cannot take TMA get launchers without its configs (`False`),
+    as the autotuner's cache would otherwise serve them a TMA config tuned on other tensors."""
     prune = {"early_config_prune": _prune_configs}
-    fwd_configs = _lookup_configs(_FWD_CONFIGS, table_gather)
+    fwd_configs = _lookup_configs(_FWD_CONFIGS, table_gather, tma)
     fwd = triton.autotune(fwd_configs, key=_KEY, prune_configs_by=prune)(_hstu_fwd_kernel)
     dq = triton.autotune(fwd_configs, key=_KEY, prune_configs_by=prune)(_hstu_bwd_dq_kernel)
     dkdv = triton.autotune(
-        _lookup_configs(_DKDV_CONFIGS, table_gather),
+        _lookup_configs(_DKDV_CONFIGS, table_gather, tma),
         key=[*_KEY, "RAB_GRAD", "DS_STORE", "DQ_ATOMIC"],
         prune_configs_by=prune,
         reset_to_zero=["DPOS", "DTIME"],
@@ -914,7 +1015,8 @@ def _blocks(*names: str, **sizes: int) -> dict:
     """Explicit block sizes under the interpreter (no autotuning there): _INTERPRET_BLOCK unless given."""
     if not _INTERPRET:
         return {}
-    return {**dict.fromkeys(names, _INTERPRET_BLOCK), **sizes, "TABLE_GATHER": bool(_TABLE_GATHER)}
+    pins = {"TABLE_GATHER": bool(_TABLE_GATHER), "TMA": bool(_TMA)}
+    return {**dict.fromkeys(names, _INTERPRET_BLOCK), **sizes, **pins}
 
 
 def _fill_blocks() -> dict:
@@ -1169,16 +1271,17 @@ class _HSTUAttention(torch.autograd.Function):
         ctx.cfg = (batch, max_seq_len, alpha, denominator)
         if total == 0 or num_seqs == 0 or batch.longest == 0:
             return out.zero_()
-        fwd, _, _ = _kernels()
-        for chunk in _chunks(batch, q):
-            rab, _, common = _launch_args(
-                q, v, batch, chunk, pos_w, time_w, max_seq_len, alpha, denominator, query_major=True
-            )
-            fwd[_grid(batch.longest, heads, chunk.num_seqs, "BLOCK_M")](
-                q, k, v, out, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, rab, chunk.rab_base,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                out.stride(0), out.stride(1), **common, **_blocks("BLOCK_M", "BLOCK_N"),
-            )  # fmt: skip
+        fwd, _, _ = _kernels(q, k, v)
+        with _descriptor_scratch():
+            for chunk in _chunks(batch, q):
+                rab, _, common = _launch_args(
+                    q, v, batch, chunk, pos_w, time_w, max_seq_len, alpha, denominator, query_major=True
+                )
+                fwd[_grid(batch.longest, heads, chunk.num_seqs, "BLOCK_M")](
+                    q, k, v, out, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, rab,
+                    chunk.rab_base, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                    v.stride(1), out.stride(0), out.stride(1), **common, **_blocks("BLOCK_M", "BLOCK_N"),
+                )  # fmt: skip
         return out
 
     @staticmethod
@@ -1195,16 +1298,17 @@ class _HSTUAttention(torch.autograd.Function):
         dq_acc = _dq_accumulator(dq)
         if q.shape[0] > 0 and num_seqs > 0 and batch.longest > 0:
             rab_grad = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
-            for chunk in _chunks(batch, q):
-                # Each run's bias gradients start from zero: the autotuner zeroes them when a run is the
-                # first to launch a kernel with its key (a run that computes its bias inline, say).
-                run_dpos, run_dtime = torch.zeros_like(dpos), torch.zeros_like(dtime)
-                _backward_run(
-                    q, k, v, do, dq, dk, dv, dq_acc, run_dpos, run_dtime, pos_w, time_w, batch, chunk,
-                    rab_grad, max_seq_len, alpha, denominator,
-                )  # fmt: skip
-                dpos += run_dpos
-                dtime += run_dtime
+            with _descriptor_scratch():
+                for chunk in _chunks(batch, q):
+                    # Each run's bias gradients start from zero: the autotuner zeroes them when a run is
+                    # the first to launch a kernel with its key (a run that computes its bias inline, say).
+                    run_dpos, run_dtime = torch.zeros_like(dpos), torch.zeros_like(dtime)
+                    _backward_run(
+                        q, k, v, do, dq, dk, dv, dq_acc, run_dpos, run_dtime, pos_w, time_w, batch, chunk,
+                        rab_grad, max_seq_len, alpha, denominator,
+                    )  # fmt: skip
+                    dpos += run_dpos
+                    dtime += run_dtime
         if dq_acc is not None and dq_acc is not dq:
             dq.copy_(dq_acc)
         dpos_out = dpos.to(pos_w.dtype) if ctx.needs_input_grad[4] else None
@@ -1239,7 +1343,7 @@ def _backward_run(
         )  # fmt: skip
     if ds is None:
         group = heads
-    _, dq_kernel, dkdv_kernel = _kernels()
+    _, dq_kernel, dkdv_kernel = _kernels(q, k, v, do)
     dq_out = dq[:0] if dq_acc is None else dq_acc  # an empty view: a pointer dk/dv never writes through
     # One dk/dv launch per group of heads whose ds the buffer holds, each followed by its reduction.
     # Autotuning, which zeroes dpos and dtime, only happens at a key's first launch: the first group.

@@ -346,12 +346,43 @@ def test_dq_added_up_by_dkdv_atomics(tri, monkeypatch, dtype, rtol, atol, rab_ti
     def no_dq_kernel(*args, **kwargs):
         raise AssertionError("the dq kernel ran although dk/dv adds dq up")
 
-    monkeypatch.setattr(tri, "_kernels", lambda: (fwd, no_dq_kernel, dkdv))
+    monkeypatch.setattr(tri, "_kernels", lambda *streamed: (fwd, no_dq_kernel, dkdv))
     out, ref, leaves, ref_leaves = run_both(tri, [1, 70, 0, 17], denominator=None, dtype=dtype, heads=3)
     assert_close(out, ref, "out", rtol, atol)
     assert leaves[0].grad.dtype == dtype
     for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
         assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol", "atol", "rab_tiles", "lengths", "dqk", "dv"),
+    [
+        (torch.bfloat16, 4e-2, 1e-3, True, [1, 70, 0, 17, 64], 16, 32),
+        (torch.float32, 1e-4, 1e-5, False, [90, 2, 31], 24, 20),  # head dims past which TMA reads zeros
+    ],
+)
+def test_tma_streaming_matches_naive_oracle(tri, monkeypatch, dtype, rtol, atol, rab_tiles, lengths, dqk, dv):
+    """The kernels streaming keys and values (forward, dq) and queries and output gradients (dk/dv) through
+    TMA descriptors of each sequence's rows: tiles past a sequence's end must read zeros, as the masked
+    loads do (the next sequence's rows would add to dk and dv); head dims that are not powers of two too."""
+    monkeypatch.setattr(tri, "_TMA", True)
+    monkeypatch.setattr(tri, "_RAB_TILES", rab_tiles)
+    monkeypatch.setattr(tri, "_DS_BUFFER", rab_tiles)
+    out, ref, leaves, ref_leaves = run_both(tri, lengths, denominator=None, dtype=dtype, dqk=dqk, dv=dv)
+    assert_close(out, ref, "out", rtol, atol)
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
+
+
+def test_tma_needs_aligned_rows(tri):
+    """TMA streams a tensor only if every head's rows start on 16 bytes and its rows are contiguous."""
+    x = torch.zeros(10, 4, 64, dtype=torch.bfloat16)
+    assert tri._tma_aligned(x)
+    assert tri._tma_aligned(torch.zeros(10, 12, 64, dtype=torch.bfloat16)[:, 4:8])  # a head slice
+    assert not tri._tma_aligned(torch.zeros(10, 4, 20, dtype=torch.bfloat16))  # 40-byte head stride
+    assert not tri._tma_aligned(torch.zeros(10 * 4 * 64 + 1, dtype=torch.bfloat16)[1:].view(10, 4, 64))
+    assert not tri._tma_aligned(x.transpose(0, 2).contiguous().transpose(0, 2))  # strided rows
+    assert not tri._tma_usable(x)  # a CPU tensor
 
 
 @pytest.mark.parametrize("rab_tiles", [False, True])
@@ -390,9 +421,10 @@ def gpu_launch_path(tri, monkeypatch):
     monkeypatch.setattr(tri, "_require_cuda", lambda x: None)
     monkeypatch.setattr(tri, "_fast_math", lambda dtype: False)  # no inline PTX in the interpreter
     monkeypatch.setattr(tri, "_budget_numel", lambda x: 10**9)
+    monkeypatch.setattr(tri, "_tma_usable", lambda *tensors: True)  # so the TMA configs run too
     tri._autotuned_kernels.cache_clear()
     tri._autotuned_buffer_kernels.cache_clear()
-    for kernel in (*tri._autotuned_kernels(None), *tri._autotuned_buffer_kernels()):
+    for kernel in (*tri._autotuned_kernels(None, None), *tri._autotuned_buffer_kernels()):
         kernel._do_bench = bench_once
     yield tri
     tri._autotuned_kernels.cache_clear()
@@ -411,11 +443,12 @@ def test_gpu_launch_path_matches_naive_oracle(
     gpu_launch_path, monkeypatch, dtype, rtol, atol, ds_heads, dq_atomic
 ):
     """What only a GPU run would otherwise exercise: autotuned launches with every config (bf16 tries them
-    all; fp32 one), the bias buffer, and the ds buffer for all heads or (ds_heads=1) one head at a time, so
-    later dk/dv launches reuse the tuned config without zeroing the gradients of the first; with dk/dv
-    adding dq up (dq_atomic), every config the autotuner tries adds to a copy, not to dq. The bias and ds
-    buffers start as NaN, as fresh GPU memory may: what a kernel reads without writing it first (the ds
-    reduction's larger tiles reach entries past the diagonal that no dk/dv tile wrote) must stay masked."""
+    all, TMA streaming included; fp32 one), the bias buffer, and the ds buffer for all heads or
+    (ds_heads=1) one head at a time, so later dk/dv launches reuse the tuned config without zeroing the
+    gradients of the first; with dk/dv adding dq up (dq_atomic), every config the autotuner tries adds to a
+    copy, not to dq. The bias and ds buffers start as NaN, as fresh GPU memory may: what a kernel reads
+    without writing it first (the ds reduction's larger tiles reach entries past the diagonal that no dk/dv
+    tile wrote) must stay masked."""
     real_buffer = gpu_launch_path._transient_buffer
 
     def nan_buffer(*args, **kwargs):
