@@ -282,7 +282,34 @@ def config_label(config) -> str:
 
     gather = " gather" if config.kwargs.get("TABLE_GATHER") else ""
     tma = " tma" if config.kwargs.get("TMA") else ""
-    return f"{'x'.join(map(str, _tile(config)))} w{config.num_warps} s{config.num_stages}{gather}{tma}"
+    loop = f" loop{config.kwargs['LOOP_STAGES']}" if "LOOP_STAGES" in config.kwargs else ""
+    tile = "x".join(map(str, _tile(config)))
+    return f"{tile} w{config.num_warps} s{config.num_stages}{gather}{tma}{loop}"
+
+
+@contextlib.contextmanager
+def config_times():
+    """Print every config's time whenever an autotuner tunes (Triton prints only the winner): which tiles,
+    and whether TMA, come close is what the next tuning pass needs to know."""
+    from triton.runtime.autotuner import Autotuner
+
+    tune = Autotuner.run
+
+    def run(self, *args, **kwargs):
+        before = getattr(self, "configs_timings", None)
+        out = tune(self, *args, **kwargs)
+        timings = getattr(self, "configs_timings", None)
+        if timings is not None and timings is not before:
+            ranked = sorted(timings.items(), key=lambda item: item[1][0])
+            listed = ", ".join(f"{config_label(c)} {t[0]:.3f}" for c, t in ranked)
+            print(f"  tuned {self.base_fn.__name__} (ms, best first): {listed}", flush=True)
+        return out
+
+    Autotuner.run = run
+    try:
+        yield
+    finally:
+        Autotuner.run = tune
 
 
 def kernel_ms(fn, iters: int = 3) -> dict[str, float]:
@@ -475,7 +502,8 @@ def main() -> None:
     if args.profile_once:
         run_profile_once()
         return
-    run_benchmark(args.skip_padded)
+    with config_times():
+        run_benchmark(args.skip_padded)
 
 
 if __name__ == "__main__":

@@ -946,15 +946,16 @@ def _tma_aligned(x: Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def _descriptor_scratch():
+def _descriptor_scratch(device: torch.device):
     """Lets the kernels build TMA descriptors on the device: Triton then asks for a little global memory
     per launch (128 bytes a descriptor and program), from the allocator set by `triton.set_allocator`.
-    Where the caller has set none, a torch allocation on the current stream serves our launches only."""
+    Where the caller has set none, a torch allocation on the inputs' device (and the current stream, which
+    the launches use) serves our launches only."""
     if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         yield
         return
     token = _allocation._allocator.set(
-        lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda")
+        lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device)
     )
     try:
         yield
@@ -1272,7 +1273,7 @@ class _HSTUAttention(torch.autograd.Function):
         if total == 0 or num_seqs == 0 or batch.longest == 0:
             return out.zero_()
         fwd, _, _ = _kernels(q, k, v)
-        with _descriptor_scratch():
+        with _descriptor_scratch(q.device):
             for chunk in _chunks(batch, q):
                 rab, _, common = _launch_args(
                     q, v, batch, chunk, pos_w, time_w, max_seq_len, alpha, denominator, query_major=True
@@ -1298,7 +1299,7 @@ class _HSTUAttention(torch.autograd.Function):
         dq_acc = _dq_accumulator(dq)
         if q.shape[0] > 0 and num_seqs > 0 and batch.longest > 0:
             rab_grad = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
-            with _descriptor_scratch():
+            with _descriptor_scratch(q.device):
                 for chunk in _chunks(batch, q):
                     # Each run's bias gradients start from zero: the autotuner zeroes them when a run is
                     # the first to launch a kernel with its key (a run that computes its bias inline, say).

@@ -6,7 +6,7 @@ built in the mode active at triton's first import).
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import itertools
 import math
 import os
@@ -696,3 +696,47 @@ def test_gpu_check_harness_runs_in_the_interpreter():
     rows += ("sdpa_causal",)
     assert all(f"  {row}" in proc.stdout for row in rows), proc.stdout
     assert "RESULT hstu_attention fwd+bwd TFLOP/s on CPU" in proc.stdout, proc.stdout
+
+
+def test_benchmark_logs_every_config_time(gpu_launch_path, capsys):
+    """benchmarks/hstu_attention.py prints each config's time whenever a kernel is autotuned (Triton prints
+    only the winner), TMA configs included, and leaves Triton's autotuner as it was."""
+    from triton.runtime.autotuner import Autotuner
+
+    spec = importlib.util.spec_from_file_location(
+        "hstu_attention_bench", REPO / "benchmarks" / "hstu_attention.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tune = Autotuner.run
+    with bench.config_times():
+        run_both(gpu_launch_path, [3, 20], denominator=None, dtype=torch.bfloat16)
+    assert Autotuner.run is tune
+    out = capsys.readouterr().out
+    for kernel in ("fwd", "bwd_dq", "bwd_dkdv", "rab_fill", "rab_grad"):
+        assert f"tuned _hstu_{kernel}_kernel (ms, best first): " in out, out
+    assert "64x64 w4 s2 tma 1.000" in out, out
+
+
+def test_descriptor_scratch_allocator_only_where_none_is_set(tri):
+    """The TMA descriptors' scratch: a torch allocation on the inputs' device for our launches when the
+    caller set no Triton allocator (Triton would refuse to launch), the caller's own otherwise; restored
+    on the way out."""
+    from triton.runtime import _allocation
+
+    assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    with tri._descriptor_scratch(torch.device("cpu")):
+        scratch = _allocation._allocator.get()(256, 128, None)
+        assert scratch.numel() == 256 and scratch.dtype == torch.int8 and scratch.device.type == "cpu"
+    assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+
+    def own(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    token = _allocation._allocator.set(own)
+    try:
+        with tri._descriptor_scratch(torch.device("cpu")):
+            assert _allocation._allocator.get() is own
+        assert _allocation._allocator.get() is own
+    finally:
+        _allocation._allocator.reset(token)
