@@ -39,11 +39,11 @@ print("fbgemm_gpu imported:", "fbgemm_gpu" in sys.modules, "| torchrec imported:
 PYEOF
 
 echo "== 1. correctness (bf16 + fp32)" | tee "$LOG/check.log"
-timeout 210 "$PY" benchmarks/hstu_attention.py --check 2>&1 | tee -a "$LOG/check.log"
+timeout 230 "$PY" benchmarks/hstu_attention.py --check 2>&1 | tee -a "$LOG/check.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== 2. attention benchmark (${SECONDS}s in)" | tee "$LOG/bench_attention.log"
-timeout 170 "$PY" benchmarks/hstu_attention.py --skip-padded 2>&1 | tee -a "$LOG/bench_attention.log"
+timeout 190 "$PY" benchmarks/hstu_attention.py --skip-padded 2>&1 | tee -a "$LOG/bench_attention.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== 3. HSTU training step (${SECONDS}s in)" | tee "$LOG/bench_step.log"
@@ -55,7 +55,7 @@ NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)"
 if [ -n "$NCU" ]; then  # diagnosis only: its failure does not fail the check
   # only the attention kernels (the plan's and autograd's small torch kernels would crowd them out);
   # clocks left as they are, as the timings above ran
-  timeout 70 "$NCU" --profile-from-start off --clock-control none --kernel-name regex:_hstu \
+  timeout 40 "$NCU" --profile-from-start off --clock-control none --kernel-name regex:_hstu \
     --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section LaunchStats --section MemoryWorkloadAnalysis \
     "$PY" benchmarks/hstu_attention.py --profile-once >> "$LOG/ncu.txt" 2>&1
