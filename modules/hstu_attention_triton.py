@@ -828,9 +828,9 @@ def _attention_config(
 # step. Programs of one warpgroup that fit twice on an SM (4 warps, <= 255 registers, <= 113 KB of shared
 # memory: dk/dv 64x64 at 2 stages and 32x64, forward and dq 64x64 at 2 stages and 64x32) run
 # unsynchronised, so one's SiLU work can overlap the other's products (on an H200 the autotuner picked
-# 4-warp tiles for every forward and dq launch). The TMA configs stream their tiles
-# with one copy instruction each: with the bias buffer, 9.0-16.4 instructions per pair in the main loops
-# against 10.5-19.0 with masked loads, and no spills at 64x64 dk/dv.
+# 4-warp tiles for every forward and dq launch). The TMA configs stream their tiles with one copy
+# instruction each: with the bias buffer, 9.0-16.4 instructions per pair in the main loops against
+# 10.5-19.0 with masked loads, and no spills at 64x64 dk/dv.
 _FWD_CONFIGS = [
     _attention_config(128, 64, 8, 2),
     _attention_config(128, 64, 8, 2, tma=True),
