@@ -3,9 +3,9 @@
 # (run it with the device tool's timeout_s=600):
 #   0. environment + import hygiene (the GPU path must not need fbgemm_gpu/torchrec at import time)
 #   1. correctness: triton backend vs the padded reference on the GPU, fwd + 5 grads, bf16 and fp32,
-#      with the bias buffer (every autotune config of the attention kernels, the fill and the ds reduction;
-#      bias gradients through the ds buffer and in dk/dv's loop) and with the bias computed inline (both
-#      time-table lookups)
+#      with the bias buffer (every autotune config of the attention kernels, the fill, the ds reduction
+#      and dq from ds; bias gradients through the ds buffer and in dk/dv's loop; dq from ds, recomputed,
+#      or added up by dk/dv) and with the bias computed inline (both time-table lookups)
 #   2. benchmarks/hstu_attention.py  (triton variants vs SDPA, kernel GPU times; RESULT line; the padded
 #      reference, 0.2 TFLOP/s on an H100, would take a minute: run it alone when needed)
 #   3. benchmarks/hstu_step_gpu.py   (dense HSTU training step, paper + large configs; RESULT line)

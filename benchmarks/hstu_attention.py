@@ -11,7 +11,8 @@ apart), and each Triton row also prints its kernels' GPU time (torch profiler), 
 `triton_inline_bias` computes it per pair and head inside the kernels instead; `triton_frozen_bias` times
 the backward without the bias-weight gradients (what their reduction costs); `triton` reduces those once
 over all heads from a ds buffer that dk/dv writes, `triton_fused_bias_grad` per head inside dk/dv;
-`triton_dq_atomic` has dk/dv add dq up with atomics instead of running the dq kernel.
+`triton` gets dq from that ds buffer, `triton_dq_recompute` from a kernel that recomputes ds, and
+`triton_dq_atomic` has dk/dv add dq up with atomics instead.
 Useful FLOPs count causal pairs on real tokens only: fwd = 2 * pairs * H * (Dqk + Dv), fwd+bwd = 3.5 x fwd
 (the FlashAttention convention, recomputation not counted). SDPA runs on the padded batch (causal softmax,
 a speed yardstick, not the same math). Imports only torch/triton and modules.hstu_attention_triton, so it
@@ -125,30 +126,32 @@ def bench(fn, *, warmup=3, iters=10) -> float:
 
 
 class Variant(NamedTuple):
-    """One kernel path: the module's pins (`_RAB_TILES`, `_TABLE_GATHER`, `_DS_BUFFER`, `_DQ_ATOMIC`) and a
+    """One kernel path: the module's pins (`_RAB_TILES`, `_TABLE_GATHER`, `_DS_BUFFER`, `_DQ_SOURCE`) and a
     transient-buffer budget in bytes (None: the module's)."""
 
     rab_tiles: bool | None
     table_gather: bool | None
     ds_buffer: bool | None
-    dq_atomic: bool = False
+    dq_source: str = "ds_buffer"
     budget: int | None = None
 
 
 VARIANTS = {
     "rab_buffer": Variant(True, None, None),
-    "rab_buffer_dq_atomic": Variant(True, None, None, dq_atomic=True),
+    "rab_buffer_dq_recompute": Variant(True, None, None, dq_source="recompute"),
+    "rab_buffer_dq_atomic": Variant(True, None, None, dq_source="atomic"),
     "rab_buffer_runs": Variant(None, None, None, budget=2**20),
     "rab_buffer_fused_grad": Variant(True, None, False),
     "inline_global": Variant(False, False, False),
     "inline_table_gather": Variant(False, True, False),
 }
-"""The GPU default reads rab(i, j) from the bias buffer, hands the bias-weight gradients from dk/dv to one
-reduction over all heads (ds buffer), and runs a dq kernel; `dq_atomic` has dk/dv add dq up instead;
+"""The GPU default reads rab(i, j) from the bias buffer, and dk/dv hands ds to one reduction over all heads
+for the bias-weight gradients and to the dq kernel (ds buffer); `dq_recompute` runs a dq kernel that
+recomputes ds instead, `dq_atomic` has dk/dv add dq up;
 `runs` gives the buffers 1 MiB, so the check's batches run as several runs of sequences with the ds of one
 or two heads at a time; `fused_grad` reduces the bias gradients per head inside dk/dv; inline, each kernel
 computes rab per pair and head, its time-table lookup a global or a table gather."""
-PINS = ("_RAB_TILES", "_TABLE_GATHER", "_DS_BUFFER", "_DQ_ATOMIC", "_RAB_MEMORY_FRACTION")
+PINS = ("_RAB_TILES", "_TABLE_GATHER", "_DS_BUFFER", "_DQ_SOURCE", "_RAB_MEMORY_FRACTION")
 
 
 @contextlib.contextmanager
@@ -158,7 +161,7 @@ def kernel_variant(name: str):
 
     saved = [getattr(mod, pin) for pin in PINS]
     variant = VARIANTS[name]
-    mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER, mod._DQ_ATOMIC = variant[:4]
+    mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER, mod._DQ_SOURCE = variant[:4]
     if variant.budget is not None and torch.cuda.is_available():
         mod._RAB_MEMORY_FRACTION = variant.budget / torch.cuda.get_device_properties(0).total_memory
     try:
@@ -168,8 +171,8 @@ def kernel_variant(name: str):
             setattr(mod, pin, value)
 
 
-CONFIG_LISTS = ("_FWD_CONFIGS", "_DKDV_CONFIGS", "_FILL_CONFIGS", "_RAB_GRAD_CONFIGS")
-"""The autotuned config lists: forward/dq, dk/dv, bias fill, ds reduction."""
+CONFIG_LISTS = ("_FWD_CONFIGS", "_DKDV_CONFIGS", "_FILL_CONFIGS", "_RAB_GRAD_CONFIGS", "_DQ_DS_CONFIGS")
+"""The autotuned config lists: forward/dq, dk/dv, bias fill, ds reduction, dq from ds."""
 
 
 @contextlib.contextmanager
@@ -204,7 +207,10 @@ def config_sets(variant: str) -> list[tuple]:
     def tuned(configs):
         return mod._prune_configs(mod._lookup_configs(configs, pins.table_gather, tma), {}, **flags)
 
-    lists = (tuned(mod._FWD_CONFIGS), tuned(mod._DKDV_CONFIGS), mod._FILL_CONFIGS, mod._RAB_GRAD_CONFIGS)
+    lists = (
+        tuned(mod._FWD_CONFIGS), tuned(mod._DKDV_CONFIGS), mod._FILL_CONFIGS, mod._RAB_GRAD_CONFIGS,
+        mod._DQ_DS_CONFIGS,
+    )  # fmt: skip
     return [tuple(c[i % len(c)] for c in lists) for i in range(max(map(len, lists)))]
 
 
@@ -331,8 +337,10 @@ def kernel_ms(fn, iters: int = 3) -> dict[str, float]:
 
 def kernel_summary(times: dict[str, float]) -> str:
     """'total: fill a, fwd b, ...' for the Triton kernels of one call, in ms."""
-    named = {"_hstu_rab_fill_kernel": "fill", "_hstu_fwd_kernel": "fwd", "_hstu_bwd_dkdv_kernel": "dkdv",
-             "_hstu_bwd_dq_kernel": "dq", "_hstu_rab_grad_kernel": "rab_grad"}  # fmt: skip
+    named = {
+        "_hstu_rab_fill_kernel": "fill", "_hstu_fwd_kernel": "fwd", "_hstu_bwd_dkdv_kernel": "dkdv",
+        "_hstu_bwd_dq_kernel": "dq", "_hstu_bwd_dq_ds_kernel": "dq_ds", "_hstu_rab_grad_kernel": "rab_grad",
+    }  # fmt: skip
     parts = [f"{short} {times[name]:.3f}" for name, short in named.items() if name in times]
     return f"{sum(times.values()):.3f} ms on the GPU ({', '.join(parts)}; rest: memsets, casts)"
 
@@ -394,6 +402,7 @@ def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES) -> Non
         rows = [
             ("triton", tri_fwd, tri_step),
             ("triton_frozen_bias", tri_fwd, tri_step_frozen_bias),
+            ("triton_dq_recompute", tri_fwd, pinned("rab_buffer_dq_recompute", tri_step)),
             ("triton_dq_atomic", tri_fwd, pinned("rab_buffer_dq_atomic", tri_step)),
             ("triton_fused_bias_grad", tri_fwd, pinned("rab_buffer_fused_grad", tri_step)),
             ("triton_inline_bias", pinned("inline_global", tri_fwd), pinned("inline_global", tri_step)),
@@ -442,12 +451,14 @@ def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES) -> Non
     inline = [summary.get((s, "triton_inline_bias"), 0.0) for s in ("B64_L1024", "B16_L4096")]
     fused = [summary.get((s, "triton_fused_bias_grad"), 0.0) for s in ("B64_L1024", "B16_L4096")]
     dq_atomic = [summary.get((s, "triton_dq_atomic"), 0.0) for s in ("B64_L1024", "B16_L4096")]
+    dq_recompute = [summary.get((s, "triton_dq_recompute"), 0.0) for s in ("B64_L1024", "B16_L4096")]
     sdpa = [summary.get((s, "sdpa_causal_padded"), 0.0) for s in ("B64_L1024", "B16_L4096")]
     beats = all(t > s for t, s in zip(tri, sdpa, strict=True))
     print(
         f"RESULT hstu_attention fwd+bwd TFLOP/s on "
         f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU (interpreter smoke run)'}: "
-        f"triton {tri[0]:.1f} (B64,L<=1024) {tri[1]:.1f} (B16,L<=4096); dq atomic {dq_atomic[0]:.1f} / "
+        f"triton {tri[0]:.1f} (B64,L<=1024) {tri[1]:.1f} (B16,L<=4096); dq recompute {dq_recompute[0]:.1f} / "
+        f"{dq_recompute[1]:.1f}; dq atomic {dq_atomic[0]:.1f} / "
         f"{dq_atomic[1]:.1f}; fused bias grad {fused[0]:.1f} / {fused[1]:.1f}; inline bias {inline[0]:.1f} / "
         f"{inline[1]:.1f}; sdpa {sdpa[0]:.1f} / {sdpa[1]:.1f}; "
         f"target 400 at L<=4096: {'met' if tri[1] >= 400 else 'not met'}; "

@@ -61,16 +61,19 @@ FP32_POINTERS = {"POS_W", "TIME_W", "DPOS", "DTIME"}
 FP32_ACCUMULATORS = {"_hstu_bwd_dkdv_kernel": {"DQ"}}
 """Per kernel, the outputs it adds up in fp32 (dk/dv's dq, with DQ_ATOMIC); elsewhere outputs have the
 inputs' dtype."""
+BUFFER_KERNELS = ("fill", "fill:keys", "fill+keys", "rab_grad")
+"""Specs that are not attention kernels: every config compiled, no head-dimension constants."""
 
 
 def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list[triton.Config], dict]]:
     """(name, kernel, autotune configs, extra constexprs) of each requested kernel.
 
     Each attention kernel comes twice: computing the bias per pair, and reading it from the precomputed
-    buffer (`+rab`, with the fill kernel that writes it: `fill`, query-major, for the forward; `fill+keys`,
-    both layouts, for the backward); dk/dv with the buffer also hands its bias gradients over as a ds buffer
-    (`+ds`, with the `rab_grad` kernel that reduces it), and comes a third time adding dq up with atomics as
-    well (`+dqa`, `_DQ_ATOMIC`).
+    buffer (`+rab`, with the fill kernel that writes it: `fill`, query-major, for the forward; `fill:keys`,
+    key-major, for the backward that takes dq from the ds buffer; `fill+keys`, both layouts, for one that
+    recomputes dq); dk/dv with the buffer also hands ds over in the ds buffer (`+ds`, with the `rab_grad`
+    kernel that reduces it into the bias gradients and the `dq_ds` kernel that multiplies it by k), and
+    comes a third time adding dq up with atomics as well (`+dqa`, "atomic" `_DQ_SOURCE`).
     """
     table = {
         "fwd": (hstu._hstu_fwd_kernel, hstu._FWD_CONFIGS, {}),
@@ -83,9 +86,13 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
             fill = hstu._hstu_rab_fill_kernel
             forward = {"TABLE_GATHER": True, "QUERY_MAJOR": True, "KEY_MAJOR": False}
             specs.append(("fill", fill, hstu._FILL_CONFIGS, forward))
+            specs.append(
+                ("fill:keys", fill, hstu._FILL_CONFIGS, {**forward, "QUERY_MAJOR": False, "KEY_MAJOR": True})
+            )
             specs.append(("fill+keys", fill, hstu._FILL_CONFIGS, {**forward, "KEY_MAJOR": True}))
             rab_grad = hstu._hstu_rab_grad_kernel
             specs.append(("rab_grad", rab_grad, hstu._RAB_GRAD_CONFIGS, {"DEN_IS_LEN": True, "HEADS": 4}))
+            specs.append(("dq_ds", hstu._hstu_bwd_dq_ds_kernel, hstu._DQ_DS_CONFIGS, {}))
             continue
         fn, configs, extra = table[name]
         if name == "dkdv":  # inline bias: bias gradients reduced in-loop; buffer: handed over as ds
@@ -224,7 +231,9 @@ def main() -> None:
     )
     parser.add_argument("--dtypes", default="bf16,fp32", help="input dtypes: bf16, fp16, fp32")
     parser.add_argument(
-        "--kernels", default="fwd,dq,dkdv,fill", help="kernels to compile: fwd, dq, dkdv, fill (bias buffer)"
+        "--kernels",
+        default="fwd,dq,dkdv,fill",
+        help="kernels to compile: fwd, dq, dkdv, fill (the kernels that fill or read the bias/ds buffers)",
     )
     parser.add_argument("--first-config-only", action="store_true", help="one config per kernel (quick)")
     args = parser.parse_args()
@@ -252,7 +261,7 @@ def compile_all(args: argparse.Namespace) -> int:
         for name, fn, configs, extra in kernel_specs(args.kernels.split(",")):
             pruned = (
                 configs
-                if name in ("fill", "fill+keys", "rab_grad")
+                if name in BUFFER_KERNELS
                 else hstu._prune_configs(configs, {}, DOT_PREC=precision, **extra)
             )
             for config in pruned[:1] if args.first_config_only else pruned:
@@ -260,13 +269,14 @@ def compile_all(args: argparse.Namespace) -> int:
                     FAST_MATH=dtype != "fp32", BLOCK_BUCKETS=triton.next_power_of_2(args.num_buckets + 1),
                     **extra, **config.kwargs,
                 )  # fmt: skip
-                if name not in ("fill", "fill+keys", "rab_grad"):
+                if name not in BUFFER_KERNELS:
                     constants |= dict(
                         DQK=args.dqk, DV=args.dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, DEN_IS_LEN=True,
                         DOT_PREC=precision,
                     )  # fmt: skip
                 sig, attrs = signature(fn, dtype)
                 index = {p.name: i for i, p in enumerate(fn.params)}
+                constants = {k: v for k, v in constants.items() if k in index}  # dq_ds takes fewer
                 src = ASTSource(
                     fn, sig, constexprs={(index[k],): v for k, v in constants.items()}, attrs=attrs
                 )

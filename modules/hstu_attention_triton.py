@@ -34,12 +34,15 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
   holds as many heads as fit, and dk/dv runs once per group of heads. Done per head inside dk/dv's loop
   instead (the fallback when not even one head fits), these reductions took 57% of the fwd+bwd kernel time
   on an H200 (16 sequences of 2048-4096); the buffer path is not yet timed on a GPU.
-- backward dq: by default one program per query block, looping over key blocks like the forward (no
-  atomics), which recomputes s and dp. Alternatively (`_DQ_ATOMIC`, as FlashAttention-2/3 do) dk/dv adds
-  each step's ds q-tile product to an fp32 dq with 16-byte relaxed atomics: 5 products per pair instead of 7
-  and no query-major bias buffer in the backward, at the cost of atomics traffic and a dq whose low bits
-  vary with their order; which is faster on a GPU is for `benchmarks/hstu_attention.py` to say (untimed so
-  far).
+- backward dq: by default from the ds buffer (`_DQ_SOURCE`): `_hstu_bwd_dq_ds_kernel` multiplies the ds
+  that dk/dv stored by k, one program per query block looping over key blocks (no atomics). That is one
+  product per pair and a 2-byte read per pair and head, against three products and the SiLU work to
+  recompute ds (0.69 ms of a 3.3 ms fwd+bwd on an H200, 16 sequences of 2048-4096), and the backward needs
+  no query-major bias buffer. With the bias weights frozen, dk/dv writes that buffer for dq alone. Without
+  the buffer, a dq kernel shaped like the forward recomputes s and dp. Or (as FlashAttention-2/3 do) dk/dv
+  adds each step's ds q-tile product to an fp32 dq with 16-byte relaxed atomics: no dq pass at all, at the
+  cost of atomics traffic and a dq whose low bits vary with their order. `benchmarks/hstu_attention.py`
+  times the three (only the recomputing one is timed so far).
 The loops stream their large tiles (keys and values in the forward and dq, queries and output gradients in
 dk/dv) with masked loads, or on sm_90+ through TMA descriptors of each sequence's rows (`_rows_source`: one
 copy instruction a tile, no address arithmetic per thread); the autotuner tries both where the tensors'
@@ -90,15 +93,19 @@ and output gradients in dk/dv): True, through TMA tensor descriptors (sm_90+, 16
 strides); False, plain masked loads; None, the GPU autotuner tries both where the device and tensors allow
 TMA, and the interpreter uses plain loads."""
 _DS_BUFFER: bool | None = None
-"""Pin how dk/dv hands over the bias-weight gradients (tests, the GPU check): True, it writes each pair's
-ds per head to a buffer that `_hstu_rab_grad_kernel` reduces once over all heads; False, it reduces them
-per head inside its loop; None, the buffer on the GPU, for as many heads at a time as fit
-`_RAB_MEMORY_FRACTION` (dk/dv then runs once per group of heads), the in-loop reduction under the
-interpreter."""
-_DQ_ATOMIC = False
-"""How the backward gets dq: False, its own kernel (timed on an H200); True, dk/dv accumulates it with atomics
-into an fp32 buffer, with no dq kernel (untimed; the GPU benchmark times both, and the faster becomes the
-default)."""
+"""Pin how dk/dv hands over ds (tests, the GPU check): True, it writes each pair's ds per head to a buffer
+that `_hstu_rab_grad_kernel` reduces once over all heads into the bias-weight gradients, and that the dq
+kernel reads (`_DQ_SOURCE`); False, no buffer: dk/dv reduces the bias gradients per head inside its loop
+and dq is recomputed; None, the buffer on the GPU, for as many heads at a time as fit
+`_RAB_MEMORY_FRACTION` (dk/dv then runs once per group of heads), no buffer under the interpreter."""
+_DQ_SOURCE = "ds_buffer"
+"""How the backward gets dq. "ds_buffer": dk/dv writes each pair's ds per head to the ds buffer (which the
+bias-weight gradients read too; with the bias weights frozen it is written for dq alone), and
+`_hstu_bwd_dq_ds_kernel` multiplies it by k: one product per pair instead of recomputing s, SiLU and dp; a
+run without that buffer (no room, or `_DS_BUFFER` False) recomputes. "recompute": a dq kernel recomputes
+ds from q, k, v and do (timed on an H200: 0.69 ms at 16 x 2048-4096, 350 TFLOP/s of its three products).
+"atomic": dk/dv adds ds k to an fp32 dq with atomics, and no dq kernel runs. Only "recompute" is timed
+so far; the GPU benchmark times all three."""
 _RAB_MEMORY_FRACTION = 1 / 32
 """Largest share of the GPU's memory a transient bias or ds buffer may take (2.5 GB on an 80 GB H100: a batch
 of 16 sequences of 4096 events needs 0.3 GB in bf16); larger batches run in runs of sequences that fit."""
@@ -679,6 +686,60 @@ def _hstu_bwd_dq_kernel(
 
 
 @triton.jit
+def _hstu_bwd_dq_ds_kernel(
+    DS, K, DQ, OFFSETS, RAB_BASE, stride_kt, stride_kh, stride_dqt, stride_dqh,
+    alpha, inv_den_const, len_key, ds_head_stride, head0,
+    DQK: tl.constexpr, BLOCK_DQK: tl.constexpr, DEN_IS_LEN: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dq = ds k from the key-major ds buffer that dk/dv wrote for a group of heads (2 ds, its product
+    operand: the 1/2 joins the scaling at the end): one product per pair, where recomputing ds costs three
+    (s, dp, dq) and the SiLU work. One program per query block, head and sequence; its loop reads [BLOCK_N
+    keys, BLOCK_M queries] tiles as stored (each key's queries contiguous) and multiplies their transpose.
+
+    Entries past the diagonal (and, in a column that starts after the block's first query, before it) were
+    never written, so the key blocks that reach the diagonal, and all of the last query block's (which ends
+    past the sequence), load only causal pairs of real queries; the others load whole 16-byte vectors.
+    """
+    hh = tl.program_id(0)  # the head within the buffer's group
+    h = head0 + hh
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # longest work first
+    b = tl.program_id(2)
+    seq_start, seq_len, inv_den = _seq_info(OFFSETS, b, DEN_IS_LEN, inv_den_const)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seq_len:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    queries = offs_m[None, :]
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    rows = _padded_rows(seq_len)
+    ds_head = DS + hh.to(tl.int64) * ds_head_stride
+    rab_base = tl.load(RAB_BASE + b)
+    k_ptrs = K + h * stride_kh + offs_dqk[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+    # key blocks wholly before the block's first query, in a block that ends inside the sequence
+    whole = m0 // BLOCK_N * BLOCK_N if m0 + BLOCK_M <= seq_len else 0
+    for n0 in range(0, whole, BLOCK_N):
+        keys = (n0 + offs_n0)[:, None]
+        ds = tl.load(ds_head + _rab_key_start(rab_base, keys, rows) + queries)
+        k = tl.load(k_ptrs + (seq_start + keys) * stride_kt, mask=(offs_dqk < DQK)[None, :], other=0.0)
+        dq += tl.dot(tl.trans(ds), k, input_precision=DOT_PREC)
+    for n0 in range(whole, tl.minimum(m0 + BLOCK_M, seq_len), BLOCK_N):
+        keys = (n0 + offs_n0)[:, None]
+        causal = (keys <= queries) & (queries < seq_len)
+        ds = tl.load(ds_head + _rab_key_start(rab_base, keys, rows) + queries, mask=causal, other=0.0)
+        k_mask = (keys < seq_len) & (offs_dqk < DQK)[None, :]
+        k = tl.load(k_ptrs + (seq_start + keys) * stride_kt, mask=k_mask, other=0.0)
+        dq += tl.dot(tl.trans(ds), k, input_precision=DOT_PREC)
+    tl.store(
+        DQ + (seq_start + offs_m)[:, None] * stride_dqt + h * stride_dqh + offs_dqk[None, :],
+        (dq * (0.5 * alpha * inv_den)).to(DQ.dtype.element_ty),
+        mask=(offs_m < seq_len)[:, None] & (offs_dqk < DQK)[None, :],
+    )
+
+
+@triton.jit
 def _hstu_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV_OUT, DQ, DPOS, DTIME, OFFSETS, TS, POS_W, TIME_W, RAB, RAB_BASE, DS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -776,14 +837,13 @@ def _hstu_bwd_dkdv_kernel(
                 DQ + rows * stride_dqt + h * stride_dqh + offs_dqk[None, :], dq,
                 mask=mask_m[:, None] & (offs_dqk < DQK)[None, :], sem="relaxed",
             )  # fmt: skip
-        if RAB_GRAD:
-            if DS_STORE:  # the product's operand, handed to _hstu_rab_grad_kernel, which reduces all heads
-                tl.store(ds_head + keys_start + offs_m[None, :], ds_in, mask=in_cols)  # 16-byte vectors
-            else:  # the fallback: the tile reduced per head, query-major
-                ds_rows = tl.trans(ds)
-                _add_diagonal_sums(DPOS, ds_rows, n0 - m0, max_seq_len, 0.5 * inv_den, 2 * BLOCK_N)
-                b_lo, b_hi = _bucket_bounds(tq, tk, num_buckets, FAST_MATH)
-                time_grad = _time_grad_tile(ds_rows, tl.trans(bucket), b_lo, b_hi, time_grad, BLOCK_BUCKETS)
+        if DS_STORE:  # the product's operand, for _hstu_rab_grad_kernel (all heads) and the dq kernel
+            tl.store(ds_head + keys_start + offs_m[None, :], ds_in, mask=in_cols)  # 16-byte vectors
+        elif RAB_GRAD:  # the fallback: the tile reduced per head, query-major
+            ds_rows = tl.trans(ds)
+            _add_diagonal_sums(DPOS, ds_rows, n0 - m0, max_seq_len, 0.5 * inv_den, 2 * BLOCK_N)
+            b_lo, b_hi = _bucket_bounds(tq, tk, num_buckets, FAST_MATH)
+            time_grad = _time_grad_tile(ds_rows, tl.trans(bucket), b_lo, b_hi, time_grad, BLOCK_BUCKETS)
     if RAB_GRAD and not DS_STORE:
         _add_time_grad(DTIME, time_grad, 0.5 * inv_den, num_buckets, BLOCK_BUCKETS)
     tl.store(
@@ -872,6 +932,14 @@ _RAB_GRAD_CONFIGS = [
     triton.Config({"BLOCK": 16}, num_warps=4),
 ]
 """The ds-buffer reduction's configs: square tiles (a diagonal band's tiles cover the same diagonals)."""
+_DQ_DS_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+]
+"""dq from the ds buffer: query rows x keys per step. One product per step against a ds tile read once from
+memory, so it streams: a wgmma of 64 query rows per warpgroup, and the loads pipelined 2-3 steps ahead."""
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -885,12 +953,13 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     ptxas minutes each (benchmarks/triton_compile.py measures it).
     """
     if kwargs.get("RAB_TILES"):
-        configs = [c for c in configs if not c.kwargs["TABLE_GATHER"]]
+        configs = [c for c in configs if not c.kwargs.get("TABLE_GATHER")]
     if kwargs.get("RAB_GRAD") and not kwargs.get("DS_STORE"):
         configs = [c for c in configs if math.prod(_tile(c)) <= 2048]
     if kwargs.get("DOT_PREC") != "ieee":
         return configs
-    return [min(configs, key=lambda c: (c.kwargs["TABLE_GATHER"], c.kwargs["TMA"], *_squareness(c)))]
+    return [min(configs, key=lambda c: (c.kwargs.get("TABLE_GATHER", False), c.kwargs.get("TMA", False),
+                                        *_squareness(c)))]  # fmt: skip
 
 
 def _tile(config: triton.Config) -> list[int]:
@@ -964,9 +1033,10 @@ def _descriptor_scratch(device: torch.device):
 
 
 def _buffer_kernels():
-    """(bias fill, ds reduction) launchers: the raw kernels under the interpreter, autotuned on the GPU."""
+    """(bias fill, ds reduction, dq from ds) launchers: the kernels that fill or read the bias and ds
+    buffers; raw under the interpreter, autotuned on the GPU."""
     if _INTERPRET:
-        return _hstu_rab_fill_kernel, _hstu_rab_grad_kernel
+        return _hstu_rab_fill_kernel, _hstu_rab_grad_kernel, _hstu_bwd_dq_ds_kernel
     return _autotuned_buffer_kernels()
 
 
@@ -976,7 +1046,11 @@ def _autotuned_buffer_kernels():
     rab_grad = triton.autotune(
         _RAB_GRAD_CONFIGS, key=["len_key", "DEN_IS_LEN"], reset_to_zero=["DPOS", "DTIME"]
     )(_hstu_rab_grad_kernel)
-    return fill, rab_grad
+    dq_ds = triton.autotune(
+        _DQ_DS_CONFIGS, key=["len_key", "DQK", "DOT_PREC", "DEN_IS_LEN"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(_hstu_bwd_dq_ds_kernel)  # fmt: skip
+    return fill, rab_grad, dq_ds
 
 
 @functools.cache
@@ -1203,7 +1277,7 @@ def _use_rab_tiles(chunk: _Chunk, q: Tensor) -> bool:
 
 def _ds_buffer_heads(chunk: _Chunk, q: Tensor) -> int:
     """How many heads' ds the buffer holds at a time: all of them, or as many as fit the memory budget;
-    0 where dk/dv reduces the bias gradients in its loop (as `_DS_BUFFER` pins it, or no head fits)."""
+    0 for no buffer (as `_DS_BUFFER` pins it, or no head fits)."""
     heads = q.shape[1]
     if _DS_BUFFER is not None:
         return heads if _DS_BUFFER else 0
@@ -1234,7 +1308,7 @@ def _transient_buffer(
 def _reduce_bias_grads(ds, batch: TritonPlan, chunk: _Chunk, dpos, dtime, heads: int, common: dict) -> None:
     """dpos, dtime += the bias-weight gradients held in a run's per-head ds buffer (`_hstu_rab_grad_kernel`);
     common: the attention kernels' named arguments (`_launch_args`)."""
-    _, rab_grad = _buffer_kernels()
+    _, rab_grad, _ = _buffer_kernels()
     rab_grad[_row_grid(batch.longest, chunk.num_seqs, "BLOCK")](
         ds, chunk.rab_base, chunk.offsets, batch.kernel_timestamps, dpos, dtime, chunk.rab_numel,
         common["inv_den_const"], common["max_seq_len"], dtime.numel() - 1, common["len_key"], HEADS=heads,
@@ -1250,7 +1324,7 @@ def _fill_rab(
 ) -> None:  # fmt: skip
     """Writes a run's bias buffers, either or both (one pass): rab(i, j) / 2 of every causal pair, shared by
     all heads, query-major (forward, dq) and key-major (dk/dv), in their dtype."""
-    fill, _ = _buffer_kernels()
+    fill, _, _ = _buffer_kernels()
     some = query_major if query_major is not None else key_major  # the pointer a missing one passes
     fill[_row_grid(_padded_len(batch.longest), chunk.num_seqs, "BLOCK_R")](
         some, some if key_major is None else key_major, chunk.rab_base, chunk.offsets,
@@ -1318,8 +1392,8 @@ class _HSTUAttention(torch.autograd.Function):
 
 
 def _dq_accumulator(dq: Tensor) -> Tensor | None:
-    """Where dk/dv adds dq up with `_DQ_ATOMIC`: in fp32, dq itself for fp32 inputs (None without it)."""
-    if not _DQ_ATOMIC:
+    """Where dk/dv adds dq up ("atomic" `_DQ_SOURCE`): in fp32, dq itself for fp32 inputs (None otherwise)."""
+    if _DQ_SOURCE != "atomic":
         return None
     return dq if dq.dtype == torch.float32 else torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
 
@@ -1328,26 +1402,28 @@ def _backward_run(
     q, k, v, do, dq, dk, dv, dq_acc, dpos, dtime, pos_w, time_w, batch: TritonPlan, chunk: _Chunk,
     rab_grad: bool, max_seq_len, alpha, denominator,
 ) -> None:  # fmt: skip
-    """The backward kernels on one run of sequences: dk/dv (and the bias gradients), then dq; or, given the
-    fp32 dq_acc, dk/dv alone, adding dq into it."""
+    """The backward kernels on one run of sequences: dk/dv, writing each group of heads' ds to the ds
+    buffer, then per group the bias-gradient reduction and dq from ds; without that buffer, dk/dv reduces
+    the bias gradients itself and a dq kernel recomputes ds; given the fp32 dq_acc, dk/dv adds dq into it."""
     heads = q.shape[1]
-    rab, rab_keys, common = _launch_args(
-        q, v, batch, chunk, pos_w, time_w, max_seq_len, alpha, denominator, query_major=dq_acc is None,
-        key_major=True,
-    )  # fmt: skip
-    group = _ds_buffer_heads(chunk, q) if rab_grad else 0
+    dq_from_ds = dq_acc is None and _DQ_SOURCE == "ds_buffer"
+    group = _ds_buffer_heads(chunk, q) if rab_grad or dq_from_ds else 0
     ds = None
     if group:
-        ds = _transient_buffer(
-            group * chunk.rab_numel, q, "bias-gradient buffer", _DS_BUFFER,
-            "dk/dv reduces the bias gradients itself",
-        )  # fmt: skip
+        fallback = "dk/dv reduces the bias gradients itself" if rab_grad else "dq is recomputed"
+        ds = _transient_buffer(group * chunk.rab_numel, q, "ds buffer", _DS_BUFFER, fallback)
     if ds is None:
         group = heads
+    dq_from_ds = dq_from_ds and ds is not None
+    rab, rab_keys, common = _launch_args(
+        q, v, batch, chunk, pos_w, time_w, max_seq_len, alpha, denominator,
+        query_major=dq_acc is None and not dq_from_ds, key_major=True,
+    )  # fmt: skip
     _, dq_kernel, dkdv_kernel = _kernels(q, k, v, do)
+    _, _, dq_ds_kernel = _buffer_kernels()
     dq_out = dq[:0] if dq_acc is None else dq_acc  # an empty view: a pointer dk/dv never writes through
-    # One dk/dv launch per group of heads whose ds the buffer holds, each followed by its reduction.
-    # Autotuning, which zeroes dpos and dtime, only happens at a key's first launch: the first group.
+    # One dk/dv launch per group of heads whose ds the buffer holds, each followed by the kernels that read
+    # it. Autotuning, which zeroes dpos and dtime, only happens at a key's first launch: the first group.
     for head0 in range(0, heads, group):
         group_heads = min(group, heads - head0)
         dkdv_kernel[_grid(batch.longest, group_heads, chunk.num_seqs, "BLOCK_N", _INTERPRET_DKDV_KEYS)](
@@ -1360,9 +1436,18 @@ def _backward_run(
             DS_STORE=ds is not None, DQ_ATOMIC=dq_acc is not None,
             **_blocks("BLOCK_M", BLOCK_N=_INTERPRET_DKDV_KEYS),
         )  # fmt: skip
-        if ds is not None:
+        if ds is not None and rab_grad:
             _reduce_bias_grads(ds, batch, chunk, dpos, dtime, group_heads, common)
-    if dq_acc is not None:
+        if dq_from_ds:
+            dq_ds_kernel[_grid(batch.longest, group_heads, chunk.num_seqs, "BLOCK_M")](
+                ds, k, dq, chunk.offsets, chunk.rab_base, k.stride(0), k.stride(1), dq.stride(0),
+                dq.stride(1), common["alpha"], common["inv_den_const"], common["len_key"], chunk.rab_numel,
+                head0,
+                DQK=common["DQK"], BLOCK_DQK=common["BLOCK_DQK"], DEN_IS_LEN=common["DEN_IS_LEN"],
+                DOT_PREC=common["DOT_PREC"],
+                **({"BLOCK_M": _INTERPRET_BLOCK, "BLOCK_N": _INTERPRET_DKDV_KEYS} if _INTERPRET else {}),
+            )  # fmt: skip
+    if dq_acc is not None or dq_from_ds:
         return
     dq_kernel[_grid(batch.longest, heads, chunk.num_seqs, "BLOCK_M")](
         q, k, v, do, dq, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, rab, chunk.rab_base,

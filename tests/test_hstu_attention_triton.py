@@ -77,15 +77,19 @@ def make_inputs(lengths, *, heads=2, dqk=16, dv=32, max_seq_len=None, dtype=torc
     return q, k, v, offsets, timestamps, pos_w, time_w, max_seq_len
 
 
-def run_both(tri, lengths, *, denominator, alpha=None, **kw):
+def run_both(tri, lengths, *, denominator, alpha=None, bias_grad=True, **kw):
+    """The kernel and the oracle on the same inputs, both backpropagated; bias_grad=False freezes the bias
+    weights (in both, so they get no gradient)."""
     q, k, v, offsets, ts, pos_w, time_w, n = make_inputs(lengths, **kw)
     alpha = alpha if alpha is not None else 1.0 / math.sqrt(q.shape[-1])
-    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
+    leaves = [x.clone().requires_grad_(i < 3 or bias_grad) for i, x in enumerate((q, k, v, pos_w, time_w))]
     out = tri.triton_hstu_attention(
         leaves[0], leaves[1], leaves[2], offsets, ts, leaves[3], leaves[4],
         max_seq_len=n, alpha=alpha, denominator=denominator,
     )  # fmt: skip
-    ref_leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
+    ref_leaves = [
+        x.detach().double().requires_grad_(i < 3 or bias_grad) for i, x in enumerate((q, k, v, pos_w, time_w))
+    ]
     ref = naive_hstu_attention(
         ref_leaves[0], ref_leaves[1], ref_leaves[2], offsets, ts, ref_leaves[3], ref_leaves[4],
         max_seq_len=n, alpha=alpha, denominator=denominator,
@@ -336,9 +340,9 @@ def test_ds_buffer_with_inline_bias_and_its_out_of_memory_fallback(tri, monkeypa
     [(torch.float32, 1e-4, 1e-5, False, 0), (torch.bfloat16, 4e-2, 1e-3, True, 2)],
 )
 def test_dq_added_up_by_dkdv_atomics(tri, monkeypatch, dtype, rtol, atol, rab_tiles, ds_heads):
-    """_DQ_ATOMIC: dk/dv adds each step's dq with atomics and no dq kernel runs; fp32 inputs accumulate into
+    """ "atomic" dq: dk/dv adds each step's dq with atomics and no dq kernel runs; fp32 inputs accumulate into
     dq itself, 16-bit ones into an fp32 buffer; per-head launches (ds buffer for 2 of 3 heads) add theirs."""
-    monkeypatch.setattr(tri, "_DQ_ATOMIC", True)
+    monkeypatch.setattr(tri, "_DQ_SOURCE", "atomic")
     monkeypatch.setattr(tri, "_RAB_TILES", rab_tiles)
     monkeypatch.setattr(tri, "_DS_BUFFER", ds_heads > 0)
     monkeypatch.setattr(tri, "_ds_buffer_heads", lambda batch, q: ds_heads)
@@ -353,6 +357,61 @@ def test_dq_added_up_by_dkdv_atomics(tri, monkeypatch, dtype, rtol, atol, rab_ti
     assert leaves[0].grad.dtype == dtype
     for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
         assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
+
+
+class RecordingKernel:
+    """A raw kernel that records the grid of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol", "atol", "rab_tiles", "ds_heads", "bias_grad"),
+    [
+        (torch.float32, 1e-4, 1e-5, True, 3, True),
+        (torch.bfloat16, 4e-2, 1e-3, True, 2, False),
+        (torch.float32, 1e-4, 1e-5, False, 2, True),
+    ],
+)
+def test_dq_from_the_ds_buffer(tri, monkeypatch, dtype, rtol, atol, rab_tiles, ds_heads, bias_grad):
+    """The default dq: one launch of the dq-from-ds kernel per group of heads whose ds dk/dv stored (3 of 3,
+    or 2 then 1), no dq kernel recomputing it, and a backward that fills only the key-major bias buffer;
+    with the bias weights frozen, dk/dv writes the ds buffer for dq alone. Lengths cross the 16-row query
+    blocks, the 32-key blocks and the buffer's 64-key rows, and end off a block boundary."""
+    monkeypatch.setattr(tri, "_RAB_TILES", rab_tiles)
+    monkeypatch.setattr(tri, "_DS_BUFFER", True)
+    monkeypatch.setattr(tri, "_ds_buffer_heads", lambda batch, q: ds_heads)
+    fwd, _, dkdv = tri._kernels()
+
+    def no_dq_kernel(*args, **kwargs):
+        raise AssertionError("the dq kernel recomputed ds although dk/dv stored it")
+
+    monkeypatch.setattr(tri, "_kernels", lambda *streamed: (fwd, no_dq_kernel, dkdv))
+    dq_ds = RecordingKernel(tri._hstu_bwd_dq_ds_kernel)
+    monkeypatch.setattr(tri, "_hstu_bwd_dq_ds_kernel", dq_ds)
+    fills, real_fill = [], tri._fill_rab
+
+    def recording_fill(query_major, key_major, *args):
+        fills.append((query_major is not None, key_major is not None))
+        real_fill(query_major, key_major, *args)
+
+    monkeypatch.setattr(tri, "_fill_rab", recording_fill)
+    real_buffer = tri._transient_buffer  # NaN, as fresh GPU memory may be: entries never written stay unread
+    monkeypatch.setattr(tri, "_transient_buffer", lambda *a, **kw: real_buffer(*a, **kw).fill_(float("nan")))
+    out, ref, leaves, ref_leaves = run_both(
+        tri, [1, 70, 0, 17, 131], denominator=None, dtype=dtype, heads=3, bias_grad=bias_grad
+    )
+    assert_close(out, ref, "out", rtol, atol)
+    names = ("q", "k", "v", "pos_weights", "time_weights")[: 5 if bias_grad else 3]
+    for name, a, b in zip(names, leaves, ref_leaves, strict=False):
+        assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
+    assert [grid[0] for grid in dq_ds.grids] == ([3] if ds_heads == 3 else [2, 1])
+    assert fills == ([(True, False), (False, True)] if rab_tiles else [])
 
 
 @pytest.mark.parametrize(
@@ -433,23 +492,24 @@ def gpu_launch_path(tri, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("dtype", "rtol", "atol", "ds_heads", "dq_atomic"),
+    ("dtype", "rtol", "atol", "ds_heads", "dq_source"),
     [
-        (torch.float32, 1e-4, 1e-5, None, False),
-        (torch.bfloat16, 4e-2, 1e-3, 1, False),
-        (torch.bfloat16, 4e-2, 1e-3, 1, True),
+        (torch.float32, 1e-4, 1e-5, None, "ds_buffer"),
+        (torch.bfloat16, 4e-2, 1e-3, 1, "ds_buffer"),
+        (torch.bfloat16, 4e-2, 1e-3, 1, "atomic"),
+        (torch.bfloat16, 4e-2, 1e-3, None, "recompute"),
     ],
 )
 def test_gpu_launch_path_matches_naive_oracle(
-    gpu_launch_path, monkeypatch, dtype, rtol, atol, ds_heads, dq_atomic
+    gpu_launch_path, monkeypatch, dtype, rtol, atol, ds_heads, dq_source
 ):
     """What only a GPU run would otherwise exercise: autotuned launches with every config (bf16 tries them
     all, TMA streaming included; fp32 one), the bias buffer, and the ds buffer for all heads or
     (ds_heads=1) one head at a time, so later dk/dv launches reuse the tuned config without zeroing the
-    gradients of the first; with dk/dv adding dq up (dq_atomic), every config the autotuner tries adds to a
-    copy, not to dq. The bias and ds buffers start as NaN, as fresh GPU memory may: what a kernel reads
-    without writing it first (the ds reduction's larger tiles reach entries past the diagonal that no dk/dv
-    tile wrote) must stay masked."""
+    gradients of the first; dq from the ds buffer, recomputed, or added up by dk/dv ("atomic": every config
+    the autotuner tries adds to a copy, not to dq). The bias and ds buffers start as NaN, as fresh GPU
+    memory may: what a kernel reads without writing it first (the ds reduction's and the dq kernel's larger
+    tiles reach entries past the diagonal that no dk/dv tile wrote) must stay masked."""
     real_buffer = gpu_launch_path._transient_buffer
 
     def nan_buffer(*args, **kwargs):
@@ -459,15 +519,15 @@ def test_gpu_launch_path_matches_naive_oracle(
     monkeypatch.setattr(gpu_launch_path, "_transient_buffer", nan_buffer)
     if ds_heads is not None:
         monkeypatch.setattr(gpu_launch_path, "_ds_buffer_heads", lambda batch, q: ds_heads)
-    monkeypatch.setattr(gpu_launch_path, "_DQ_ATOMIC", dq_atomic)
+    monkeypatch.setattr(gpu_launch_path, "_DQ_SOURCE", dq_source)
     out, ref, leaves, ref_leaves = run_both(gpu_launch_path, [3, 70, 1], denominator=None, dtype=dtype)
     assert_close(out, ref, "out", rtol, atol)
     for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
         assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
 
 
-@pytest.mark.parametrize("dq_atomic", [False, True])
-def test_batch_runs_within_the_memory_budget(gpu_launch_path, monkeypatch, dq_atomic):
+@pytest.mark.parametrize("dq_source", ["ds_buffer", "atomic"])
+def test_batch_runs_within_the_memory_budget(gpu_launch_path, monkeypatch, dq_source):
     """A batch whose bias buffer passes the budget runs as consecutive runs of sequences that each fit; a
     sequence too long for it alone runs by itself with the bias computed inline and dk/dv reducing the bias
     gradients in its loop (a different autotune key, tuned mid-batch: it must not zero the other runs'
@@ -475,7 +535,7 @@ def test_batch_runs_within_the_memory_budget(gpu_launch_path, monkeypatch, dq_at
     relaunches dk/dv per head."""
     tri = gpu_launch_path
     monkeypatch.setattr(tri, "_budget_numel", lambda x: 3100)
-    monkeypatch.setattr(tri, "_DQ_ATOMIC", dq_atomic)
+    monkeypatch.setattr(tri, "_DQ_SOURCE", dq_source)
     lengths = [40, 3, 70, 1, 25]  # bias-buffer sizes 2560, 512, 5120, 512, 2048 (rows padded to 8)
     _, _, _, offsets, ts, _, _, n = make_inputs(lengths)
     batch = tri.plan_triton_attention(offsets, ts, max_seq_len=n)
@@ -494,15 +554,16 @@ def test_batch_runs_within_the_memory_budget(gpu_launch_path, monkeypatch, dq_at
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gpu_launch_path_random_batches_and_budgets(gpu_launch_path, monkeypatch, seed):
     """Random jagged batches (lengths 0 and 1 included), head counts, denominators and memory budgets: runs
-    of sequences, groups of heads, and inline runs mix as they fall (seed 1 with dq added up by dk/dv, so a
-    run tuned mid-batch must keep the dq of the runs before it); every output and gradient matches."""
+    of sequences, groups of heads, and inline runs mix as they fall (dq from the ds buffer where a run has
+    it; seed 1 with dq added up by dk/dv, so a run tuned mid-batch must keep the dq of the runs before it;
+    seed 2 recomputing dq); every output and gradient matches."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, 90, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist()
     lengths[0] = 1
     heads = int(torch.randint(1, 4, (1,), generator=g))
     budget = int(torch.randint(64, 9000, (1,), generator=g))
     monkeypatch.setattr(gpu_launch_path, "_budget_numel", lambda x: budget)
-    monkeypatch.setattr(gpu_launch_path, "_DQ_ATOMIC", seed == 1)
+    monkeypatch.setattr(gpu_launch_path, "_DQ_SOURCE", ("ds_buffer", "atomic", "recompute")[seed])
     denominator = None if seed % 2 == 0 else 100.0
     out, ref, leaves, ref_leaves = run_both(
         gpu_launch_path, lengths, denominator=denominator, heads=heads, max_seq_len=100, seed=seed
@@ -609,7 +670,8 @@ def test_kernels_compile_for_hopper(tri):
     Runs benchmarks/triton_compile.py in a fresh process without TRITON_INTERPRET: layouts, tensor-core
     shapes and shared memory are only checked there, and no GPU is needed to check them. Every bf16 config
     is compiled, with and without the bias buffer (dk/dv with it also writing the ds buffer, with and
-    without adding dq up) and with both time-bias lookups; fp32 (correctness only) compiles one small tile.
+    without adding dq up), with both time-bias lookups, and the kernels that fill or read the buffers (dq
+    from ds among them); fp32 (correctness only) compiles one small tile of each attention kernel.
     Two processes, forward and dq in one, dk/dv and the buffer kernels in the other, share the work.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -630,9 +692,10 @@ def test_kernels_compile_for_hopper(tri):
     # dk/dv with the buffer twice: dq from its own kernel, and added up by dk/dv's atomics
     bf16 = 2 * len(tri._FWD_CONFIGS) + len(dkdv_in_loop) + 2 * len(with_buffer[0]) + 2 * len(with_buffer[1])
     fp32 = 3 * 2 + 1  # one small tile per kernel, with and without the buffer (and dk/dv's dq atomics)
-    # the fill (forward: query-major; backward: both layouts) and the ds reduction
-    buffer_kernels = 2 * len(tri._FILL_CONFIGS) + len(tri._RAB_GRAD_CONFIGS)
-    compiled = bf16 + fp32 + 2 * buffer_kernels
+    # the fill (forward: query-major; backward: key-major, or both layouts) and the ds reduction, both dtypes
+    buffer_kernels = 3 * len(tri._FILL_CONFIGS) + len(tri._RAB_GRAD_CONFIGS)
+    dq_ds = len(tri._DQ_DS_CONFIGS) + 1  # every bf16 tile, one fp32
+    compiled = bf16 + fp32 + 2 * buffer_kernels + dq_ds
     counts = [(int(r.group(1)), int(r.group(2))) for r in results]
     assert sum(n for n, _ in counts) == compiled and all(f == 0 for _, f in counts), outputs
 
@@ -696,11 +759,13 @@ def test_gpu_check_harness_runs_in_the_interpreter():
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RESULT check: PASS" in proc.stdout, proc.stdout
-    variants = ("rab_buffer ", "rab_buffer_dq_atomic", "inline_global", "inline_table_gather")
+    variants = ("rab_buffer ", "rab_buffer_dq_recompute", "rab_buffer_dq_atomic", "inline_global")
+    variants += ("inline_table_gather",)
     assert all(f"check {name}" in proc.stdout for name in variants), proc.stdout
     rows = (
         "triton ",
         "triton_frozen_bias",
+        "triton_dq_recompute",
         "triton_dq_atomic",
         "triton_fused_bias_grad",
         "triton_inline_bias",
@@ -725,7 +790,7 @@ def test_benchmark_logs_every_config_time(gpu_launch_path, capsys):
         run_both(gpu_launch_path, [3, 20], denominator=None, dtype=torch.bfloat16)
     assert Autotuner.run is tune
     out = capsys.readouterr().out
-    for kernel in ("fwd", "bwd_dq", "bwd_dkdv", "rab_fill", "rab_grad"):
+    for kernel in ("fwd", "bwd_dkdv", "bwd_dq_ds", "rab_fill", "rab_grad"):
         assert f"tuned _hstu_{kernel}_kernel (ms, best first): " in out, out
     assert "64x64 w4 s2 tma 1.000" in out, out
 
