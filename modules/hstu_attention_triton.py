@@ -1201,17 +1201,19 @@ def plan_triton_attention(offsets: Tensor, timestamps: Tensor, *, max_seq_len: i
     lengths = kernel_offsets[1:] - kernel_offsets[:-1]
     # Each sequence's timestamps relative to its first one: the kernels only take differences within a
     # sequence, and these offsets fit int32 (half the per-pair integer work) unless a user spans 68 years.
-    first = ts[kernel_offsets[:-1].clamp(max=total - 1)]
-    rel = ts - torch.repeat_interleave(first, lengths.clamp(min=0), output_size=total)
+    first = ts[kernel_offsets[:-1].clamp(0, total - 1)]
+    # each token's sequence, by search rather than repeat_interleave, so malformed offsets reach the check
+    token_seq = torch.searchsorted(kernel_offsets[1:], torch.arange(total, device=ts.device), right=True)
+    rel = ts - first[token_seq.clamp(max=first.numel() - 1)]
     rab_sizes = _rab_numel(lengths.clamp(min=0))
     rab_ends = rab_sizes.cumsum(0)
-    stats = torch.stack([lengths.max(), lengths.min(), kernel_offsets[-1] - total, rel.min(), rel.max()])
-    values = torch.cat([stats, rab_ends]).tolist()
-    (longest, shortest, tail, rel_min, rel_max), host_rab_ends = values[:5], tuple(values[5:])
-    if tail != 0 or shortest < 0:
+    stats = [lengths.max(), lengths.min(), kernel_offsets[0], kernel_offsets[-1], rel.min(), rel.max()]
+    values = torch.cat([torch.stack(stats), rab_ends]).tolist()
+    (longest, shortest, head, tail, rel_min, rel_max), host_rab_ends = values[:6], tuple(values[6:])
+    if head != 0 or tail != total or shortest < 0:
         raise ValueError(
-            f"triton_hstu_attention: offsets must be non-decreasing and end at T={total}, "
-            f"got last offset {int(offsets[-1])}"
+            f"triton_hstu_attention: offsets must start at 0, never decrease and end at T={total} (every "
+            f"token in one sequence), got first offset {head}, last {tail}, shortest sequence {shortest}"
         )
     if longest > max_seq_len:
         raise ValueError(
@@ -1365,9 +1367,10 @@ class _HSTUAttention(torch.autograd.Function):
         batch, max_seq_len, alpha, denominator = ctx.cfg
         num_seqs = offsets.numel() - 1
         do = _last_dim_contiguous(grad_out.to(q.dtype))
-        dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-        dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
-        dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+        # no memsets: the kernels write every row of every head (the plan checks offsets cover all tokens)
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
         dpos = torch.zeros(pos_w.numel(), dtype=torch.float32, device=q.device)
         dtime = torch.zeros(time_w.numel(), dtype=torch.float32, device=q.device)
         dq_acc = _dq_accumulator(dq)
@@ -1395,7 +1398,11 @@ def _dq_accumulator(dq: Tensor) -> Tensor | None:
     """Where dk/dv adds dq up ("atomic" `_DQ_SOURCE`): in fp32, dq itself for fp32 inputs (None otherwise)."""
     if _DQ_SOURCE != "atomic":
         return None
-    return dq if dq.dtype == torch.float32 else torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
+    return (
+        dq.zero_()
+        if dq.dtype == torch.float32
+        else torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
+    )
 
 
 def _backward_run(

@@ -556,7 +556,7 @@ def test_gpu_launch_path_random_batches_and_budgets(gpu_launch_path, monkeypatch
     """Random jagged batches (lengths 0 and 1 included), head counts, denominators and memory budgets: runs
     of sequences, groups of heads, and inline runs mix as they fall (dq from the ds buffer where a run has
     it; seed 1 with dq added up by dk/dv, so a run tuned mid-batch must keep the dq of the runs before it;
-    seed 2 recomputing dq); every output and gradient matches."""
+    seed 2 recomputing dq); every output and gradient matches, though they start as NaN."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, 90, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist()
     lengths[0] = 1
@@ -564,6 +564,8 @@ def test_gpu_launch_path_random_batches_and_budgets(gpu_launch_path, monkeypatch
     budget = int(torch.randint(64, 9000, (1,), generator=g))
     monkeypatch.setattr(gpu_launch_path, "_budget_numel", lambda x: budget)
     monkeypatch.setattr(gpu_launch_path, "_DQ_SOURCE", ("ds_buffer", "atomic", "recompute")[seed])
+    real_empty_like = torch.empty_like  # NaN outputs, as fresh GPU memory may hold: every row must be written
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: real_empty_like(*a, **kw).fill_(float("nan")))
     denominator = None if seed % 2 == 0 else 100.0
     out, ref, leaves, ref_leaves = run_both(
         gpu_launch_path, lengths, denominator=denominator, heads=heads, max_seq_len=100, seed=seed
@@ -655,6 +657,22 @@ def test_plan_shared_by_calls(tri):
         hstu_attention(q, k, v, offsets, ts, pos_w, time_w, backend="triton", plan=jagged_plan, **kw)
     with pytest.raises(ValueError, match="built for backend 'triton'"):
         hstu_attention(q, k, v, offsets, ts, pos_w, time_w, backend="jagged", plan=plan, **kw)
+
+
+@pytest.mark.parametrize(
+    ("offsets", "found"),
+    [
+        ([2, 5, 10], "first offset 2, last 10, shortest sequence 3"),  # tokens 0-1 in no sequence
+        ([0, 5, 9], "first offset 0, last 9, shortest sequence 4"),  # token 9 in no sequence
+        ([0, 6, 4, 10], "first offset 0, last 10, shortest sequence -2"),
+    ],
+)
+def test_plan_rejects_offsets_that_leave_tokens_out(tri, offsets, found):
+    """Every token must lie in exactly one sequence: the kernels write only the rows of sequences, so a
+    token outside them would get an unwritten output row."""
+    _, _, _, _, ts, _, _, _ = make_inputs([10])
+    with pytest.raises(ValueError, match=f"must start at 0, never decrease and end at T=10.*{found}"):
+        tri.plan_triton_attention(torch.tensor(offsets), ts, max_seq_len=10)
 
 
 def test_rejects_sequences_longer_than_max_seq_len(tri):
