@@ -1417,7 +1417,9 @@ def _backward_run(
     group = _ds_buffer_heads(chunk, q) if rab_grad or dq_from_ds else 0
     ds = None
     if group:
-        fallback = "dk/dv reduces the bias gradients itself" if rab_grad else "dq is recomputed"
+        fallback = " and ".join(
+            ["dk/dv reduces the bias gradients itself"] * rab_grad + ["dq is recomputed"] * dq_from_ds
+        )
         ds = _transient_buffer(group * chunk.rab_numel, q, "ds buffer", _DS_BUFFER, fallback)
     if ds is None:
         group = heads
