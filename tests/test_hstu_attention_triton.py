@@ -727,6 +727,19 @@ def bucket_bounds_kernel(TQ, TK, OUT, N: tl.constexpr):
     tl.store(OUT + 1, hi)
 
 
+def test_warp_specialisation_probe_matches_the_readme():
+    """benchmarks/triton_ws_probe.py compiles a dk/dv-shaped loop with Triton's automatic warp
+    specialisation for sm_90 and reads how it split the work. The README says Triton 3.6 duplicates the
+    work at 64 keys and misplaces the second consumer's tiles at 128: a Triton that does better fails this
+    test, so that the README and the kernels' plans get revisited."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "triton_ws_probe.py")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = "keys64=every_product_done_twice keys128=wrong_tile_coordinates usable=no"
+    assert f"RESULT triton={triton.__version__} {result}" in proc.stdout, proc.stdout
+
+
 def test_bucket_bounds_hold_every_pair_and_are_exact_for_separate_times():
     """`_bucket_bounds` (the ds reduction's per-tile bucket range, from the query and key times alone)
     against every pair's bucket: they bound all of them, for any times, and are the exact lowest and
