@@ -698,8 +698,9 @@ def _hstu_bwd_dq_ds_kernel(
     keys, BLOCK_M queries] tiles as stored (each key's queries contiguous) and multiplies their transpose.
 
     Entries past the diagonal (and, in a column that starts after the block's first query, before it) were
-    never written, so the key blocks that reach the diagonal, and all of the last query block's (which ends
-    past the sequence), load only causal pairs of real queries; the others load whole 16-byte vectors.
+    never written, so the key blocks that reach the diagonal load only causal pairs of real queries. So do
+    all key blocks of the last query block: its rows past the sequence's padded end would read beyond each
+    key's column (beyond the buffer, for its last sequence). The others load whole 16-byte vectors.
     """
     hh = tl.program_id(0)  # the head within the buffer's group
     h = head0 + hh
