@@ -260,10 +260,15 @@ def run_check(device: str = "cuda", small: bool = False, all_configs: bool = Fal
         for variant, configs in runs:
             tri = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
             pinned = pinned_configs(*configs) if configs else contextlib.nullcontext()
-            with kernel_variant(variant), pinned:
-                out = triton_hstu_attention(tri[0], tri[1], tri[2], offsets, ts, tri[3], tri[4], **kw)
-                out.backward(grad.to(out.dtype))
             label = "autotuned" if configs is None else " | ".join(config_label(c) for c in configs)
+            try:
+                with kernel_variant(variant), pinned:
+                    out = triton_hstu_attention(tri[0], tri[1], tri[2], offsets, ts, tri[3], tri[4], **kw)
+                    out.backward(grad.to(out.dtype))
+            except Exception as err:  # one broken path must not hide the others' results from a GPU session
+                ok = False
+                print(f"check {variant:19s} {label:62s} {str(dtype).split('.')[-1]:8s} FAIL: {failure(err)}")
+                continue
             for name, a, r in zip(names, [out] + [x.grad for x in tri], expected, strict=True):
                 err = (a.double() - r).abs().max().item()
                 scale = r.abs().max().item()
@@ -345,12 +350,19 @@ def kernel_summary(times: dict[str, float]) -> str:
     return f"{sum(times.values()):.3f} ms on the GPU ({', '.join(parts)}; rest: memsets, casts)"
 
 
-def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES) -> None:
-    """The benchmark table and RESULT line; device="cpu" with tiny shapes is the harness's smoke run."""
+def failure(err: Exception) -> str:
+    """One line naming an exception, for a row that failed."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first[:300]}"
+
+
+def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES) -> list[str]:
+    """The benchmark table and RESULT line, and the rows that failed (each is reported and skipped, so one
+    broken kernel path leaves the others' numbers); device="cpu" with tiny shapes is the smoke run."""
     from modules.hstu_attention_triton import plan_triton_attention, triton_hstu_attention
 
     heads, d = 4, 128
-    summary = {}
+    summary, failed = {}, []
     for name, b, lo, hi in shapes:
         q, k, v, offsets, ts, pos_w, time_w, lengths = make_batch(
             b, lo, hi, heads=heads, dqk=d, dv=d, max_seq_len=hi, dtype=torch.bfloat16, device=device
@@ -435,6 +447,10 @@ def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES) -> Non
                 print(f"  {label:22s} out of memory", flush=True)
                 torch.cuda.empty_cache()
                 continue
+            except Exception as err:
+                print(f"  {label:22s} FAILED: {failure(err)}", flush=True)
+                failed.append(f"{name}/{label}")
+                continue
             tf_fwd = fwd_flops / fwd_ms / 1e9
             tf_step = total_flops / step_ms / 1e9
             summary[(name, label)] = tf_step
@@ -462,8 +478,9 @@ def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES) -> Non
         f"{dq_atomic[1]:.1f}; fused bias grad {fused[0]:.1f} / {fused[1]:.1f}; inline bias {inline[0]:.1f} / "
         f"{inline[1]:.1f}; sdpa {sdpa[0]:.1f} / {sdpa[1]:.1f}; "
         f"target 400 at L<=4096: {'met' if tri[1] >= 400 else 'not met'}; "
-        f"beats sdpa at both shapes: {'yes' if beats else 'no'}"
+        f"beats sdpa at both shapes: {'yes' if beats else 'no'}; failed rows: {','.join(failed) or 'none'}"
     )
+    return failed
 
 
 def run_profile_once() -> None:
@@ -505,8 +522,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.cpu_smoke:
         ok = run_check("cpu", small=True)
-        run_benchmark(skip_padded=False, device="cpu", shapes=[("B64_L1024", 2, 1, 20)])
-        sys.exit(0 if ok else 1)
+        failed = run_benchmark(skip_padded=False, device="cpu", shapes=[("B64_L1024", 2, 1, 20)])
+        sys.exit(0 if ok and not failed else 1)
     require_cuda()
     if args.check:
         sys.exit(0 if run_check(all_configs=args.all_configs) else 1)
@@ -514,7 +531,8 @@ def main() -> None:
         run_profile_once()
         return
     with config_times():
-        run_benchmark(args.skip_padded)
+        failed = run_benchmark(args.skip_padded)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

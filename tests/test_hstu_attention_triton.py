@@ -806,6 +806,42 @@ def test_gpu_check_harness_runs_in_the_interpreter():
     assert "RESULT hstu_attention fwd+bwd TFLOP/s on CPU" in proc.stdout, proc.stdout
 
 
+def test_gpu_check_reports_a_broken_path_and_goes_on(tri, monkeypatch, capsys):
+    """A kernel path that fails on the GPU (dq added up by dk/dv, here) is reported as a failed check and a
+    failed benchmark row, and every other variant and row still runs: a GPU session keeps their numbers."""
+    spec = importlib.util.spec_from_file_location(
+        "hstu_attention_bench", REPO / "benchmarks" / "hstu_attention.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    real = tri.triton_hstu_attention
+
+    def broken_atomic_dq(*args, **kwargs):
+        if tri._DQ_SOURCE == "atomic":
+            raise RuntimeError("simulated compile failure\nsecond line")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tri, "triton_hstu_attention", broken_atomic_dq)
+    monkeypatch.setattr(
+        bench, "VARIANTS", {k: bench.VARIANTS[k] for k in ("rab_buffer", "rab_buffer_dq_atomic")}
+    )
+    assert not bench.run_check("cpu", small=True)
+    out = capsys.readouterr().out
+    assert re.search(
+        r"check rab_buffer_dq_atomic .* FAIL: RuntimeError: simulated compile failure$", out, re.M
+    )
+    assert re.search(r"check rab_buffer .* d_time_weights .* ok$", out, re.M), out
+    monkeypatch.undo()
+    monkeypatch.setattr(tri, "triton_hstu_attention", broken_atomic_dq)
+    assert bench.run_benchmark(skip_padded=True, device="cpu", shapes=[("B64_L1024", 2, 1, 20)]) == [
+        "B64_L1024/triton_dq_atomic"
+    ]
+    out = capsys.readouterr().out
+    assert "  triton_dq_atomic       FAILED: RuntimeError: simulated compile failure\n" in out, out
+    assert re.search(r"^  triton_dq_recompute .* TFLOP/s$", out, re.M), out
+    assert "failed rows: B64_L1024/triton_dq_atomic" in out, out
+
+
 def test_benchmark_logs_every_config_time(gpu_launch_path, capsys):
     """benchmarks/hstu_attention.py prints each config's time whenever a kernel is autotuned (Triton prints
     only the winner), TMA configs included, and leaves Triton's autotuner as it was."""
