@@ -1,6 +1,7 @@
 """A full dense HSTU training step on one GPU: tokens/s and MFU, ending with a RESULT line.
 
     python benchmarks/hstu_step_gpu.py [--configs paper,large] [--attention triton,padded] [--steps 10]
+    TRITON_INTERPRET=1 python benchmarks/hstu_step_gpu.py --cpu-smoke   # the harness on a tiny CPU config
 
 paper: d=64, 4 blocks, 4 heads, d_qk=d_v=16, length 50, batch 128, 512 shared uniform negatives,
 sampled softmax (temperature 0.05), AdamW lr 1e-3 betas (0.9, 0.98), dropout 0.5, bf16 autocast.
@@ -9,6 +10,7 @@ The item table is a plain nn.Embedding trained densely by AdamW (TorchRec's CUDA
 the GPU machine); the encoder and loss are the project's own `modules.hstu.HSTUEncoder` and
 `modules.losses.sampled_softmax_loss`, which import without fbgemm_gpu or TorchRec.
 MFU = model FLOPs (3 x forward matmul FLOPs, causal attention pairs on real tokens) / time / peak.
+A configuration that fails (a kernel that does not compile, say) is reported and the others still run.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from hstu_attention import require_cuda  # noqa: E402
+from hstu_attention import failure, require_cuda  # noqa: E402
 
 from modules.config import ModelConfig  # noqa: E402
 from modules.hstu import HSTUEncoder  # noqa: E402
@@ -69,7 +71,21 @@ CONFIGS = {
         batch=8,
         dropout=0.0,
     ),
+    "tiny": StepConfig(
+        name="tiny",
+        d=16,
+        blocks=2,
+        heads=2,
+        dqk=8,
+        dv=8,
+        min_len=1,
+        max_len=20,
+        batch=3,
+        negatives=8,
+        num_items=50,
+    ),
 }
+"""paper and large run on the GPU; tiny is the CPU smoke run's (the Triton backend in the interpreter)."""
 
 
 def _encoder(cfg: StepConfig, attention: str) -> nn.Module:
@@ -93,8 +109,10 @@ def model_flops(cfg: StepConfig, lengths: Tensor) -> float:
     return cfg.blocks * per_layer + loss
 
 
-def run(cfg: StepConfig, attention: str, steps: int) -> dict:
-    device = "cuda"
+def run(cfg: StepConfig, attention: str, steps: int, device: str = "cuda") -> dict:
+    """Time `steps` training steps after 3 warm-up ones; prints and returns ms, tokens/s, MFU, peak memory."""
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else lambda: None
     torch.manual_seed(0)
     encoder = _encoder(cfg, attention)
     table = nn.Embedding(cfg.num_items + 1, cfg.d, padding_idx=0)
@@ -113,7 +131,7 @@ def run(cfg: StepConfig, attention: str, steps: int) -> dict:
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             x = model["encoder"](model["table"](items), offsets, timestamps)
             negatives = torch.randint(1, cfg.num_items + 1, (cfg.negatives,), device=device)
             loss = sampled_softmax_loss(
@@ -126,25 +144,27 @@ def run(cfg: StepConfig, attention: str, steps: int) -> dict:
 
     for _ in range(3):
         loss = step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         loss = step()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if cuda else "CPU"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     flops = 3 * model_flops(cfg, lengths)
     mfu = flops / sec / peak if peak else float("nan")
-    mem_gib = torch.cuda.max_memory_allocated() / 2**30
+    mem_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     res = dict(ms=sec * 1e3, tokens_per_s=total / sec, mfu=mfu, loss=float(loss.detach()), mem_gib=mem_gib)
+    of_peak = f"{peak / 1e12:.0f} TFLOP/s" if peak else "an unknown peak"
     print(
         f"[{cfg.name}/{attention}] T={total} tokens/step, {res['ms']:.2f} ms/step, "
-        f"{res['tokens_per_s'] / 1e6:.3f} M tokens/s, MFU {100 * mfu:.2f}% (of {peak and peak / 1e12:.0f} "
-        f"TFLOP/s), peak mem {res['mem_gib']:.1f} GiB, loss {res['loss']:.4f}",
+        f"{res['tokens_per_s'] / 1e6:.3f} M tokens/s, MFU {100 * mfu:.2f}% (of {of_peak}), "
+        f"peak mem {res['mem_gib']:.1f} GiB, loss {res['loss']:.4f}",
         flush=True,
     )
     return res
@@ -157,21 +177,33 @@ def main() -> None:
     parser.add_argument("--configs", default="paper,large")
     parser.add_argument("--attention", default="triton,padded", help="comma list of triton, padded")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="the tiny config for 2 steps on CPU (TRITON_INTERPRET=1)"
+    )
     args = parser.parse_args()
-    require_cuda()
-    results = {}
-    for name in args.configs.split(","):
+    device = "cpu" if args.cpu_smoke else "cuda"
+    configs, steps = (["tiny"], 2) if args.cpu_smoke else (args.configs.split(","), args.steps)
+    if not args.cpu_smoke:
+        require_cuda()
+    results, failed = {}, []
+    for name in configs:
         for attention in args.attention.split(","):
             try:
-                results[(name, attention)] = run(CONFIGS[name], attention, args.steps)
+                results[(name, attention)] = run(CONFIGS[name], attention, steps, device)
             except torch.OutOfMemoryError:
                 print(f"[{name}/{attention}] out of memory", flush=True)
-            torch.cuda.empty_cache()
+            except Exception as err:  # one broken path must not cost a GPU session the other numbers
+                print(f"[{name}/{attention}] FAILED: {failure(err)}", flush=True)
+                failed.append(f"{name}/{attention}")
+            if device == "cuda":
+                torch.cuda.empty_cache()
     parts = [
         f"{n}/{a} {r['tokens_per_s'] / 1e6:.3f} Mtok/s MFU {100 * r['mfu']:.2f}% ({r['ms']:.1f} ms)"
         for (n, a), r in results.items()
     ]
-    print(f"RESULT hstu_step on {torch.cuda.get_device_name()}: " + "; ".join(parts))
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter smoke run)"
+    print(f"RESULT hstu_step on {where}: " + "; ".join(parts) + f"; failed: {','.join(failed) or 'none'}")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

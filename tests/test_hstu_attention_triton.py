@@ -806,6 +806,20 @@ def test_gpu_check_harness_runs_in_the_interpreter():
     assert "RESULT hstu_attention fwd+bwd TFLOP/s on CPU" in proc.stdout, proc.stdout
 
 
+def test_training_step_benchmark_runs_in_the_interpreter():
+    """benchmarks/hstu_step_gpu.py (gpu_check.sh's third step) on its tiny CPU config: the full training step
+    with the Triton backend in the interpreter and with the padded reference, whose losses agree."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "hstu_step_gpu.py"), "--cpu-smoke"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(
+        r"^RESULT hstu_step on CPU .*tiny/triton .*tiny/padded .*; failed: none$", proc.stdout, re.M
+    )
+    losses = dict(re.findall(r"^\[tiny/(\w+)\] .* loss ([0-9.]+)$", proc.stdout, re.M))
+    assert abs(float(losses["triton"]) - float(losses["padded"])) < 1e-3, proc.stdout
+
+
 def test_gpu_check_reports_a_broken_path_and_goes_on(tri, monkeypatch, capsys):
     """A kernel path that fails on the GPU (dq added up by dk/dv, here) is reported as a failed check and a
     failed benchmark row, and every other variant and row still runs: a GPU session keeps their numbers."""
