@@ -179,8 +179,12 @@ def _check_inputs(q, k, v, offsets, timestamps, pos_weights, time_weights, max_s
     check_attention_shapes(
         q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len, who="hstu_attention"
     )
-    if int(offsets[-1]) != q.shape[0]:
-        raise ValueError(f"hstu_attention: offsets must end at T={q.shape[0]}, got {offsets}")
+    first, last = offsets[[0, -1]].tolist()  # one sync
+    if first != 0 or last != q.shape[0]:
+        raise ValueError(
+            f"hstu_attention: offsets must start at 0 and end at T={q.shape[0]} (every token in one "
+            f"sequence), got first offset {first}, last {last}"
+        )
 
 
 @dataclass(eq=False)

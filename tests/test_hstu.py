@@ -143,6 +143,18 @@ def test_plan_for_other_inputs_is_rejected():
         hstu_attention(q, k, v, torch.tensor([0, 4, 8]), ts, pw, tw, backend="jagged", plan=plan, **kw)
 
 
+@pytest.mark.parametrize("backend", ["reference", "jagged"])
+@pytest.mark.parametrize(("offsets", "found"), [([2, 5, 8], "first offset 2, last 8"), ([0, 3, 7], "last 7")])
+def test_rejects_offsets_that_leave_tokens_out(backend, offsets, found):
+    """Every token must lie in a sequence (as the Triton plan requires too)."""
+    q, k, v, _, ts, pw, tw = _batch([3, 5])
+    with pytest.raises(ValueError, match=f"start at 0 and end at T=8.*{found}"):
+        hstu_attention(
+            q, k, v, torch.tensor(offsets), ts, pw, tw, max_seq_len=MAX_LEN, alpha=1.0, denominator=None,
+            backend=backend,
+        )  # fmt: skip
+
+
 def test_rejects_sequence_longer_than_max_len():
     q, k, v, offsets, ts, pw, tw = _batch([3, 5])
     with pytest.raises(ValueError, match="max_seq_len"):
