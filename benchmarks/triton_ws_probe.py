@@ -101,7 +101,7 @@ def probe(block_n: int, head_dim: int = HEAD_DIM) -> dict:
     else:
         verdict = "ok"
     products = [body.count("ttng.warp_group_dot ") for body in consumers]
-    return {"block_n": block_n, "warps": warps, "products": products, "stores": stores, "verdict": verdict}
+    return {"warps": warps, "products": products, "stores": stores, "verdict": verdict}
 
 
 def main() -> None:

@@ -717,21 +717,21 @@ def _hstu_bwd_dq_ds_kernel(
     rows = _padded_rows(seq_len)
     ds_head = DS + hh.to(tl.int64) * ds_head_stride
     rab_base = tl.load(RAB_BASE + b)
-    k_ptrs = K + h * stride_kh + offs_dqk[None, :]
+    k_src = _rows_source(K, seq_start, seq_len, h, stride_kt, stride_kh, DQK, BLOCK_N, BLOCK_DQK, False)
+    k_cols = (offs_dqk < DQK)[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
     # key blocks wholly before the block's first query, in a block that ends inside the sequence
     whole = m0 // BLOCK_N * BLOCK_N if m0 + BLOCK_M <= seq_len else 0
     for n0 in range(0, whole, BLOCK_N):
         keys = (n0 + offs_n0)[:, None]
         ds = tl.load(ds_head + _rab_key_start(rab_base, keys, rows) + queries)
-        k = tl.load(k_ptrs + (seq_start + keys) * stride_kt, mask=(offs_dqk < DQK)[None, :], other=0.0)
+        k = tl.load(k_src + keys * stride_kt + offs_dqk[None, :], mask=k_cols, other=0.0)  # rows all real
         dq += tl.dot(tl.trans(ds), k, input_precision=DOT_PREC)
     for n0 in range(whole, tl.minimum(m0 + BLOCK_M, seq_len), BLOCK_N):
         keys = (n0 + offs_n0)[:, None]
         causal = (keys <= queries) & (queries < seq_len)
         ds = tl.load(ds_head + _rab_key_start(rab_base, keys, rows) + queries, mask=causal, other=0.0)
-        k_mask = (keys < seq_len) & (offs_dqk < DQK)[None, :]
-        k = tl.load(k_ptrs + (seq_start + keys) * stride_kt, mask=k_mask, other=0.0)
+        k = _rows_tile(k_src, n0, seq_len, stride_kt, DQK, BLOCK_N, BLOCK_DQK, False)
         dq += tl.dot(tl.trans(ds), k, input_precision=DOT_PREC)
     tl.store(
         DQ + (seq_start + offs_m)[:, None] * stride_dqt + h * stride_dqh + offs_dqk[None, :],
