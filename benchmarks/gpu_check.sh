@@ -10,6 +10,9 @@
 #      reference, 0.2 TFLOP/s on an H100, would take a minute: run it alone when needed)
 #   3. benchmarks/hstu_step_gpu.py   (dense HSTU training step, paper + large configs; RESULT line)
 #   4. Nsight Compute on one tuned fwd+bwd (speed of light, occupancy, stalls, spills), when ncu is there
+# Each stage has a time limit: on it, `timeout` sends SIGTERM and the Python stages print the RESULT
+# line of what they finished, marked INCOMPLETE (a hung kernel gets SIGKILL after a grace period).
+# The benchmark times the default path and SDPA first, at the target's shape (L <= 4096) first.
 # Logs go to $OUT (if set) or /tmp/gpu_check. Usage, from the repo root: bash benchmarks/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -39,15 +42,15 @@ print("fbgemm_gpu imported:", "fbgemm_gpu" in sys.modules, "| torchrec imported:
 PYEOF
 
 echo "== 1. correctness (bf16 + fp32)" | tee "$LOG/check.log"
-timeout 230 "$PY" benchmarks/hstu_attention.py --check 2>&1 | tee -a "$LOG/check.log"
+timeout -k 15 225 "$PY" benchmarks/hstu_attention.py --check 2>&1 | tee -a "$LOG/check.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== 2. attention benchmark (${SECONDS}s in)" | tee "$LOG/bench_attention.log"
-timeout 190 "$PY" benchmarks/hstu_attention.py --skip-padded 2>&1 | tee -a "$LOG/bench_attention.log"
+timeout -k 15 185 "$PY" benchmarks/hstu_attention.py --skip-padded 2>&1 | tee -a "$LOG/bench_attention.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== 3. HSTU training step (${SECONDS}s in)" | tee "$LOG/bench_step.log"
-timeout 80 "$PY" benchmarks/hstu_step_gpu.py --steps 8 2>&1 | tee -a "$LOG/bench_step.log"
+timeout -k 10 75 "$PY" benchmarks/hstu_step_gpu.py --steps 8 2>&1 | tee -a "$LOG/bench_step.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== 4. Nsight Compute profile of the tuned kernels (${SECONDS}s in)" | tee "$LOG/ncu.txt"

@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
+import signal
 import statistics
 import sys
 import time
@@ -36,8 +38,34 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PEAK_NOTE = "H100/H200 SXM dense bf16 peak is about 989 TFLOP/s"
-SHAPES = [("B64_L1024", 64, 512, 1024), ("B16_L4096", 16, 2048, 4096)]
-"""(name, sequences, shortest, longest) of the benchmark batches."""
+SHAPES = [("B16_L4096", 16, 2048, 4096), ("B64_L1024", 64, 512, 1024)]
+"""(name, sequences, shortest, longest) of the benchmark batches; the target's shape (L <= 4096) first."""
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived (gpu_check.sh's `timeout`): raised in the main thread between Python steps, and a
+    BaseException so that the per-row `except Exception` handlers let it through to the RESULT line."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Turn SIGTERM into `Stopped` while the check or benchmark runs, so that a stage cut short by its time
+    limit still prints the results it has (and says where it stopped) instead of dying without a RESULT."""
+
+    def stop(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Progress:
+    """Where a check or benchmark is (`at`), for the RESULT line of a run that `Stopped` there."""
+
+    at = "setup"
 
 
 def require_cuda() -> None:
@@ -218,7 +246,23 @@ def run_check(device: str = "cuda", small: bool = False, all_configs: bool = Fal
     """Triton vs the padded reference, forward and all five gradients, bf16 and fp32, in each kernel variant
     (VARIANTS); one case has timestamps spanning more than 2**31 s (the int64 path). The first bf16 case
     (the benchmark's head dims) also runs every autotune config of the GPU default (the bias buffer), not
-    just the one the autotuner picks; `all_configs`: of every variant."""
+    just the one the autotuner picks; `all_configs`: of every variant. Ends with a RESULT line, also when
+    `Stopped` (which fails the check)."""
+    progress, stopped = Progress(), ""
+    try:
+        ok = check_cases(device, small, all_configs, progress)
+    except Stopped as why:  # the time limit: the cases checked so far are printed above
+        ok, stopped = False, f"; INCOMPLETE: stopped by {why} during {progress.at}"
+    print(
+        f"RESULT check: {'PASS' if ok else 'FAIL'} (triton vs padded reference, bf16 and fp32, "
+        f"variants {', '.join(VARIANTS)}, every autotune config of "
+        f"{'each variant' if all_configs else 'rab_buffer'}, int32 and int64 timestamps){stopped}"
+    )
+    return ok
+
+
+def check_cases(device: str, small: bool, all_configs: bool, progress: Progress) -> bool:
+    """`run_check`'s cases, each printed as it is checked; True when every one passes."""
     from modules.hstu_attention_triton import triton_hstu_attention
 
     ok = True
@@ -261,6 +305,7 @@ def run_check(device: str = "cuda", small: bool = False, all_configs: bool = Fal
             tri = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
             pinned = pinned_configs(*configs) if configs else contextlib.nullcontext()
             label = "autotuned" if configs is None else " | ".join(config_label(c) for c in configs)
+            progress.at = f"{variant} {label} {str(dtype).split('.')[-1]} L<={hi}"
             try:
                 with kernel_variant(variant), pinned:
                     out = triton_hstu_attention(tri[0], tri[1], tri[2], offsets, ts, tri[3], tri[4], **kw)
@@ -280,11 +325,6 @@ def run_check(device: str = "cuda", small: bool = False, all_configs: bool = Fal
                     f"(scale {scale:.3e}) {'ok' if good else 'FAIL'}",
                     flush=True,
                 )
-    print(
-        f"RESULT check: {'PASS' if ok else 'FAIL'} (triton vs padded reference, bf16 and fp32, "
-        f"variants {', '.join(VARIANTS)}, every autotune config of "
-        f"{'each variant' if all_configs else 'rab_buffer'}, int32 and int64 timestamps)"
-    )
     return ok
 
 
@@ -323,6 +363,39 @@ def config_times():
         Autotuner.run = tune
 
 
+@contextlib.contextmanager
+def parallel_compile(workers: int | None = None):
+    """Compile all the configs an autotuner is about to time at once, on `workers` threads (default: one a
+    CPU), before it launches them one by one. Triton compiles a config at its first launch, so autotuning
+    otherwise compiles serially: a cold gpu_check.sh spent most of its minutes there. Its compiler releases
+    the GIL: 16 sm_90 dk/dv configs took 15.7 s on one thread and 7.4-8.8 s on two (a 2-core machine). A
+    config that fails to compile fails again, and is reported, at its own launch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton import AsyncCompileMode
+    from triton.runtime.autotuner import Autotuner
+
+    prune = Autotuner.prune_configs
+
+    def prune_then_compile(self, kwargs):  # only called when a new key is about to be tuned
+        configs = prune(self, kwargs)
+        if len(configs) > 1:
+            args = list(self.nargs.values())
+            with (
+                ThreadPoolExecutor(workers or os.cpu_count()) as pool,
+                AsyncCompileMode(pool, ignore_errors=True),
+            ):
+                for config in configs:
+                    self.fn.run(*args, **{**kwargs, "warmup": True}, **config.all_kwargs())
+        return configs
+
+    Autotuner.prune_configs = prune_then_compile
+    try:
+        yield
+    finally:
+        Autotuner.prune_configs = prune
+
+
 def kernel_ms(fn, iters: int = 3) -> dict[str, float]:
     """GPU time per call of fn by kernel name (torch profiler), to separate kernel time from host overhead."""
     from torch.profiler import ProfilerActivity, profile
@@ -358,11 +431,41 @@ def failure(err: Exception) -> str:
 
 def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES) -> list[str]:
     """The benchmark table and RESULT line, and the rows that failed (each is reported and skipped, so one
-    broken kernel path leaves the others' numbers); device="cpu" with tiny shapes is the smoke run."""
+    broken kernel path leaves the others' numbers; a run `Stopped` by its time limit ends with the rows it
+    timed, and counts as failed); device="cpu" with tiny shapes is the smoke run."""
+    summary, failed, progress, stopped = {}, [], Progress(), ""
+    try:
+        bench_shapes(skip_padded, device, shapes, summary, failed, progress)
+    except Stopped as why:  # the time limit: the rows timed so far still make the RESULT line
+        failed.append(f"stopped during {progress.at}")
+        stopped = f"; INCOMPLETE: stopped by {why} during {progress.at}, later rows not timed"
+    tri = [summary.get((s, "triton"), 0.0) for s in ("B64_L1024", "B16_L4096")]
+    inline = [summary.get((s, "triton_inline_bias"), 0.0) for s in ("B64_L1024", "B16_L4096")]
+    fused = [summary.get((s, "triton_fused_bias_grad"), 0.0) for s in ("B64_L1024", "B16_L4096")]
+    dq_atomic = [summary.get((s, "triton_dq_atomic"), 0.0) for s in ("B64_L1024", "B16_L4096")]
+    dq_recompute = [summary.get((s, "triton_dq_recompute"), 0.0) for s in ("B64_L1024", "B16_L4096")]
+    sdpa = [summary.get((s, "sdpa_causal_padded"), 0.0) for s in ("B64_L1024", "B16_L4096")]
+    beats = all(t > s for t, s in zip(tri, sdpa, strict=True))
+    print(
+        f"RESULT hstu_attention fwd+bwd TFLOP/s on "
+        f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU (interpreter smoke run)'}: "
+        f"triton {tri[0]:.1f} (B64,L<=1024) {tri[1]:.1f} (B16,L<=4096); dq recompute {dq_recompute[0]:.1f} / "
+        f"{dq_recompute[1]:.1f}; dq atomic {dq_atomic[0]:.1f} / "
+        f"{dq_atomic[1]:.1f}; fused bias grad {fused[0]:.1f} / {fused[1]:.1f}; inline bias {inline[0]:.1f} / "
+        f"{inline[1]:.1f}; sdpa {sdpa[0]:.1f} / {sdpa[1]:.1f}; "
+        f"target 400 at L<=4096: {'met' if tri[1] >= 400 else 'not met'}; "
+        f"beats sdpa at both shapes: {'yes' if beats else 'no'}; failed rows: {','.join(failed) or 'none'}"
+        f"{stopped}"
+    )
+    return failed
+
+
+def bench_shapes(skip_padded: bool, device: str, shapes, summary: dict, failed: list, progress: Progress):
+    """`run_benchmark`'s table: fills summary[(shape, row)] with fwd+bwd TFLOP/s and failed with the rows
+    that raised, printing each row as it is timed."""
     from modules.hstu_attention_triton import plan_triton_attention, triton_hstu_attention
 
     heads, d = 4, 128
-    summary, failed = {}, []
     for name, b, lo, hi in shapes:
         q, k, v, offsets, ts, pos_w, time_w, lengths = make_batch(
             b, lo, hi, heads=heads, dqk=d, dv=d, max_seq_len=hi, dtype=torch.bfloat16, device=device
@@ -411,14 +514,14 @@ def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES) -> lis
 
             return run
 
-        rows = [
+        rows = [  # the default and its yardstick first: a run cut short by its time limit keeps them
             ("triton", tri_fwd, tri_step),
+            ("sdpa_causal_padded", sdpa_fwd, sdpa_step),
             ("triton_frozen_bias", tri_fwd, tri_step_frozen_bias),
             ("triton_dq_recompute", tri_fwd, pinned("rab_buffer_dq_recompute", tri_step)),
             ("triton_dq_atomic", tri_fwd, pinned("rab_buffer_dq_atomic", tri_step)),
             ("triton_fused_bias_grad", tri_fwd, pinned("rab_buffer_fused_grad", tri_step)),
             ("triton_inline_bias", pinned("inline_global", tri_fwd), pinned("inline_global", tri_step)),
-            ("sdpa_causal_padded", sdpa_fwd, sdpa_step),
         ]
         if not skip_padded:
             ref_kw = dict(max_seq_len=hi, alpha=alpha, denominator=float(hi))
@@ -439,6 +542,7 @@ def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES) -> lis
             flush=True,
         )
         for label, fwd, step in rows:
+            progress.at = f"{name}/{label}"
             try:
                 fwd_ms = bench(fwd, warmup=2 if label == "padded_reference" else 3)
                 step_ms = bench(step, warmup=2 if label == "padded_reference" else 3, iters=5 if label ==
@@ -463,24 +567,6 @@ def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES) -> lis
                 print(f"  {'':22s} fwd+bwd kernels: {kernel_summary(kernel_ms(step))}", flush=True)
             torch.cuda.empty_cache()
         del qp, kp, vp, leaves
-    tri = [summary.get((s, "triton"), 0.0) for s in ("B64_L1024", "B16_L4096")]
-    inline = [summary.get((s, "triton_inline_bias"), 0.0) for s in ("B64_L1024", "B16_L4096")]
-    fused = [summary.get((s, "triton_fused_bias_grad"), 0.0) for s in ("B64_L1024", "B16_L4096")]
-    dq_atomic = [summary.get((s, "triton_dq_atomic"), 0.0) for s in ("B64_L1024", "B16_L4096")]
-    dq_recompute = [summary.get((s, "triton_dq_recompute"), 0.0) for s in ("B64_L1024", "B16_L4096")]
-    sdpa = [summary.get((s, "sdpa_causal_padded"), 0.0) for s in ("B64_L1024", "B16_L4096")]
-    beats = all(t > s for t, s in zip(tri, sdpa, strict=True))
-    print(
-        f"RESULT hstu_attention fwd+bwd TFLOP/s on "
-        f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU (interpreter smoke run)'}: "
-        f"triton {tri[0]:.1f} (B64,L<=1024) {tri[1]:.1f} (B16,L<=4096); dq recompute {dq_recompute[0]:.1f} / "
-        f"{dq_recompute[1]:.1f}; dq atomic {dq_atomic[0]:.1f} / "
-        f"{dq_atomic[1]:.1f}; fused bias grad {fused[0]:.1f} / {fused[1]:.1f}; inline bias {inline[0]:.1f} / "
-        f"{inline[1]:.1f}; sdpa {sdpa[0]:.1f} / {sdpa[1]:.1f}; "
-        f"target 400 at L<=4096: {'met' if tri[1] >= 400 else 'not met'}; "
-        f"beats sdpa at both shapes: {'yes' if beats else 'no'}; failed rows: {','.join(failed) or 'none'}"
-    )
-    return failed
 
 
 def run_profile_once() -> None:
@@ -521,17 +607,20 @@ def main() -> None:
     parser.add_argument("--profile-once", action="store_true", help="one tuned fwd+bwd, for ncu")
     args = parser.parse_args()
     if args.cpu_smoke:
-        ok = run_check("cpu", small=True)
-        failed = run_benchmark(skip_padded=False, device="cpu", shapes=[("B64_L1024", 2, 1, 20)])
+        with stop_on_sigterm():
+            ok = run_check("cpu", small=True)
+            failed = run_benchmark(skip_padded=False, device="cpu", shapes=[("B64_L1024", 2, 1, 20)])
         sys.exit(0 if ok and not failed else 1)
     require_cuda()
-    if args.check:
-        sys.exit(0 if run_check(all_configs=args.all_configs) else 1)
     if args.profile_once:
-        run_profile_once()
+        with parallel_compile():
+            run_profile_once()
         return
-    with config_times():
-        failed = run_benchmark(args.skip_padded)
+    with stop_on_sigterm(), parallel_compile():
+        if args.check:
+            sys.exit(0 if run_check(all_configs=args.all_configs) else 1)
+        with config_times():
+            failed = run_benchmark(args.skip_padded)
     sys.exit(1 if failed else 0)
 
 

@@ -29,7 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from hstu_attention import failure, require_cuda  # noqa: E402
+from hstu_attention import (  # noqa: E402
+    Progress,
+    Stopped,
+    failure,
+    parallel_compile,
+    require_cuda,
+    stop_on_sigterm,
+)
 
 from modules.config import ModelConfig  # noqa: E402
 from modules.hstu import HSTUEncoder  # noqa: E402
@@ -185,25 +192,33 @@ def main() -> None:
     configs, steps = (["tiny"], 2) if args.cpu_smoke else (args.configs.split(","), args.steps)
     if not args.cpu_smoke:
         require_cuda()
-    results, failed = {}, []
-    for name in configs:
-        for attention in args.attention.split(","):
-            try:
-                results[(name, attention)] = run(CONFIGS[name], attention, steps, device)
-            except torch.OutOfMemoryError:
-                print(f"[{name}/{attention}] out of memory", flush=True)
-            except Exception as err:  # one broken path must not cost a GPU session the other numbers
-                print(f"[{name}/{attention}] FAILED: {failure(err)}", flush=True)
-                failed.append(f"{name}/{attention}")
-            if device == "cuda":
-                torch.cuda.empty_cache()
+    results, failed, stopped, progress = {}, [], None, Progress()
+    with stop_on_sigterm(), parallel_compile():
+        try:
+            for name in configs:
+                for attention in args.attention.split(","):
+                    progress.at = f"{name}/{attention}"
+                    try:
+                        results[(name, attention)] = run(CONFIGS[name], attention, steps, device)
+                    except torch.OutOfMemoryError:
+                        print(f"[{name}/{attention}] out of memory", flush=True)
+                    except Exception as err:  # one broken path must not cost a GPU session the other numbers
+                        print(f"[{name}/{attention}] FAILED: {failure(err)}", flush=True)
+                        failed.append(f"{name}/{attention}")
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+        except Stopped as why:  # the time limit: the configurations that finished still make the RESULT
+            stopped = f"{why} during {progress.at}"
     parts = [
         f"{n}/{a} {r['tokens_per_s'] / 1e6:.3f} Mtok/s MFU {100 * r['mfu']:.2f}% ({r['ms']:.1f} ms)"
         for (n, a), r in results.items()
     ]
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter smoke run)"
-    print(f"RESULT hstu_step on {where}: " + "; ".join(parts) + f"; failed: {','.join(failed) or 'none'}")
-    sys.exit(1 if failed else 0)
+    print(
+        f"RESULT hstu_step on {where}: " + "; ".join(parts) + f"; failed: {','.join(failed) or 'none'}"
+        + (f"; INCOMPLETE: stopped by {stopped}" if stopped else "")
+    )  # fmt: skip
+    sys.exit(1 if failed or stopped else 0)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import itertools
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -820,14 +821,24 @@ def test_training_step_benchmark_runs_in_the_interpreter():
     assert abs(float(losses["triton"]) - float(losses["padded"])) < 1e-3, proc.stdout
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package; its scripts import each other)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+        del sys.modules[spec.name]
+    return module
+
+
 def test_gpu_check_reports_a_broken_path_and_goes_on(tri, monkeypatch, capsys):
     """A kernel path that fails on the GPU (dq added up by dk/dv, here) is reported as a failed check and a
     failed benchmark row, and every other variant and row still runs: a GPU session keeps their numbers."""
-    spec = importlib.util.spec_from_file_location(
-        "hstu_attention_bench", REPO / "benchmarks" / "hstu_attention.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("hstu_attention")
     real = tri.triton_hstu_attention
 
     def broken_atomic_dq(*args, **kwargs):
@@ -856,16 +867,77 @@ def test_gpu_check_reports_a_broken_path_and_goes_on(tri, monkeypatch, capsys):
     assert "failed rows: B64_L1024/triton_dq_atomic" in out, out
 
 
+def sigterm_on_call(fn, call: int):
+    """fn, except that its call number `call` sends this process SIGTERM first (as gpu_check.sh's
+    `timeout` does), so the harness is interrupted in the middle of its work."""
+    calls = itertools.count(1)
+
+    def wrapped(*args, **kwargs):
+        if next(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def test_gpu_check_stopped_by_its_time_limit_still_reports(tri, monkeypatch, capsys):
+    """A check or benchmark that gpu_check.sh's time limit stops (SIGTERM) still ends with its RESULT line,
+    holding what it finished, marked INCOMPLETE with where it stopped, and counts as failed; the benchmark
+    times the default path and SDPA, at the target's shape, before anything else."""
+    bench = load_benchmark("hstu_attention")
+    assert bench.SHAPES[0][0] == "B16_L4096"
+    monkeypatch.setattr(tri, "triton_hstu_attention", sigterm_on_call(tri.triton_hstu_attention, 2))
+    with bench.stop_on_sigterm():
+        assert not bench.run_check("cpu", small=True)
+    out = capsys.readouterr().out
+    assert re.search(r"^check rab_buffer  .* d_time_weights .* ok$", out, re.M), out
+    assert re.search(
+        r"^RESULT check: FAIL .*; INCOMPLETE: stopped by SIGTERM during rab_buffer_dq_recompute autotuned "
+        r"float32 L<=40$",
+        out,
+        re.M,
+    ), out
+    assert "check rab_buffer_dq_recompute" not in out, out
+
+    shape = [("B16_L4096", 2, 1, 20)]
+    monkeypatch.setattr(bench, "bench", sigterm_on_call(bench.bench, 6))  # plan, 2 x triton, 2 x sdpa, ...
+    with bench.stop_on_sigterm():
+        failed = bench.run_benchmark(skip_padded=True, device="cpu", shapes=shape)
+    assert failed == ["stopped during B16_L4096/triton_frozen_bias"]
+    out = capsys.readouterr().out
+    assert re.search(r"^  triton  .* TFLOP/s$", out, re.M), out
+    assert re.search(r"^  sdpa_causal_padded .* TFLOP/s$", out, re.M), out
+    result = re.search(r"^RESULT hstu_attention .*$", out, re.M).group(0)
+    assert result.endswith(
+        "failed rows: stopped during B16_L4096/triton_frozen_bias; INCOMPLETE: stopped by SIGTERM during "
+        "B16_L4096/triton_frozen_bias, later rows not timed"
+    ), result
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+def test_training_step_benchmark_stopped_by_its_time_limit_still_reports(monkeypatch, capsys):
+    """hstu_step_gpu.py stopped by SIGTERM in its second configuration prints the first one's numbers in
+    its RESULT line, marked INCOMPLETE, and exits 1."""
+    step = load_benchmark("hstu_step_gpu")
+    finished = dict(ms=2.0, tokens_per_s=5e5, mfu=0.1, loss=1.0, mem_gib=0.0)
+    monkeypatch.setattr(step, "run", sigterm_on_call(lambda *args: finished, 2))
+    monkeypatch.setattr(sys, "argv", ["hstu_step_gpu.py", "--cpu-smoke"])
+    with pytest.raises(SystemExit) as exit_:
+        step.main()
+    assert exit_.value.code == 1
+    out = capsys.readouterr().out
+    assert (
+        "RESULT hstu_step on CPU (interpreter smoke run): tiny/triton 0.500 Mtok/s MFU 10.00% (2.0 ms); "
+        "failed: none; INCOMPLETE: stopped by SIGTERM during tiny/padded\n"
+    ) in out, out
+
+
 def test_benchmark_logs_every_config_time(gpu_launch_path, capsys):
     """benchmarks/hstu_attention.py prints each config's time whenever a kernel is autotuned (Triton prints
     only the winner), TMA configs included, and leaves Triton's autotuner as it was."""
     from triton.runtime.autotuner import Autotuner
 
-    spec = importlib.util.spec_from_file_location(
-        "hstu_attention_bench", REPO / "benchmarks" / "hstu_attention.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("hstu_attention")
     tune = Autotuner.run
     with bench.config_times():
         run_both(gpu_launch_path, [3, 20], denominator=None, dtype=torch.bfloat16)
@@ -874,6 +946,47 @@ def test_benchmark_logs_every_config_time(gpu_launch_path, capsys):
     for kernel in ("fwd", "bwd_dkdv", "bwd_dq_ds", "rab_fill", "rab_grad"):
         assert f"tuned _hstu_{kernel}_kernel (ms, best first): " in out, out
     assert "64x64 w4 s2 tma 1.000" in out, out
+
+
+def test_benchmark_compiles_each_tuning_configs_together_first(gpu_launch_path, monkeypatch):
+    """benchmarks/hstu_attention.py's `parallel_compile`: when an autotuner is about to tune, every config
+    it will time is first compiled (a warmup launch, submitted to Triton's async compile mode on a thread
+    pool) before any of them runs; tuned launches compile nothing more; the autotuner is restored."""
+    from triton import AsyncCompileMode
+    from triton.runtime import _async_compile
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction
+
+    bench = load_benchmark("hstu_attention")
+    events = []
+    launch = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        mode = _async_compile.active_mode.get()
+        assert not warmup or isinstance(mode, AsyncCompileMode), "a warmup outside the async compile mode"
+        tile = tuple(v for k, v in sorted(kwargs.items()) if k.startswith(("BLOCK_", "TMA", "LOOP")))
+        events.append((self.fn.__name__, "compile" if warmup else "launch", tile, kwargs.get("num_warps")))
+        return launch(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    prune = Autotuner.prune_configs
+    with bench.parallel_compile(workers=2):
+        run_both(gpu_launch_path, [3, 20], denominator=None, dtype=torch.bfloat16)
+    assert Autotuner.prune_configs is prune
+    for kernel in (
+        "_hstu_fwd_kernel",
+        "_hstu_bwd_dkdv_kernel",
+        "_hstu_bwd_dq_ds_kernel",
+        "_hstu_rab_fill_kernel",
+    ):
+        mine = [(what, tile, warps) for name, what, tile, warps in events if name == kernel]
+        compiled = [(tile, warps) for what, tile, warps in mine if what == "compile"]
+        assert len(compiled) > 1, (kernel, mine)
+        first_launch = next(i for i, (what, _, _) in enumerate(mine) if what == "launch")
+        assert all(what == "compile" for what, _, _ in mine[:first_launch]), (kernel, mine)
+        assert sorted(compiled) == sorted(
+            (tile, warps) for _, tile, warps in mine[first_launch:][: len(compiled)]
+        )
 
 
 def test_descriptor_scratch_allocator_only_where_none_is_set(tri):
