@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check for the fused Triton HSTU attention (issue 6), at most 10 minutes on one H100/H200
 # (run it with the device tool's timeout_s=600):
-#   0. environment + import hygiene (the GPU path must not need fbgemm_gpu/torchrec at import time)
+#   0. environment + import hygiene (the GPU path must not need fbgemm_gpu/torchrec at import time); the
+#      Gluon dk/dv (never run on a GPU yet) checked alone, and left out of the later stages if it fails
 #   1. correctness: triton backend vs the padded reference on the GPU, fwd + 5 grads, bf16 and fp32,
 #      with the bias buffer (every autotune config of the attention kernels, the fill, the ds reduction
 #      and dq from ds; bias gradients through the ds buffer and in dk/dv's loop; dq from ds, recomputed,
@@ -31,8 +32,8 @@ status=0
 
 "$PY" - <<'PYEOF' 2>&1 | tee "$LOG/imports.txt"
 import importlib, sys
-for name in ["modules.hstu_attention_triton", "modules.losses", "modules.config", "modules.jagged",
-             "modules.hstu_attention", "modules.hstu"]:
+for name in ["modules.hstu_attention_triton", "modules.hstu_attention_gluon", "modules.losses", "modules.config",
+             "modules.jagged", "modules.hstu_attention", "modules.hstu"]:
     try:
         importlib.import_module(name)
         print(f"import {name}: ok")
@@ -41,16 +42,28 @@ for name in ["modules.hstu_attention_triton", "modules.losses", "modules.config"
 print("fbgemm_gpu imported:", "fbgemm_gpu" in sys.modules, "| torchrec imported:", "torchrec" in sys.modules)
 PYEOF
 
-echo "== 1. correctness (bf16 + fp32)" | tee "$LOG/check.log"
-timeout -k 15 225 "$PY" benchmarks/hstu_attention.py --check 2>&1 | tee -a "$LOG/check.log"
+# The Gluon dk/dv has never run on a GPU before: checked alone first, so that a hang or a wrong result
+# there only takes it out of the later stages instead of costing them their time.
+echo "== 0. Gluon dk/dv alone (${SECONDS}s in)" | tee "$LOG/check_gluon.log"
+GLUON=()
+timeout -k 5 90 "$PY" benchmarks/hstu_attention.py --check --variants rab_buffer_gluon_dkdv 2>&1 \
+  | tee -a "$LOG/check_gluon.log"
+if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+  GLUON=(--without-gluon); status=1
+  echo "Gluon dk/dv failed or hung: left out below" | tee -a "$LOG/check_gluon.log"
+fi
+
+echo "== 1. correctness (bf16 + fp32) (${SECONDS}s in)" | tee "$LOG/check.log"
+timeout -k 15 180 "$PY" benchmarks/hstu_attention.py --check ${GLUON[@]+"${GLUON[@]}"} 2>&1 | tee -a "$LOG/check.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== 2. attention benchmark (${SECONDS}s in)" | tee "$LOG/bench_attention.log"
-timeout -k 15 185 "$PY" benchmarks/hstu_attention.py --skip-padded 2>&1 | tee -a "$LOG/bench_attention.log"
+timeout -k 15 170 "$PY" benchmarks/hstu_attention.py --skip-padded ${GLUON[@]+"${GLUON[@]}"} 2>&1 \
+  | tee -a "$LOG/bench_attention.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== 3. HSTU training step (${SECONDS}s in)" | tee "$LOG/bench_step.log"
-timeout -k 10 75 "$PY" benchmarks/hstu_step_gpu.py --steps 8 2>&1 | tee -a "$LOG/bench_step.log"
+timeout -k 10 65 "$PY" benchmarks/hstu_step_gpu.py --steps 8 2>&1 | tee -a "$LOG/bench_step.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== 4. Nsight Compute profile of the tuned kernels (${SECONDS}s in)" | tee "$LOG/ncu.txt"
@@ -58,7 +71,7 @@ NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)"
 if [ -n "$NCU" ]; then  # diagnosis only: its failure does not fail the check
   # only the attention kernels (the plan's and autograd's small torch kernels would crowd them out);
   # clocks left as they are, as the timings above ran
-  timeout 40 "$NCU" --profile-from-start off --clock-control none --kernel-name regex:_hstu \
+  timeout 30 "$NCU" --profile-from-start off --clock-control none --kernel-name regex:_hstu \
     --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section LaunchStats --section MemoryWorkloadAnalysis \
     "$PY" benchmarks/hstu_attention.py --profile-once >> "$LOG/ncu.txt" 2>&1
@@ -68,5 +81,6 @@ else
 fi
 
 echo "== summary (exit $status, ${SECONDS}s)" | tee "$LOG/summary.txt"
-grep -h "^RESULT" "$LOG"/check.log "$LOG"/bench_attention.log "$LOG"/bench_step.log | tee -a "$LOG/summary.txt"
+grep -h "^RESULT" "$LOG"/check_gluon.log "$LOG"/check.log "$LOG"/bench_attention.log "$LOG"/bench_step.log \
+  | tee -a "$LOG/summary.txt"
 exit $status

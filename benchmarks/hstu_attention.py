@@ -12,10 +12,11 @@ apart), and each Triton row also prints its kernels' GPU time (torch profiler), 
 the backward without the bias-weight gradients (what their reduction costs); `triton` reduces those once
 over all heads from a ds buffer that dk/dv writes, `triton_fused_bias_grad` per head inside dk/dv;
 `triton` gets dq from that ds buffer, `triton_dq_recompute` from a kernel that recomputes ds, and
-`triton_dq_atomic` has dk/dv add dq up with atomics instead.
+`triton_dq_atomic` has dk/dv add dq up with atomics instead; `triton_gluon_dkdv` runs dk/dv as the
+warp-specialised Gluon kernel of `modules.hstu_attention_gluon` (its kernels list shows whether it ran).
 Useful FLOPs count causal pairs on real tokens only: fwd = 2 * pairs * H * (Dqk + Dv), fwd+bwd = 3.5 x fwd
 (the FlashAttention convention, recomputation not counted). SDPA runs on the padded batch (causal softmax,
-a speed yardstick, not the same math). Imports only torch/triton and modules.hstu_attention_triton, so it
+a speed yardstick, not the same math). Imports only torch/triton and the attention modules, so it
 runs where fbgemm/torchrec are absent.
 """
 
@@ -154,13 +155,14 @@ def bench(fn, *, warmup=3, iters=10) -> float:
 
 
 class Variant(NamedTuple):
-    """One kernel path: the module's pins (`_RAB_TILES`, `_TABLE_GATHER`, `_DS_BUFFER`, `_DQ_SOURCE`) and a
-    transient-buffer budget in bytes (None: the module's)."""
+    """One kernel path: the module's pins (`_RAB_TILES`, `_TABLE_GATHER`, `_DS_BUFFER`, `_DQ_SOURCE`,
+    `_DKDV_IMPL`) and a transient-buffer budget in bytes (None: the module's)."""
 
     rab_tiles: bool | None
     table_gather: bool | None
     ds_buffer: bool | None
     dq_source: str = "ds_buffer"
+    dkdv: str = "triton"
     budget: int | None = None
 
 
@@ -168,6 +170,7 @@ VARIANTS = {
     "rab_buffer": Variant(True, None, None),
     "rab_buffer_dq_recompute": Variant(True, None, None, dq_source="recompute"),
     "rab_buffer_dq_atomic": Variant(True, None, None, dq_source="atomic"),
+    "rab_buffer_gluon_dkdv": Variant(True, None, None, dkdv="gluon"),
     "rab_buffer_runs": Variant(None, None, None, budget=2**20),
     "rab_buffer_fused_grad": Variant(True, None, False),
     "inline_global": Variant(False, False, False),
@@ -175,11 +178,12 @@ VARIANTS = {
 }
 """The GPU default reads rab(i, j) from the bias buffer, and dk/dv hands ds to one reduction over all heads
 for the bias-weight gradients and to the dq kernel (ds buffer); `dq_recompute` runs a dq kernel that
-recomputes ds instead, `dq_atomic` has dk/dv add dq up;
+recomputes ds instead, `dq_atomic` has dk/dv add dq up; `gluon_dkdv` runs dk/dv as the warp-specialised
+Gluon kernel (`modules.hstu_attention_gluon`, sm_90 and bf16/fp16 only: elsewhere it is the default path);
 `runs` gives the buffers 1 MiB, so the check's batches run as several runs of sequences with the ds of one
 or two heads at a time; `fused_grad` reduces the bias gradients per head inside dk/dv; inline, each kernel
 computes rab per pair and head, its time-table lookup a global or a table gather."""
-PINS = ("_RAB_TILES", "_TABLE_GATHER", "_DS_BUFFER", "_DQ_SOURCE", "_RAB_MEMORY_FRACTION")
+PINS = ("_RAB_TILES", "_TABLE_GATHER", "_DS_BUFFER", "_DQ_SOURCE", "_DKDV_IMPL", "_RAB_MEMORY_FRACTION")
 
 
 @contextlib.contextmanager
@@ -189,7 +193,7 @@ def kernel_variant(name: str):
 
     saved = [getattr(mod, pin) for pin in PINS]
     variant = VARIANTS[name]
-    mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER, mod._DQ_SOURCE = variant[:4]
+    mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER, mod._DQ_SOURCE, mod._DKDV_IMPL = variant[:5]
     if variant.budget is not None and torch.cuda.is_available():
         mod._RAB_MEMORY_FRACTION = variant.budget / torch.cuda.get_device_properties(0).total_memory
     try:
@@ -242,26 +246,29 @@ def config_sets(variant: str) -> list[tuple]:
     return [tuple(c[i % len(c)] for c in lists) for i in range(max(map(len, lists)))]
 
 
-def run_check(device: str = "cuda", small: bool = False, all_configs: bool = False) -> bool:
+def run_check(
+    device: str = "cuda", small: bool = False, all_configs: bool = False, variants: list[str] | None = None
+) -> bool:
     """Triton vs the padded reference, forward and all five gradients, bf16 and fp32, in each kernel variant
     (VARIANTS); one case has timestamps spanning more than 2**31 s (the int64 path). The first bf16 case
     (the benchmark's head dims) also runs every autotune config of the GPU default (the bias buffer), not
-    just the one the autotuner picks; `all_configs`: of every variant. Ends with a RESULT line, also when
-    `Stopped` (which fails the check)."""
+    just the one the autotuner picks; `all_configs`: of every variant. `variants`: only these (default: all
+    of VARIANTS). Ends with a RESULT line, also when `Stopped` (which fails the check)."""
+    variants = list(VARIANTS) if variants is None else variants
     progress, stopped = Progress(), ""
     try:
-        ok = check_cases(device, small, all_configs, progress)
+        ok = check_cases(device, small, all_configs, variants, progress)
     except Stopped as why:  # the time limit: the cases checked so far are printed above
         ok, stopped = False, f"; INCOMPLETE: stopped by {why} during {progress.at}"
     print(
         f"RESULT check: {'PASS' if ok else 'FAIL'} (triton vs padded reference, bf16 and fp32, "
-        f"variants {', '.join(VARIANTS)}, every autotune config of "
+        f"variants {', '.join(variants)}, every autotune config of "
         f"{'each variant' if all_configs else 'rab_buffer'}, int32 and int64 timestamps){stopped}"
     )
     return ok
 
 
-def check_cases(device: str, small: bool, all_configs: bool, progress: Progress) -> bool:
+def check_cases(device: str, small: bool, all_configs: bool, variants: list[str], progress: Progress) -> bool:
     """`run_check`'s cases, each printed as it is checked; True when every one passes."""
     from modules.hstu_attention_triton import triton_hstu_attention
 
@@ -295,9 +302,9 @@ def check_cases(device: str, small: bool, all_configs: bool, progress: Progress)
         expect = padded_reference(ref[0], ref[1], ref[2], offsets, ts, ref[3], ref[4], **kw)
         expect.backward(grad)
         expected = [expect.detach()] + [r.grad for r in ref]
-        runs = [(variant, None) for variant in VARIANTS]
+        runs = [(variant, None) for variant in variants]
         if every_config:
-            swept = VARIANTS if all_configs else ["rab_buffer"]
+            swept = variants if all_configs else [v for v in variants if v == "rab_buffer"]
             # The interpreter ignores configs: there one config set runs the sweep's code, not each config.
             sets = {variant: config_sets(variant)[: 1 if small else None] for variant in swept}
             runs += [(variant, configs) for variant in swept for configs in sets[variant]]
@@ -429,38 +436,43 @@ def failure(err: Exception) -> str:
     return f"{type(err).__name__}: {first[:300]}"
 
 
-def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES) -> list[str]:
+def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES, leave_out=()) -> list[str]:
     """The benchmark table and RESULT line, and the rows that failed (each is reported and skipped, so one
     broken kernel path leaves the others' numbers; a run `Stopped` by its time limit ends with the rows it
-    timed, and counts as failed); device="cpu" with tiny shapes is the smoke run."""
+    timed, and counts as failed); device="cpu" with tiny shapes is the smoke run; `leave_out`: row labels
+    not to run."""
     summary, failed, progress, stopped = {}, [], Progress(), ""
     try:
-        bench_shapes(skip_padded, device, shapes, summary, failed, progress)
+        bench_shapes(skip_padded, device, shapes, summary, failed, progress, leave_out)
     except Stopped as why:  # the time limit: the rows timed so far still make the RESULT line
         failed.append(f"stopped during {progress.at}")
         stopped = f"; INCOMPLETE: stopped by {why} during {progress.at}, later rows not timed"
-    tri = [summary.get((s, "triton"), 0.0) for s in ("B64_L1024", "B16_L4096")]
-    inline = [summary.get((s, "triton_inline_bias"), 0.0) for s in ("B64_L1024", "B16_L4096")]
-    fused = [summary.get((s, "triton_fused_bias_grad"), 0.0) for s in ("B64_L1024", "B16_L4096")]
-    dq_atomic = [summary.get((s, "triton_dq_atomic"), 0.0) for s in ("B64_L1024", "B16_L4096")]
-    dq_recompute = [summary.get((s, "triton_dq_recompute"), 0.0) for s in ("B64_L1024", "B16_L4096")]
-    sdpa = [summary.get((s, "sdpa_causal_padded"), 0.0) for s in ("B64_L1024", "B16_L4096")]
+
+    def rates(row):  # fwd+bwd TFLOP/s at (B64, L<=1024) and (B16, L<=4096); 0 where not timed
+        return [summary.get((shape, row), 0.0) for shape in ("B64_L1024", "B16_L4096")]
+
+    tri, sdpa = rates("triton"), rates("sdpa_causal_padded")
+    others = [
+        ("gluon dk/dv", "triton_gluon_dkdv"), ("dq recompute", "triton_dq_recompute"),
+        ("dq atomic", "triton_dq_atomic"), ("fused bias grad", "triton_fused_bias_grad"),
+        ("inline bias", "triton_inline_bias"), ("sdpa", "sdpa_causal_padded"),
+    ]  # fmt: skip
     beats = all(t > s for t, s in zip(tri, sdpa, strict=True))
     print(
         f"RESULT hstu_attention fwd+bwd TFLOP/s on "
         f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU (interpreter smoke run)'}: "
-        f"triton {tri[0]:.1f} (B64,L<=1024) {tri[1]:.1f} (B16,L<=4096); dq recompute {dq_recompute[0]:.1f} / "
-        f"{dq_recompute[1]:.1f}; dq atomic {dq_atomic[0]:.1f} / "
-        f"{dq_atomic[1]:.1f}; fused bias grad {fused[0]:.1f} / {fused[1]:.1f}; inline bias {inline[0]:.1f} / "
-        f"{inline[1]:.1f}; sdpa {sdpa[0]:.1f} / {sdpa[1]:.1f}; "
-        f"target 400 at L<=4096: {'met' if tri[1] >= 400 else 'not met'}; "
+        f"triton {tri[0]:.1f} (B64,L<=1024) {tri[1]:.1f} (B16,L<=4096); "
+        + "".join(f"{label} {rates(row)[0]:.1f} / {rates(row)[1]:.1f}; " for label, row in others)
+        + f"target 400 at L<=4096: {'met' if tri[1] >= 400 else 'not met'}; "
         f"beats sdpa at both shapes: {'yes' if beats else 'no'}; failed rows: {','.join(failed) or 'none'}"
         f"{stopped}"
     )
     return failed
 
 
-def bench_shapes(skip_padded: bool, device: str, shapes, summary: dict, failed: list, progress: Progress):
+def bench_shapes(
+    skip_padded: bool, device: str, shapes, summary: dict, failed: list, progress: Progress, leave_out=()
+):
     """`run_benchmark`'s table: fills summary[(shape, row)] with fwd+bwd TFLOP/s and failed with the rows
     that raised, printing each row as it is timed."""
     from modules.hstu_attention_triton import plan_triton_attention, triton_hstu_attention
@@ -517,6 +529,7 @@ def bench_shapes(skip_padded: bool, device: str, shapes, summary: dict, failed: 
         rows = [  # the default and its yardstick first: a run cut short by its time limit keeps them
             ("triton", tri_fwd, tri_step),
             ("sdpa_causal_padded", sdpa_fwd, sdpa_step),
+            ("triton_gluon_dkdv", tri_fwd, pinned("rab_buffer_gluon_dkdv", tri_step)),
             ("triton_frozen_bias", tri_fwd, tri_step_frozen_bias),
             ("triton_dq_recompute", tri_fwd, pinned("rab_buffer_dq_recompute", tri_step)),
             ("triton_dq_atomic", tri_fwd, pinned("rab_buffer_dq_atomic", tri_step)),
@@ -541,7 +554,7 @@ def bench_shapes(skip_padded: bool, device: str, shapes, summary: dict, failed: 
             f"triton plan (once per batch, shared by layers) {plan_ms:.3f} ms",
             flush=True,
         )
-        for label, fwd, step in rows:
+        for label, fwd, step in (row for row in rows if row[0] not in leave_out):
             progress.at = f"{name}/{label}"
             try:
                 fwd_ms = bench(fwd, warmup=2 if label == "padded_reference" else 3)
@@ -605,7 +618,19 @@ def main() -> None:
         "--cpu-smoke", action="store_true", help="tiny --check and benchmark on CPU (TRITON_INTERPRET=1)"
     )
     parser.add_argument("--profile-once", action="store_true", help="one tuned fwd+bwd, for ncu")
+    parser.add_argument(
+        "--variants", type=lambda names: names.split(","), help="--check only these variants (comma list)"
+    )
+    parser.add_argument(
+        "--without-gluon", action="store_true",
+        help="leave the Gluon dk/dv out of the check and the benchmark (gpu_check.sh: when its probe failed)",
+    )  # fmt: skip
     args = parser.parse_args()
+    variants = args.variants or list(VARIANTS)
+    if unknown := sorted(set(variants) - set(VARIANTS)):
+        parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    if args.without_gluon:
+        variants = [v for v in variants if VARIANTS[v].dkdv != "gluon"]
     if args.cpu_smoke:
         with stop_on_sigterm():
             ok = run_check("cpu", small=True)
@@ -618,9 +643,11 @@ def main() -> None:
         return
     with stop_on_sigterm(), parallel_compile():
         if args.check:
-            sys.exit(0 if run_check(all_configs=args.all_configs) else 1)
+            sys.exit(0 if run_check(all_configs=args.all_configs, variants=variants) else 1)
         with config_times():
-            failed = run_benchmark(args.skip_padded)
+            failed = run_benchmark(
+                args.skip_padded, leave_out={"triton_gluon_dkdv"} if args.without_gluon else ()
+            )
     sys.exit(1 if failed else 0)
 
 

@@ -20,6 +20,7 @@ Ends with `RESULT compiled=N failed=M ...`; exits 1 if any config failed to comp
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -38,7 +39,9 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
+from modules import hstu_attention_gluon as gluon
 from modules import hstu_attention_triton as hstu
 
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -63,6 +66,13 @@ FP32_ACCUMULATORS = {"_hstu_bwd_dkdv_kernel": {"DQ"}}
 inputs' dtype."""
 BUFFER_KERNELS = ("fill", "fill:keys", "fill+keys", "rab_grad")
 """Specs that are not attention kernels: every config compiled, no head-dimension constants."""
+GLUON_CONFIG = triton.Config(
+    {"BLOCK_M": gluon.BLOCK_M, "BLOCK_N": gluon.BLOCK_N // 2, "NUM_STAGES": gluon.STAGES,
+     "CONSUMER_REGS": gluon.CONSUMER_REGS, "LOADER_REGS": gluon.LOADER_REGS},
+    num_warps=4, maxnreg=gluon.MAXNREG,
+)  # fmt: skip
+"""The Gluon dk/dv's one launch configuration; BLOCK_N: the keys of one of its two consumer warpgroups, the
+tile its loop statistics are per."""
 
 
 def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list[triton.Config], dict]]:
@@ -79,6 +89,7 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
         "fwd": (hstu._hstu_fwd_kernel, hstu._FWD_CONFIGS, {}),
         "dq": (hstu._hstu_bwd_dq_kernel, hstu._FWD_CONFIGS, {}),
         "dkdv": (hstu._hstu_bwd_dkdv_kernel, hstu._DKDV_CONFIGS, {"RAB_GRAD": True}),
+        "gluon_dkdv": (gluon._hstu_bwd_dkdv_gluon_kernel, [GLUON_CONFIG], {}),
     }
     specs = []
     for name in kernels:
@@ -101,6 +112,9 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
             specs.append((f"{name}+rab+ds", fn, configs, {**extra, "RAB_TILES": True, "DS_STORE": True}))
             dq_atomic = {**extra, "RAB_TILES": True, "DS_STORE": True, "DQ_ATOMIC": True}
             specs.append((f"{name}+rab+ds+dqa", fn, configs, dq_atomic))
+            continue
+        if name == "gluon_dkdv":  # bias buffer and ds buffer only
+            specs.append((name, fn, configs, extra))
             continue
         specs.append((name, fn, configs, {**extra, "RAB_TILES": False}))
         specs.append((f"{name}+rab", fn, configs, {**extra, "RAB_TILES": True}))
@@ -156,11 +170,16 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s*(?:/\*.*)?$")
 _BRANCH = re.compile(r"^(@!?U?P\w+\s+)?BRA\s+(?:`\()?\.?(L_x_\d+)")
 
 
+_TENSOR_CORE = re.compile(r"^(@!?U?P\w+\s+)?(HGMMA|HMMA)\b")
+
+
 def main_loop_instructions(cubin: bytes) -> tuple[int, int] | None:
-    """(SASS instructions per thread, block-wide barriers) in one step of the kernel's main loop (the first to
-    start), on the loop body's shortest path through its conditional blocks; None if it has no
-    loop. Barriers mostly come from layout conversions through shared memory: each one stalls every warp
-    until the slowest arrives."""
+    """(SASS instructions per thread, block-wide barriers) in one step of the kernel's main loop, on the loop
+    body's shortest path through its conditional blocks that passes its first tensor-core product; None if
+    it has no loop. The main loop: the first innermost loop holding a product (in a warp-specialised kernel,
+    a consumer's, not the partitions' dispatch loop around them); in a kernel without products, the
+    outermost loop that starts first. Barriers mostly come from layout conversions through shared memory:
+    each one stalls every warp until the slowest arrives."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
@@ -180,9 +199,20 @@ def main_loop_instructions(cubin: bytes) -> tuple[int, int] | None:
     ]
     if not loops:
         return None
-    # the outermost loop, which starts first (the longest span can be a cold block placed after the main
-    # loop that branches back into it)
-    first, last = min(loops, key=lambda span: (span[0], span[0] - span[1]))
+    products = [i for i, ins in enumerate(instrs) if _TENSOR_CORE.match(ins)]
+    with_products = [(a, b) for a, b in loops if any(a <= i <= b for i in products)]
+    innermost = [
+        (a, b)
+        for a, b in with_products
+        if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in with_products)
+    ]
+    if innermost:
+        first, last = min(innermost)
+        stops = [first, next(i for i in products if first <= i <= last), last]
+    else:  # the outermost loop, which starts first (the longest span can be a cold block placed after the
+        # main loop that branches back into it)
+        first, last = min(loops, key=lambda span: (span[0], span[0] - span[1]))
+        stops = [first, last]
 
     def successors(i: int) -> list[int]:
         if re.match(r"(EXIT|RET)\b", instrs[i]):
@@ -192,23 +222,30 @@ def main_loop_instructions(cubin: bytes) -> tuple[int, int] | None:
         target = labels[m.group(2)]
         return [target] if m.group(1) is None else [i + 1, target]  # unconditional, or it may fall through
 
-    # breadth-first from the loop's first instruction to its back branch, through the whole function (the
-    # compiler may place a conditional block's code after the loop, with a branch back)
-    previous, frontier = {first: None}, [first]
-    while frontier and last not in previous:
-        following = []
-        for i in frontier:
-            for j in successors(i):
-                if j < len(instrs) and j not in previous:
-                    previous[j] = i
-                    following.append(j)
-        frontier = following
-    if last not in previous:
+    def shortest(start: int, goal: int) -> list[int] | None:
+        """Breadth-first through the whole function (the compiler may place a conditional block's code
+        after the loop, with a branch back): the instructions from start to goal, goal excluded."""
+        previous, frontier = {start: None}, [start]
+        while frontier and goal not in previous:
+            following = []
+            for i in frontier:
+                for j in successors(i):
+                    if j < len(instrs) and j not in previous:
+                        previous[j] = i
+                        following.append(j)
+            frontier = following
+        if goal not in previous:
+            return None
+        path, i = [], previous[goal]
+        while i is not None:
+            path.append(i)
+            i = previous[i]
+        return path
+
+    legs = [shortest(a, b) for a, b in itertools.pairwise(stops)]
+    if any(leg is None for leg in legs):
         return None
-    path, i = [], last
-    while i is not None:
-        path.append(instrs[i])
-        i = previous[i]
+    path = [instrs[i] for leg in legs for i in leg] + [instrs[last]]
     return len(path), sum(ins.startswith("BAR.SYNC") for ins in path)
 
 
@@ -232,8 +269,9 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bf16,fp32", help="input dtypes: bf16, fp16, fp32")
     parser.add_argument(
         "--kernels",
-        default="fwd,dq,dkdv,fill",
-        help="kernels to compile: fwd, dq, dkdv, fill (the kernels that fill or read the bias/ds buffers)",
+        default="fwd,dq,dkdv,fill,gluon_dkdv",
+        help="kernels to compile: fwd, dq, dkdv, fill (the kernels that fill or read the bias/ds buffers), "
+        "gluon_dkdv (the warp-specialised Gluon dk/dv)",
     )
     parser.add_argument("--first-config-only", action="store_true", help="one config per kernel (quick)")
     args = parser.parse_args()
@@ -259,9 +297,12 @@ def compile_all(args: argparse.Namespace) -> int:
     for dtype in args.dtypes.split(","):
         precision = hstu._dot_precision({"fp32": hstu.torch.float32}.get(dtype, hstu.torch.bfloat16))
         for name, fn, configs, extra in kernel_specs(args.kernels.split(",")):
+            is_gluon = name == "gluon_dkdv"
+            if is_gluon and (dtype == "fp32" or not args.dqk == args.dv in gluon.HEAD_DIMS):
+                continue  # 16-bit inputs and its head dims only: the Triton dk/dv takes the rest
             pruned = (
                 configs
-                if name in BUFFER_KERNELS
+                if name in BUFFER_KERNELS or is_gluon
                 else hstu._prune_configs(configs, {}, DOT_PREC=precision, **extra)
             )
             for config in pruned[:1] if args.first_config_only else pruned:
@@ -272,12 +313,12 @@ def compile_all(args: argparse.Namespace) -> int:
                 if name not in BUFFER_KERNELS:
                     constants |= dict(
                         DQK=args.dqk, DV=args.dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, DEN_IS_LEN=True,
-                        DOT_PREC=precision,
+                        DOT_PREC=precision, D=args.dqk,
                     )  # fmt: skip
                 sig, attrs = signature(fn, dtype)
                 index = {p.name: i for i, p in enumerate(fn.params)}
                 constants = {k: v for k, v in constants.items() if k in index}  # dq_ds takes fewer
-                src = ASTSource(
+                src = (GluonASTSource if is_gluon else ASTSource)(
                     fn, sig, constexprs={(index[k],): v for k, v in constants.items()}, attrs=attrs
                 )
                 label = f"{config.kwargs} w{config.num_warps} s{config.num_stages}"
@@ -286,7 +327,11 @@ def compile_all(args: argparse.Namespace) -> int:
                     kernel = triton.compile(
                         src,
                         target=target,
-                        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+                        options={
+                            "num_warps": config.num_warps,
+                            "num_stages": config.num_stages,
+                            "maxnreg": config.maxnreg,
+                        },
                     )
                 except Exception as err:  # report every failing config, then fail the run
                     failed += 1
@@ -297,6 +342,8 @@ def compile_all(args: argparse.Namespace) -> int:
                 smem = int(kernel.metadata.shared)
                 spill = report["spill_stores"] + report["spill_loads"]
                 silu = silu_per_pair(kernel.asm["ptx"], config)
+                if is_gluon and silu is not None:
+                    silu /= 2  # its two consumer warpgroups' loops each hold their own tile's tanh sites
                 loop = main_loop_instructions(kernel.asm["cubin"])
                 tile = hstu._tile(config)
                 rows, cols = tile[0], tile[-1]  # square tiles name one size
@@ -307,6 +354,11 @@ def compile_all(args: argparse.Namespace) -> int:
                     status = f"FAILS: shared memory over {limit} B"
                 elif silu is not None and silu > 1:
                     status = "FAILS: warps replicate the tile (fewer than 16 rows per warp)"
+                elif (
+                    is_gluon
+                    and f"setmaxnreg.inc.sync.aligned.u32 \t{gluon.CONSUMER_REGS};" not in kernel.asm["ptx"]
+                ):
+                    status = "FAILS: not warp-specialised (no consumer register increase)"
                 compiled += 1
                 failed += status != "ok"
                 worst_spill, slowest = max(worst_spill, spill), max(slowest, seconds)

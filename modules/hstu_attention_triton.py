@@ -33,7 +33,9 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
   into a per-program histogram; a few relaxed atomics per band); a buffer too large for the memory budget
   holds as many heads as fit, and dk/dv runs once per group of heads. Done per head inside dk/dv's loop
   instead (the fallback when not even one head fits), these reductions took 57% of the fwd+bwd kernel time
-  on an H200 (16 sequences of 2048-4096); the buffer path is not yet timed on a GPU.
+  on an H200 (16 sequences of 2048-4096); the buffer path is not yet timed on a GPU. On Hopper, dk/dv on
+  the buffer path can run as the warp-specialised Gluon kernel of `modules.hstu_attention_gluon` instead
+  (`_DKDV_IMPL`).
 - backward dq: by default from the ds buffer (`_DQ_SOURCE`): `_hstu_bwd_dq_ds_kernel` multiplies the ds
   that dk/dv stored by k, one program per query block looping over key blocks (no atomics). That is one
   product per pair and a 2-byte read per pair and head, against three products and the SiLU work to
@@ -106,6 +108,12 @@ run without that buffer (no room, or `_DS_BUFFER` False) recomputes. "recompute"
 ds from q, k, v and do (timed on an H200: 0.69 ms at 16 x 2048-4096, 350 TFLOP/s of its three products).
 "atomic": dk/dv adds ds k to an fp32 dq with atomics, and no dq kernel runs. Only "recompute" is timed
 so far; the GPU benchmark times all three."""
+_DKDV_IMPL = "triton"
+"""Which kernel computes dk/dv where the bias and ds buffers are in use. "triton": `_hstu_bwd_dkdv_kernel`.
+"gluon": `modules.hstu_attention_gluon` (FlashAttention-3's warp specialisation, which Triton 3.6 cannot
+apply to this loop) on the calls it can take (`hstu_attention_gluon.usable`: an sm_90 GPU, bf16/fp16, head
+dims 64 or 128), the Triton kernel on the others. Not yet run on a GPU: the GPU check compares and times it
+before it can become the default."""
 _RAB_MEMORY_FRACTION = 1 / 32
 """Largest share of the GPU's memory a transient bias or ds buffer may take (2.5 GB on an 80 GB H100: a batch
 of 16 sequences of 4096 events needs 0.3 GB in bf16); larger batches run in runs of sequences that fit."""
@@ -1395,6 +1403,15 @@ class _HSTUAttention(torch.autograd.Function):
         return dq, dk, dv, None, dpos_out, dtime_out, None, None, None, None
 
 
+def _gluon_dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor):
+    """`modules.hstu_attention_gluon` where `_DKDV_IMPL` asks for it and it can take the call, else None."""
+    if _DKDV_IMPL != "gluon" or _INTERPRET:
+        return None
+    from modules import hstu_attention_gluon
+
+    return hstu_attention_gluon if hstu_attention_gluon.usable(q, k, v, do) is None else None
+
+
 def _dq_accumulator(dq: Tensor) -> Tensor | None:
     """Where dk/dv adds dq up ("atomic" `_DQ_SOURCE`): in fp32, dq itself for fp32 inputs (None otherwise)."""
     if _DQ_SOURCE != "atomic":
@@ -1434,18 +1451,26 @@ def _backward_run(
     dq_out = dq[:0] if dq_acc is None else dq_acc  # an empty view: a pointer dk/dv never writes through
     # One dk/dv launch per group of heads whose ds the buffer holds, each followed by the kernels that read
     # it. Autotuning, which zeroes dpos and dtime, only happens at a key's first launch: the first group.
+    gluon = _gluon_dkdv(q, k, v, do) if rab_keys is not q and ds is not None and dq_acc is None else None
     for head0 in range(0, heads, group):
         group_heads = min(group, heads - head0)
-        dkdv_kernel[_grid(batch.longest, group_heads, chunk.num_seqs, "BLOCK_N", _INTERPRET_DKDV_KEYS)](
-            q, k, v, do, dk, dv, dq_out, dpos, dtime, chunk.offsets, batch.kernel_timestamps, pos_w, time_w,
-            rab_keys, chunk.rab_base, q if ds is None else ds,  # q: a placeholder pointer, never read
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            dq_out.stride(0), dq_out.stride(1),
-            **common, ds_head_stride=chunk.rab_numel, head0=head0, RAB_GRAD=rab_grad,
-            DS_STORE=ds is not None, DQ_ATOMIC=dq_acc is not None,
-            **_blocks("BLOCK_M", BLOCK_N=_INTERPRET_DKDV_KEYS),
-        )  # fmt: skip
+        if gluon is not None:
+            gluon.dkdv(
+                q, k, v, do, dk, dv, chunk.offsets, rab_keys, chunk.rab_base, ds, alpha=common["alpha"],
+                inv_den_const=common["inv_den_const"], den_is_len=common["DEN_IS_LEN"],
+                ds_head_stride=chunk.rab_numel, head0=head0, group_heads=group_heads, longest=batch.longest,
+            )  # fmt: skip
+        else:
+            dkdv_kernel[_grid(batch.longest, group_heads, chunk.num_seqs, "BLOCK_N", _INTERPRET_DKDV_KEYS)](
+                q, k, v, do, dk, dv, dq_out, dpos, dtime, chunk.offsets, batch.kernel_timestamps, pos_w,
+                time_w, rab_keys, chunk.rab_base, q if ds is None else ds,  # q: a placeholder, never read
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                dq_out.stride(0), dq_out.stride(1),
+                **common, ds_head_stride=chunk.rab_numel, head0=head0, RAB_GRAD=rab_grad,
+                DS_STORE=ds is not None, DQ_ATOMIC=dq_acc is not None,
+                **_blocks("BLOCK_M", BLOCK_N=_INTERPRET_DKDV_KEYS),
+            )  # fmt: skip
         if ds is not None and rab_grad:
             _reduce_bias_grads(ds, batch, chunk, dpos, dtime, group_heads, common)
         if dq_from_ds:

@@ -527,6 +527,73 @@ def test_gpu_launch_path_matches_naive_oracle(
         assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
 
 
+def test_gluon_dkdv_says_what_it_needs():
+    """`hstu_attention_gluon.usable` names the first requirement a call misses (the Triton dk/dv then runs):
+    16-bit inputs, equal head dims of 64 or 128, TMA-aligned rows, an sm_90 GPU."""
+    from modules import hstu_attention_gluon as gluon
+
+    q = torch.zeros(5, 2, 128, dtype=torch.bfloat16)
+    assert gluon.usable(q.float(), q, q, q) == "needs bf16 or fp16 inputs, not torch.float32"
+    assert (
+        gluon.usable(q[..., :64], q, q[..., :32], q)
+        == "needs head dims q = k = v in (64, 128), not 64 and 32"
+    )
+    assert gluon.usable(q, q, torch.zeros(5 * 2 * 128 + 1, dtype=torch.bfloat16)[1:].view(5, 2, 128), q) == (
+        "needs q, k, v and grad rows on 16 bytes (TMA)"
+    )
+    assert gluon.usable(q, q, q, q) == "needs an sm_90 GPU (Hopper wgmma)"  # CPU tensors
+    assert gluon.usable(q.half()[..., :64], q[..., :64], q[..., :64], q[..., :64]) == (
+        "needs an sm_90 GPU (Hopper wgmma)"
+    )
+
+
+@pytest.mark.parametrize(("ds_heads", "denominator"), [(None, None), (1, 150.0)])
+def test_gluon_dkdv_dispatch_hands_it_everything(gpu_launch_path, monkeypatch, ds_heads, denominator):
+    """With `_DKDV_IMPL` "gluon" and a call it can take, the backward hands dk/dv, for each group of heads
+    whose ds the buffer holds, to `hstu_attention_gluon.dkdv` instead of the Triton dk/dv. Gluon cannot run
+    on a CPU, so here the Triton dk/dv stands in for it, launched from nothing but the arguments the Gluon
+    launcher gets (the key-major bias buffer, the ds buffer, the run's offsets, its scalars): every
+    output and gradient still matches the oracle, with the sequence length or a fixed denominator, so those
+    arguments carry all that dk/dv needs."""
+    from modules import hstu_attention_gluon as gluon
+
+    tri = gpu_launch_path
+    calls = []
+
+    def triton_in_gluon_place(q, k, v, do, dk, dv, offsets, rab_keys, rab_base, ds, *, alpha, inv_den_const,
+                              den_is_len, ds_head_stride, head0, group_heads, longest):  # fmt: skip
+        calls.append((head0, group_heads, ds.numel() // ds_head_stride))
+        unused = torch.zeros(q.shape[0], dtype=torch.int32)  # timestamps, bias weights: the buffers hold rab
+        block_dqk, block_dv = tri._dims(q.shape[2], v.shape[2])
+        tri._hstu_bwd_dkdv_kernel[(group_heads, triton.cdiv(longest, 64), offsets.numel() - 1)](
+            q, k, v, do, dk, dv, dk, unused.float(), unused.float(), offsets, unused, unused.float(),
+            unused.float(), rab_keys, rab_base, ds, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0),
+            dv.stride(1), dk.stride(0), dk.stride(1),
+            alpha=alpha, inv_den_const=inv_den_const, max_seq_len=1, num_buckets=0, len_key=0,
+            ds_head_stride=ds_head_stride, head0=head0, DQK=q.shape[2], DV=v.shape[2], BLOCK_DQK=block_dqk,
+            BLOCK_DV=block_dv, DEN_IS_LEN=den_is_len, DOT_PREC="ieee", FAST_MATH=False, BLOCK_BUCKETS=2,
+            RAB_TILES=True, RAB_GRAD=False, DS_STORE=True, DQ_ATOMIC=False, BLOCK_M=16, BLOCK_N=64,
+            TABLE_GATHER=False, TMA=False,
+        )  # fmt: skip
+
+    def no_triton_dkdv(*args, **kwargs):
+        raise AssertionError("the Triton dk/dv ran in the Gluon kernel's place")
+
+    monkeypatch.setattr(tri, "_DKDV_IMPL", "gluon")
+    monkeypatch.setattr(gluon, "usable", lambda *tensors: None)
+    monkeypatch.setattr(gluon, "dkdv", triton_in_gluon_place)
+    _, _, dkdv = tri._autotuned_kernels(None, None)
+    monkeypatch.setattr(dkdv, "run", no_triton_dkdv)
+    if ds_heads is not None:
+        monkeypatch.setattr(tri, "_ds_buffer_heads", lambda batch, q: ds_heads)
+    out, ref, leaves, ref_leaves = run_both(tri, [3, 70, 1, 130], denominator=denominator, heads=3)
+    assert calls == ([(0, 3, 3)] if ds_heads is None else [(0, 1, 1), (1, 1, 1), (2, 1, 1)])
+    assert_close(out, ref, "out", 1e-4, 1e-5)
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert_close(a.grad, b.grad, f"grad {name}", 1e-4, 1e-5)
+
+
 @pytest.mark.parametrize("dq_source", ["ds_buffer", "atomic"])
 def test_batch_runs_within_the_memory_budget(gpu_launch_path, monkeypatch, dq_source):
     """A batch whose bias buffer passes the budget runs as consecutive runs of sequences that each fit; a
@@ -690,7 +757,8 @@ def test_kernels_compile_for_hopper(tri):
     shapes and shared memory are only checked there, and no GPU is needed to check them. Every bf16 config
     is compiled, with and without the bias buffer (dk/dv with it also writing the ds buffer, with and
     without adding dq up), with both time-bias lookups, and the kernels that fill or read the buffers (dq
-    from ds among them); fp32 (correctness only) compiles one small tile of each attention kernel.
+    from ds among them); fp32 (correctness only) compiles one small tile of each attention kernel. The Gluon
+    dk/dv (bf16) compiles warp-specialised, with one SiLU a pair and at most 256 spilled bytes.
     Two processes, forward and dq in one, dk/dv and the buffer kernels in the other, share the work.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -699,7 +767,7 @@ def test_kernels_compile_for_hopper(tri):
         subprocess.Popen(
             [*cmd, "--kernels", kernels], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        for kernels in ("fwd,dq", "dkdv,fill")
+        for kernels in ("fwd,dq", "dkdv,fill,gluon_dkdv")
     ]
     outputs = [proc.communicate(timeout=600) for proc in procs]
     for proc, (out, err) in zip(procs, outputs, strict=True):
@@ -714,9 +782,13 @@ def test_kernels_compile_for_hopper(tri):
     # the fill (forward: query-major; backward: key-major, or both layouts) and the ds reduction, both dtypes
     buffer_kernels = 3 * len(tri._FILL_CONFIGS) + len(tri._RAB_GRAD_CONFIGS)
     dq_ds = len(tri._DQ_DS_CONFIGS) + 1  # every bf16 tile, one fp32
-    compiled = bf16 + fp32 + 2 * buffer_kernels + dq_ds
+    compiled = bf16 + fp32 + 2 * buffer_kernels + dq_ds + 1  # + the Gluon dk/dv (16-bit inputs only)
     counts = [(int(r.group(1)), int(r.group(2))) for r in results]
     assert sum(n for n, _ in counts) == compiled and all(f == 0 for _, f in counts), outputs
+    # the Gluon dk/dv: warp-specialised (else its status fails), one SiLU a pair, within 256 spilled bytes
+    row = r"^gluon_dkdv +bf16 .* w4 s\d +[0-9.]+ +\d+ +(\d+) +[0-9.]+ +1 +[0-9.]+ +\d+  ok$"
+    gluon = re.search(row, outputs[1][0], re.M)
+    assert gluon is not None and int(gluon.group(1)) <= 256, outputs[1][0]
 
 
 @triton.jit
@@ -792,11 +864,12 @@ def test_gpu_check_harness_runs_in_the_interpreter():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RESULT check: PASS" in proc.stdout, proc.stdout
     variants = ("rab_buffer ", "rab_buffer_dq_recompute", "rab_buffer_dq_atomic", "inline_global")
-    variants += ("inline_table_gather",)
+    variants += ("inline_table_gather", "rab_buffer_gluon_dkdv")
     assert all(f"check {name}" in proc.stdout for name in variants), proc.stdout
     rows = (
         "triton ",
         "triton_frozen_bias",
+        "triton_gluon_dkdv",
         "triton_dq_recompute",
         "triton_dq_atomic",
         "triton_fused_bias_grad",
@@ -903,14 +976,14 @@ def test_gpu_check_stopped_by_its_time_limit_still_reports(tri, monkeypatch, cap
     monkeypatch.setattr(bench, "bench", sigterm_on_call(bench.bench, 6))  # plan, 2 x triton, 2 x sdpa, ...
     with bench.stop_on_sigterm():
         failed = bench.run_benchmark(skip_padded=True, device="cpu", shapes=shape)
-    assert failed == ["stopped during B16_L4096/triton_frozen_bias"]
+    assert failed == ["stopped during B16_L4096/triton_gluon_dkdv"]
     out = capsys.readouterr().out
     assert re.search(r"^  triton  .* TFLOP/s$", out, re.M), out
     assert re.search(r"^  sdpa_causal_padded .* TFLOP/s$", out, re.M), out
     result = re.search(r"^RESULT hstu_attention .*$", out, re.M).group(0)
     assert result.endswith(
-        "failed rows: stopped during B16_L4096/triton_frozen_bias; INCOMPLETE: stopped by SIGTERM during "
-        "B16_L4096/triton_frozen_bias, later rows not timed"
+        "failed rows: stopped during B16_L4096/triton_gluon_dkdv; INCOMPLETE: stopped by SIGTERM during "
+        "B16_L4096/triton_gluon_dkdv, later rows not timed"
     ), result
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
 
