@@ -93,12 +93,19 @@ def _loader(q_desc, do_desc, bias0, bias1, q_bufs, do_bufs, bias_bufs, ready, em
         mbarrier.wait(empty.index(stage), ((step // NUM_STAGES) & 1) ^ 1)  # fresh barriers pass phase 1
         m0 = n0 + step * ROWS
         bar = ready.index(stage)
-        mbarrier.expect(bar, nbytes)  # TMA counts whole tiles, zeros past a tensor's edge included
+        # TMA counts whole tiles, the zeros past a tensor's end included. Group 1 skips the first step (its
+        # rows all come before its first key), so no tile starts before its rectangle.
+        if step == 0:
+            mbarrier.expect(bar, nbytes - bias1.block_type.nbytes)
+        else:
+            mbarrier.expect(bar, nbytes)
         tma.async_copy_global_to_shared(q_desc, [m0, 0], bar, q_bufs.index(stage))
         tma.async_copy_global_to_shared(do_desc, [m0, 0], bar, do_bufs.index(stage))
         tile = bias_bufs.index(stage)
         tma.async_copy_global_to_shared(bias0, [0, m0 - n0], bar, tile.slice(0, _GROUP))
-        tma.async_copy_global_to_shared(bias1, [0, m0 - n0 - _GROUP], bar, tile.slice(_GROUP, _GROUP))
+        tma.async_copy_global_to_shared(
+            bias1, [0, m0 - n0 - _GROUP], bar, tile.slice(_GROUP, _GROUP), pred=step > 0
+        )
 
 
 @gluon.jit
