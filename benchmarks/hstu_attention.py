@@ -332,7 +332,32 @@ def check_cases(device: str, small: bool, all_configs: bool, variants: list[str]
                     f"(scale {scale:.3e}) {'ok' if good else 'FAIL'}",
                     flush=True,
                 )
+                if not good and a.dim() == 3:
+                    print(f"  where {name} is wrong: {where_wrong(a, r, offsets, rtol * scale + 1e-6)}")
     return ok
+
+
+def where_wrong(actual: torch.Tensor, expected: torch.Tensor, offsets: torch.Tensor, tol: float) -> str:
+    """Where a per-token result ([T, H, D]) is off by more than tol, so that one GPU run localises a
+    kernel's bug: how many (token, head) rows, by head, by 64-row half of their 128-row block (a dk/dv
+    program's two consumer warpgroups), in or before the sequence's last block, and the first such row."""
+    err = (actual.double() - expected).abs().amax(dim=2).cpu()  # [T, H]
+    bad = ~(err <= tol)  # NaN counts as wrong
+    if not bad.any():
+        return "no row over the tolerance"
+    offsets = offsets.cpu()
+    tokens, heads = bad.nonzero(as_tuple=True)
+    seq = torch.searchsorted(offsets, tokens, right=True) - 1
+    pos, length = tokens - offsets[seq], offsets[seq + 1] - offsets[seq]
+    half = (pos % 128) // 64
+    last = pos // 128 == (length - 1) // 128
+    by_head = ", ".join(f"{h}: {int((heads == h).sum())}" for h in range(err.shape[1]))
+    return (
+        f"{int(bad.sum())} of {bad.numel()} (token, head) rows; by head {by_head}; in the first/second 64 "
+        f"rows of a 128-row block {int((half == 0).sum())}/{int((half == 1).sum())}; in the sequence's last "
+        f"128-row block {int(last.sum())}, before it {int((~last).sum())}; first: sequence {int(seq[0])} "
+        f"position {int(pos[0])} of {int(length[0])}, head {int(heads[0])}"
+    )
 
 
 def config_label(config) -> str:

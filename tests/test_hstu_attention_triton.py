@@ -940,6 +940,25 @@ def test_gpu_check_reports_a_broken_path_and_goes_on(tri, monkeypatch, capsys):
     assert "failed rows: B64_L1024/triton_dq_atomic" in out, out
 
 
+def test_gpu_check_says_where_a_result_is_wrong():
+    """The GPU check's `where_wrong` localises wrong rows of a per-token result: by head, by 64-row half of
+    their 128-row block, in or before the sequence's last block; NaN counts as wrong."""
+    bench = load_benchmark("hstu_attention")
+    offsets = torch.tensor([0, 3, 300, 301])
+    expected = torch.zeros(301, 2, 4, dtype=torch.float64)
+    actual = expected.clone()
+    actual[3 + 70, 0, 2] = float("nan")  # sequence 1 (297 long): block 0, second half
+    actual[3 + 130, 1, 0] = 1.0  # block 1, first half
+    actual[3 + 260, 1, 3] = -1.0  # the last block (256..296), first half
+    actual[3 + 5, 0, 1] = 1e-4  # within the tolerance
+    assert bench.where_wrong(actual, expected, offsets, 1e-3) == (
+        "3 of 602 (token, head) rows; by head 0: 1, 1: 2; in the first/second 64 rows of a 128-row block "
+        "2/1; in the sequence's last 128-row block 1, before it 2; first: sequence 1 position 70 of 297, "
+        "head 0"
+    )
+    assert bench.where_wrong(expected, expected, offsets, 1e-3) == "no row over the tolerance"
+
+
 def sigterm_on_call(fn, call: int):
     """fn, except that its call number `call` sends this process SIGTERM first (as gpu_check.sh's
     `timeout` does), so the harness is interrupted in the middle of its work."""
