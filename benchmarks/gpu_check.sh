@@ -2,7 +2,8 @@
 # One GPU check for the fused Triton HSTU attention (issue 6), at most 10 minutes on one H100/H200
 # (run it with the device tool's timeout_s=600):
 #   0. environment + import hygiene (the GPU path must not need fbgemm_gpu/torchrec at import time); the
-#      Gluon dk/dv (never run on a GPU yet) checked alone, and left out of the later stages if it fails
+#      Gluon forward and dk/dv (never run on a GPU yet) checked alone, and left out of the later stages if
+#      they fail
 #   1. correctness: triton backend vs the padded reference on the GPU, fwd + 5 grads, bf16 and fp32,
 #      with the bias buffer (every autotune config of the attention kernels, the fill, the ds reduction
 #      and dq from ds; bias gradients through the ds buffer and in dk/dv's loop; dq from ds, recomputed,
@@ -42,15 +43,23 @@ for name in ["modules.hstu_attention_triton", "modules.hstu_attention_gluon", "m
 print("fbgemm_gpu imported:", "fbgemm_gpu" in sys.modules, "| torchrec imported:", "torchrec" in sys.modules)
 PYEOF
 
-# The Gluon dk/dv has never run on a GPU before: checked alone first, so that a hang or a wrong result
-# there only takes it out of the later stages instead of costing them their time.
-echo "== 0. Gluon dk/dv alone (${SECONDS}s in)" | tee "$LOG/check_gluon.log"
+# The Gluon kernels have never run on a GPU before: checked alone first, so that a hang or a wrong result
+# there only takes them out of the later stages instead of costing those their time. A kernel whose check
+# failed is left out; after a hang or a crash (no RESULT line), both are.
+echo "== 0. Gluon forward and dk/dv alone (${SECONDS}s in)" | tee "$LOG/check_gluon.log"
 GLUON=()
-timeout -k 5 90 "$PY" benchmarks/hstu_attention.py --check --variants rab_buffer_gluon_dkdv 2>&1 \
-  | tee -a "$LOG/check_gluon.log"
+timeout -k 5 90 "$PY" benchmarks/hstu_attention.py --check --variants rab_buffer_gluon_fwd,rab_buffer_gluon_dkdv \
+  2>&1 | tee -a "$LOG/check_gluon.log"
 if [ "${PIPESTATUS[0]}" -ne 0 ]; then
-  GLUON=(--without-gluon); status=1
-  echo "Gluon dk/dv failed or hung: left out below" | tee -a "$LOG/check_gluon.log"
+  status=1
+  if grep -q "^RESULT check: FAIL" "$LOG/check_gluon.log" && ! grep -q "INCOMPLETE" "$LOG/check_gluon.log"; then
+    failed_kernels=$(grep -oE "^check rab_buffer_gluon_(fwd|dkdv) .*FAIL" "$LOG/check_gluon.log" \
+      | sed -E 's/^check rab_buffer_gluon_(fwd|dkdv) .*/\1/' | sort -u | paste -sd, -)
+  else
+    failed_kernels=fwd,dkdv
+  fi
+  [ -n "$failed_kernels" ] && GLUON=(--without-gluon "$failed_kernels")
+  echo "Gluon kernels left out below: ${failed_kernels:-none}" | tee -a "$LOG/check_gluon.log"
 fi
 
 echo "== 1. correctness (bf16 + fp32) (${SECONDS}s in)" | tee "$LOG/check.log"

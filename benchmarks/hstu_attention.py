@@ -12,8 +12,9 @@ apart), and each Triton row also prints its kernels' GPU time (torch profiler), 
 the backward without the bias-weight gradients (what their reduction costs); `triton` reduces those once
 over all heads from a ds buffer that dk/dv writes, `triton_fused_bias_grad` per head inside dk/dv;
 `triton` gets dq from that ds buffer, `triton_dq_recompute` from a kernel that recomputes ds, and
-`triton_dq_atomic` has dk/dv add dq up with atomics instead; `triton_gluon_dkdv` runs dk/dv as the
-warp-specialised Gluon kernel of `modules.hstu_attention_gluon` (its kernels list shows whether it ran).
+`triton_dq_atomic` has dk/dv add dq up with atomics instead; `triton_gluon_dkdv` and `triton_gluon_fwd`
+run dk/dv or the forward as the warp-specialised Gluon kernels of `modules.hstu_attention_gluon` (their
+kernels lists show whether they ran).
 Useful FLOPs count causal pairs on real tokens only: fwd = 2 * pairs * H * (Dqk + Dv), fwd+bwd = 3.5 x fwd
 (the FlashAttention convention, recomputation not counted). SDPA runs on the padded batch (causal softmax,
 a speed yardstick, not the same math). Imports only torch/triton and the attention modules, so it
@@ -156,13 +157,14 @@ def bench(fn, *, warmup=3, iters=10) -> float:
 
 class Variant(NamedTuple):
     """One kernel path: the module's pins (`_RAB_TILES`, `_TABLE_GATHER`, `_DS_BUFFER`, `_DQ_SOURCE`,
-    `_DKDV_IMPL`) and a transient-buffer budget in bytes (None: the module's)."""
+    `_DKDV_IMPL`, `_FWD_IMPL`) and a transient-buffer budget in bytes (None: the module's)."""
 
     rab_tiles: bool | None
     table_gather: bool | None
     ds_buffer: bool | None
     dq_source: str = "ds_buffer"
     dkdv: str = "triton"
+    fwd: str = "triton"
     budget: int | None = None
 
 
@@ -171,6 +173,7 @@ VARIANTS = {
     "rab_buffer_dq_recompute": Variant(True, None, None, dq_source="recompute"),
     "rab_buffer_dq_atomic": Variant(True, None, None, dq_source="atomic"),
     "rab_buffer_gluon_dkdv": Variant(True, None, None, dkdv="gluon"),
+    "rab_buffer_gluon_fwd": Variant(True, None, None, fwd="gluon"),
     "rab_buffer_runs": Variant(None, None, None, budget=2**20),
     "rab_buffer_fused_grad": Variant(True, None, False),
     "inline_global": Variant(False, False, False),
@@ -178,12 +181,21 @@ VARIANTS = {
 }
 """The GPU default reads rab(i, j) from the bias buffer, and dk/dv hands ds to one reduction over all heads
 for the bias-weight gradients and to the dq kernel (ds buffer); `dq_recompute` runs a dq kernel that
-recomputes ds instead, `dq_atomic` has dk/dv add dq up; `gluon_dkdv` runs dk/dv as the warp-specialised
-Gluon kernel (`modules.hstu_attention_gluon`, sm_90 and bf16/fp16 only: elsewhere it is the default path);
+recomputes ds instead, `dq_atomic` has dk/dv add dq up; `gluon_dkdv` and `gluon_fwd` run dk/dv or the
+forward as the warp-specialised Gluon kernels of `modules.hstu_attention_gluon` (sm_90 and bf16/fp16 only:
+elsewhere they are the default path);
 `runs` gives the buffers 1 MiB, so the check's batches run as several runs of sequences with the ds of one
 or two heads at a time; `fused_grad` reduces the bias gradients per head inside dk/dv; inline, each kernel
 computes rab per pair and head, its time-table lookup a global or a table gather."""
-PINS = ("_RAB_TILES", "_TABLE_GATHER", "_DS_BUFFER", "_DQ_SOURCE", "_DKDV_IMPL", "_RAB_MEMORY_FRACTION")
+PINS = (
+    "_RAB_TILES",
+    "_TABLE_GATHER",
+    "_DS_BUFFER",
+    "_DQ_SOURCE",
+    "_DKDV_IMPL",
+    "_FWD_IMPL",
+    "_RAB_MEMORY_FRACTION",
+)
 
 
 @contextlib.contextmanager
@@ -193,7 +205,9 @@ def kernel_variant(name: str):
 
     saved = [getattr(mod, pin) for pin in PINS]
     variant = VARIANTS[name]
-    mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER, mod._DQ_SOURCE, mod._DKDV_IMPL = variant[:5]
+    mod._RAB_TILES, mod._TABLE_GATHER, mod._DS_BUFFER, mod._DQ_SOURCE, mod._DKDV_IMPL, mod._FWD_IMPL = (
+        variant[:6]
+    )
     if variant.budget is not None and torch.cuda.is_available():
         mod._RAB_MEMORY_FRACTION = variant.budget / torch.cuda.get_device_properties(0).total_memory
     try:
@@ -478,7 +492,8 @@ def run_benchmark(skip_padded: bool, device: str = "cuda", shapes=SHAPES, leave_
 
     tri, sdpa = rates("triton"), rates("sdpa_causal_padded")
     others = [
-        ("gluon dk/dv", "triton_gluon_dkdv"), ("dq recompute", "triton_dq_recompute"),
+        ("gluon dk/dv", "triton_gluon_dkdv"), ("gluon fwd", "triton_gluon_fwd"),
+        ("dq recompute", "triton_dq_recompute"),
         ("dq atomic", "triton_dq_atomic"), ("fused bias grad", "triton_fused_bias_grad"),
         ("inline bias", "triton_inline_bias"), ("sdpa", "sdpa_causal_padded"),
     ]  # fmt: skip
@@ -555,6 +570,11 @@ def bench_shapes(
             ("triton", tri_fwd, tri_step),
             ("sdpa_causal_padded", sdpa_fwd, sdpa_step),
             ("triton_gluon_dkdv", tri_fwd, pinned("rab_buffer_gluon_dkdv", tri_step)),
+            (
+                "triton_gluon_fwd",
+                pinned("rab_buffer_gluon_fwd", tri_fwd),
+                pinned("rab_buffer_gluon_fwd", tri_step),
+            ),
             ("triton_frozen_bias", tri_fwd, tri_step_frozen_bias),
             ("triton_dq_recompute", tri_fwd, pinned("rab_buffer_dq_recompute", tri_step)),
             ("triton_dq_atomic", tri_fwd, pinned("rab_buffer_dq_atomic", tri_step)),
@@ -647,15 +667,22 @@ def main() -> None:
         "--variants", type=lambda names: names.split(","), help="--check only these variants (comma list)"
     )
     parser.add_argument(
-        "--without-gluon", action="store_true",
-        help="leave the Gluon dk/dv out of the check and the benchmark (gpu_check.sh: when its probe failed)",
+        "--without-gluon", type=lambda names: set(names.split(",")), default=set(),
+        help="leave these Gluon kernels (fwd, dkdv) out of the check and the benchmark (gpu_check.sh: those "
+        "its first check failed)",
     )  # fmt: skip
     args = parser.parse_args()
     variants = args.variants or list(VARIANTS)
     if unknown := sorted(set(variants) - set(VARIANTS)):
         parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    if args.without_gluon:
-        variants = [v for v in variants if VARIANTS[v].dkdv != "gluon"]
+    if unknown := sorted(args.without_gluon - {"fwd", "dkdv"}):
+        parser.error(f"--without-gluon: unknown {', '.join(unknown)}; known: fwd, dkdv")
+    dropped = {
+        name
+        for name, pins in VARIANTS.items()
+        if any(getattr(pins, k) == "gluon" for k in args.without_gluon)
+    }
+    variants = [v for v in variants if v not in dropped]
     if args.cpu_smoke:
         with stop_on_sigterm():
             ok = run_check("cpu", small=True)
@@ -671,7 +698,7 @@ def main() -> None:
             sys.exit(0 if run_check(all_configs=args.all_configs, variants=variants) else 1)
         with config_times():
             failed = run_benchmark(
-                args.skip_padded, leave_out={"triton_gluon_dkdv"} if args.without_gluon else ()
+                args.skip_padded, leave_out={f"triton_gluon_{k}" for k in args.without_gluon}
             )
     sys.exit(1 if failed else 0)
 

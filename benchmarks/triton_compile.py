@@ -71,8 +71,8 @@ GLUON_CONFIG = triton.Config(
      "CONSUMER_REGS": gluon.CONSUMER_REGS, "LOADER_REGS": gluon.LOADER_REGS},
     num_warps=4, maxnreg=gluon.MAXNREG,
 )  # fmt: skip
-"""The Gluon dk/dv's one launch configuration; BLOCK_N: the keys of one of its two consumer warpgroups, the
-tile its loop statistics are per."""
+"""The Gluon kernels' one launch configuration; BLOCK_M x BLOCK_N: the tile of one of their two consumer
+warpgroups per step (64 keys x 64 query rows), which the loop statistics are per."""
 
 
 def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list[triton.Config], dict]]:
@@ -90,6 +90,7 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
         "dq": (hstu._hstu_bwd_dq_kernel, hstu._FWD_CONFIGS, {}),
         "dkdv": (hstu._hstu_bwd_dkdv_kernel, hstu._DKDV_CONFIGS, {"RAB_GRAD": True}),
         "gluon_dkdv": (gluon._hstu_bwd_dkdv_gluon_kernel, [GLUON_CONFIG], {}),
+        "gluon_fwd": (gluon._hstu_fwd_gluon_kernel, [GLUON_CONFIG], {}),
     }
     specs = []
     for name in kernels:
@@ -113,7 +114,7 @@ def kernel_specs(kernels: list[str]) -> list[tuple[str, triton.JITFunction, list
             dq_atomic = {**extra, "RAB_TILES": True, "DS_STORE": True, "DQ_ATOMIC": True}
             specs.append((f"{name}+rab+ds+dqa", fn, configs, dq_atomic))
             continue
-        if name == "gluon_dkdv":  # bias buffer and ds buffer only
+        if name.startswith("gluon_"):  # the bias buffer (and ds buffer) path only
             specs.append((name, fn, configs, extra))
             continue
         specs.append((name, fn, configs, {**extra, "RAB_TILES": False}))
@@ -269,9 +270,9 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bf16,fp32", help="input dtypes: bf16, fp16, fp32")
     parser.add_argument(
         "--kernels",
-        default="fwd,dq,dkdv,fill,gluon_dkdv",
+        default="fwd,dq,dkdv,fill,gluon_fwd,gluon_dkdv",
         help="kernels to compile: fwd, dq, dkdv, fill (the kernels that fill or read the bias/ds buffers), "
-        "gluon_dkdv (the warp-specialised Gluon dk/dv)",
+        "gluon_fwd, gluon_dkdv (the warp-specialised Gluon forward and dk/dv)",
     )
     parser.add_argument("--first-config-only", action="store_true", help="one config per kernel (quick)")
     args = parser.parse_args()
@@ -297,9 +298,9 @@ def compile_all(args: argparse.Namespace) -> int:
     for dtype in args.dtypes.split(","):
         precision = hstu._dot_precision({"fp32": hstu.torch.float32}.get(dtype, hstu.torch.bfloat16))
         for name, fn, configs, extra in kernel_specs(args.kernels.split(",")):
-            is_gluon = name == "gluon_dkdv"
+            is_gluon = name.startswith("gluon_")
             if is_gluon and (dtype == "fp32" or not args.dqk == args.dv in gluon.HEAD_DIMS):
-                continue  # 16-bit inputs and its head dims only: the Triton dk/dv takes the rest
+                continue  # 16-bit inputs and their head dims only: the Triton kernels take the rest
             pruned = (
                 configs
                 if name in BUFFER_KERNELS or is_gluon

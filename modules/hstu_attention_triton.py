@@ -35,7 +35,7 @@ Tiling (grid = (heads, blocks, sequences); each program reads its sequence's sta
   instead (the fallback when not even one head fits), these reductions took 57% of the fwd+bwd kernel time
   on an H200 (16 sequences of 2048-4096); the buffer path is not yet timed on a GPU. On Hopper, dk/dv on
   the buffer path can run as the warp-specialised Gluon kernel of `modules.hstu_attention_gluon` instead
-  (`_DKDV_IMPL`).
+  (`_DKDV_IMPL`); so can the forward (`_FWD_IMPL`).
 - backward dq: by default from the ds buffer (`_DQ_SOURCE`): `_hstu_bwd_dq_ds_kernel` multiplies the ds
   that dk/dv stored by k, one program per query block looping over key blocks (no atomics). That is one
   product per pair and a 2-byte read per pair and head, against three products and the SiLU work to
@@ -114,6 +114,9 @@ _DKDV_IMPL = "triton"
 apply to this loop) on the calls it can take (`hstu_attention_gluon.usable`: an sm_90 GPU, bf16/fp16, head
 dims 64 or 128), the Triton kernel on the others. Not yet run on a GPU: the GPU check compares and times it
 before it can become the default."""
+_FWD_IMPL = "triton"
+"""The same choice for the forward where the bias buffer is in use: "triton" (`_hstu_fwd_kernel`) or "gluon"
+(`modules.hstu_attention_gluon`'s warp-specialised forward, on the calls it can take)."""
 _RAB_MEMORY_FRACTION = 1 / 32
 """Largest share of the GPU's memory a transient bias or ds buffer may take (2.5 GB on an 80 GB H100: a batch
 of 16 sequences of 4096 events needs 0.3 GB in bf16); larger batches run in runs of sequences that fit."""
@@ -1363,6 +1366,14 @@ class _HSTUAttention(torch.autograd.Function):
                 rab, _, common = _launch_args(
                     q, v, batch, chunk, pos_w, time_w, max_seq_len, alpha, denominator, query_major=True
                 )
+                gluon = _gluon(_FWD_IMPL, q, k, v, out) if rab is not q else None
+                if gluon is not None:
+                    gluon.forward(
+                        q, k, v, out, chunk.offsets, rab, chunk.rab_base, alpha=common["alpha"],
+                        inv_den_const=common["inv_den_const"], den_is_len=common["DEN_IS_LEN"],
+                        longest=batch.longest,
+                    )  # fmt: skip
+                    continue
                 fwd[_grid(batch.longest, heads, chunk.num_seqs, "BLOCK_M")](
                     q, k, v, out, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, rab,
                     chunk.rab_base, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
@@ -1403,13 +1414,14 @@ class _HSTUAttention(torch.autograd.Function):
         return dq, dk, dv, None, dpos_out, dtime_out, None, None, None, None
 
 
-def _gluon_dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor):
-    """`modules.hstu_attention_gluon` where `_DKDV_IMPL` asks for it and it can take the call, else None."""
-    if _DKDV_IMPL != "gluon" or _INTERPRET:
+def _gluon(impl: str, q: Tensor, k: Tensor, v: Tensor, x: Tensor):
+    """`modules.hstu_attention_gluon` where a kernel's pin (`_FWD_IMPL`, `_DKDV_IMPL`: impl) asks for it and
+    it can take the call (x: the output, or its gradient), else None."""
+    if impl != "gluon" or _INTERPRET:
         return None
     from modules import hstu_attention_gluon
 
-    return hstu_attention_gluon if hstu_attention_gluon.usable(q, k, v, do) is None else None
+    return hstu_attention_gluon if hstu_attention_gluon.usable(q, k, v, x) is None else None
 
 
 def _dq_accumulator(dq: Tensor) -> Tensor | None:
@@ -1451,7 +1463,9 @@ def _backward_run(
     dq_out = dq[:0] if dq_acc is None else dq_acc  # an empty view: a pointer dk/dv never writes through
     # One dk/dv launch per group of heads whose ds the buffer holds, each followed by the kernels that read
     # it. Autotuning, which zeroes dpos and dtime, only happens at a key's first launch: the first group.
-    gluon = _gluon_dkdv(q, k, v, do) if rab_keys is not q and ds is not None and dq_acc is None else None
+    gluon = (
+        _gluon(_DKDV_IMPL, q, k, v, do) if rab_keys is not q and ds is not None and dq_acc is None else None
+    )
     for head0 in range(0, heads, group):
         group_heads = min(group, heads - head0)
         if gluon is not None:

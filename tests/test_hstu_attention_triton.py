@@ -539,7 +539,7 @@ def test_gluon_dkdv_says_what_it_needs():
         == "needs head dims q = k = v in (64, 128), not 64 and 32"
     )
     assert gluon.usable(q, q, torch.zeros(5 * 2 * 128 + 1, dtype=torch.bfloat16)[1:].view(5, 2, 128), q) == (
-        "needs q, k, v and grad rows on 16 bytes (TMA)"
+        "needs q, k, v and out (or its grad) rows on 16 bytes (TMA)"
     )
     assert gluon.usable(q, q, q, q) == "needs an sm_90 GPU (Hopper wgmma)"  # CPU tensors
     assert gluon.usable(q.half()[..., :64], q[..., :64], q[..., :64], q[..., :64]) == (
@@ -589,6 +589,49 @@ def test_gluon_dkdv_dispatch_hands_it_everything(gpu_launch_path, monkeypatch, d
         monkeypatch.setattr(tri, "_ds_buffer_heads", lambda batch, q: ds_heads)
     out, ref, leaves, ref_leaves = run_both(tri, [3, 70, 1, 130], denominator=denominator, heads=3)
     assert calls == ([(0, 3, 3)] if ds_heads is None else [(0, 1, 1), (1, 1, 1), (2, 1, 1)])
+    assert_close(out, ref, "out", 1e-4, 1e-5)
+    for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
+        assert_close(a.grad, b.grad, f"grad {name}", 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("denominator", [None, 150.0])
+def test_gluon_forward_dispatch_hands_it_everything(gpu_launch_path, monkeypatch, denominator):
+    """With `_FWD_IMPL` "gluon" and a call it can take, the forward of each run of sequences goes to
+    `hstu_attention_gluon.forward` instead of the Triton forward; as for dk/dv, the Triton forward stands in,
+    launched from nothing but the Gluon launcher's arguments (the query-major bias buffer, the run's
+    offsets, its scalars), and the outputs and gradients match the oracle. A tiny memory budget makes the
+    batch several runs, each with its own call."""
+    from modules import hstu_attention_gluon as gluon
+
+    tri = gpu_launch_path
+    calls = []
+
+    def triton_in_gluon_place(
+        q, k, v, out, offsets, rab, rab_base, *, alpha, inv_den_const, den_is_len, longest
+    ):
+        calls.append(offsets.numel() - 1)
+        unused = torch.zeros(q.shape[0], dtype=torch.int32)  # timestamps, bias weights: the buffer holds rab
+        block_dqk, block_dv = tri._dims(q.shape[2], v.shape[2])
+        tri._hstu_fwd_kernel[(q.shape[1], triton.cdiv(longest, 16), offsets.numel() - 1)](
+            q, k, v, out, offsets, unused, unused.float(), unused.float(), rab, rab_base,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+            out.stride(1), alpha=alpha, inv_den_const=inv_den_const, max_seq_len=1, num_buckets=0, len_key=0,
+            DQK=q.shape[2], DV=v.shape[2], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, DEN_IS_LEN=den_is_len,
+            DOT_PREC="ieee", FAST_MATH=False, BLOCK_BUCKETS=2, RAB_TILES=True, BLOCK_M=16, BLOCK_N=16,
+            TABLE_GATHER=False, TMA=False,
+        )  # fmt: skip
+
+    def no_triton_forward(*args, **kwargs):
+        raise AssertionError("the Triton forward ran in the Gluon kernel's place")
+
+    monkeypatch.setattr(tri, "_FWD_IMPL", "gluon")
+    monkeypatch.setattr(tri, "_budget_numel", lambda x: 6000)  # runs of sequences whose buffers fit
+    monkeypatch.setattr(gluon, "usable", lambda *tensors: None)
+    monkeypatch.setattr(gluon, "forward", triton_in_gluon_place)
+    fwd, _, _ = tri._autotuned_kernels(None, None)
+    monkeypatch.setattr(fwd, "run", no_triton_forward)
+    out, ref, leaves, ref_leaves = run_both(tri, [3, 70, 1, 40, 25], denominator=denominator, heads=3)
+    assert calls == [2, 3]  # bias buffers of 512 + 5120, then 512 + 2560 + 2048 elements
     assert_close(out, ref, "out", 1e-4, 1e-5)
     for name, a, b in zip(("q", "k", "v", "pos_weights", "time_weights"), leaves, ref_leaves, strict=True):
         assert_close(a.grad, b.grad, f"grad {name}", 1e-4, 1e-5)
@@ -758,7 +801,7 @@ def test_kernels_compile_for_hopper(tri):
     is compiled, with and without the bias buffer (dk/dv with it also writing the ds buffer, with and
     without adding dq up), with both time-bias lookups, and the kernels that fill or read the buffers (dq
     from ds among them); fp32 (correctness only) compiles one small tile of each attention kernel. The Gluon
-    dk/dv (bf16) compiles warp-specialised, with one SiLU a pair and at most 256 spilled bytes.
+    forward and dk/dv (bf16) compile warp-specialised, with one SiLU a pair and at most 256 spilled bytes.
     Two processes, forward and dq in one, dk/dv and the buffer kernels in the other, share the work.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -767,7 +810,7 @@ def test_kernels_compile_for_hopper(tri):
         subprocess.Popen(
             [*cmd, "--kernels", kernels], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        for kernels in ("fwd,dq", "dkdv,fill,gluon_dkdv")
+        for kernels in ("fwd,dq,gluon_fwd", "dkdv,fill,gluon_dkdv")
     ]
     outputs = [proc.communicate(timeout=600) for proc in procs]
     for proc, (out, err) in zip(procs, outputs, strict=True):
@@ -782,13 +825,15 @@ def test_kernels_compile_for_hopper(tri):
     # the fill (forward: query-major; backward: key-major, or both layouts) and the ds reduction, both dtypes
     buffer_kernels = 3 * len(tri._FILL_CONFIGS) + len(tri._RAB_GRAD_CONFIGS)
     dq_ds = len(tri._DQ_DS_CONFIGS) + 1  # every bf16 tile, one fp32
-    compiled = bf16 + fp32 + 2 * buffer_kernels + dq_ds + 1  # + the Gluon dk/dv (16-bit inputs only)
+    compiled = bf16 + fp32 + 2 * buffer_kernels + dq_ds + 2  # + the Gluon forward and dk/dv (16-bit only)
     counts = [(int(r.group(1)), int(r.group(2))) for r in results]
     assert sum(n for n, _ in counts) == compiled and all(f == 0 for _, f in counts), outputs
-    # the Gluon dk/dv: warp-specialised (else its status fails), one SiLU a pair, within 256 spilled bytes
-    row = r"^gluon_dkdv +bf16 .* w4 s\d +[0-9.]+ +\d+ +(\d+) +[0-9.]+ +1 +[0-9.]+ +\d+  ok$"
-    gluon = re.search(row, outputs[1][0], re.M)
-    assert gluon is not None and int(gluon.group(1)) <= 256, outputs[1][0]
+    # the Gluon kernels: warp-specialised (else their status fails), one SiLU a pair, within 256 spilled bytes
+    for kernel, (out, _) in zip(("gluon_fwd", "gluon_dkdv"), outputs, strict=True):
+        row = re.search(
+            rf"^{kernel} +bf16 .* w4 s\d +[0-9.]+ +\d+ +(\d+) +[0-9.]+ +1 +[0-9.]+ +\d+  ok$", out, re.M
+        )
+        assert row is not None and int(row.group(1)) <= 256, out
 
 
 @triton.jit
@@ -864,12 +909,13 @@ def test_gpu_check_harness_runs_in_the_interpreter():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RESULT check: PASS" in proc.stdout, proc.stdout
     variants = ("rab_buffer ", "rab_buffer_dq_recompute", "rab_buffer_dq_atomic", "inline_global")
-    variants += ("inline_table_gather", "rab_buffer_gluon_dkdv")
+    variants += ("inline_table_gather", "rab_buffer_gluon_dkdv", "rab_buffer_gluon_fwd")
     assert all(f"check {name}" in proc.stdout for name in variants), proc.stdout
     rows = (
         "triton ",
         "triton_frozen_bias",
         "triton_gluon_dkdv",
+        "triton_gluon_fwd",
         "triton_dq_recompute",
         "triton_dq_atomic",
         "triton_fused_bias_grad",
