@@ -353,7 +353,7 @@ def check_cases(device: str, small: bool, all_configs: bool, variants: list[str]
 
 def where_wrong(actual: torch.Tensor, expected: torch.Tensor, offsets: torch.Tensor, tol: float) -> str:
     """Where a per-token result ([T, H, D]) is off by more than tol, so that one GPU run localises a
-    kernel's bug: how many (token, head) rows, by head, by 64-row half of their 128-row block (a dk/dv
+    kernel's bug: how many (token, head) rows, by head, by 64-row half of their 128-row block (a Gluon
     program's two consumer warpgroups), in or before the sequence's last block, and the first such row."""
     err = (actual.double() - expected).abs().amax(dim=2).cpu()  # [T, H]
     bad = ~(err <= tol)  # NaN counts as wrong

@@ -54,5 +54,8 @@ def test_text_table_frozen_while_projection_and_ids_train(result):
 @pytest.mark.multiprocess
 def test_sharded_topk_and_ranks_equal_unsharded(result):
     assert result["topk_ids"] == result["ref_topk_ids"]
-    assert result["topk_score_err"] == 0.0
+    # Equal up to float32 rounding, not bitwise: the sharded path scores chunks of 5 rows, the oracle the
+    # whole catalog at once, and the BLAS may sum a dot product in another order for another matrix shape
+    # (on one CPU model the two agreed to the bit, on another they differed by 1.2e-7).
+    assert result["topk_score_err"] <= 1e-6
     assert result["ranks"] == result["ref_ranks"]
