@@ -67,7 +67,7 @@ inputs' dtype."""
 BUFFER_KERNELS = ("fill", "fill:keys", "fill+keys", "rab_grad")
 """Specs that are not attention kernels: every config compiled, no head-dimension constants."""
 GLUON_CONFIG = triton.Config(
-    {"BLOCK_M": gluon.BLOCK_M, "BLOCK_N": gluon.BLOCK_N // 2, "NUM_STAGES": gluon.STAGES,
+    {"BLOCK_M": gluon.PROGRAM_ROWS // 2, "BLOCK_N": gluon.PROGRAM_ROWS // 2, "NUM_STAGES": gluon.STAGES,
      "CONSUMER_REGS": gluon.CONSUMER_REGS, "LOADER_REGS": gluon.LOADER_REGS},
     num_warps=4, maxnreg=gluon.MAXNREG,
 )  # fmt: skip

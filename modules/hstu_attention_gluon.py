@@ -48,10 +48,9 @@ from modules.hstu_attention_triton import _RAB_ALIGN, _RAB_ROW_PAD, _tma_aligned
 
 _GROUP = gl.constexpr(_RAB_ALIGN)
 _ROW_PAD = gl.constexpr(_RAB_ROW_PAD)
-BLOCK_N = 2 * _RAB_ALIGN
-"""Rows (dk/dv: keys) per program: two 64-row groups, one per consumer warpgroup."""
-BLOCK_M = 64
-"""Rows of the other side (dk/dv: queries; forward: keys) per step."""
+PROGRAM_ROWS = 2 * _RAB_ALIGN
+"""Rows per program (forward: queries; dk/dv: keys): two 64-row groups, one per consumer warpgroup. Each
+step takes 64 rows of the other side: one group's worth."""
 STAGES = 2
 """Depth of the shared-memory ring. At d = 128, dk/dv: 2 x 48 KB next to k and v (64 KB) and the ds tiles
 (32 KB); forward: 2 x 48 KB next to q (32 KB) and the output tiles (32 KB)."""
@@ -223,12 +222,13 @@ def _hstu_bwd_dkdv_gluon_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     alpha, inv_den_const, ds_head_stride, head0,
-    D: gl.constexpr, DEN_IS_LEN: gl.constexpr, BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+    D: gl.constexpr, DEN_IS_LEN: gl.constexpr, NUM_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    LOADER_REGS: gl.constexpr,
 ):  # fmt: skip
     """Grid (heads of the ds buffer's group, key blocks of 128, sequences): dk and dv of one key block, and
     its ds (2 ds, key-major) into the ds buffer, with the same arguments' meaning as the Triton dk/dv."""
     BLOCK_N: gl.constexpr = 2 * _GROUP
+    BLOCK_M: gl.constexpr = _GROUP  # query rows per step
     hh = gl.program_id(0)
     h = head0 + hh
     n0 = gl.program_id(1) * BLOCK_N  # the first key blocks have the most steps: longest work first
@@ -471,7 +471,7 @@ def usable(q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> str | None:
 def forward(q, k, v, out, offsets, rab, rab_base, *, alpha, inv_den_const, den_is_len, longest) -> None:
     """out of all heads from the query-major bias buffer `rab` (see `_hstu_fwd_gluon_kernel`); inside
     `hstu_attention_triton._descriptor_scratch` (the descriptors are made on the device)."""
-    grid = (q.shape[1], triton.cdiv(longest, 2 * _RAB_ALIGN), offsets.numel() - 1)
+    grid = (q.shape[1], triton.cdiv(longest, PROGRAM_ROWS), offsets.numel() - 1)
     _hstu_fwd_gluon_kernel[grid](
         q, k, v, out, offsets, rab, rab_base, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1), alpha, inv_den_const,
@@ -486,12 +486,12 @@ def dkdv(
 ) -> None:  # fmt: skip
     """dk, dv of heads head0 .. head0 + group_heads - 1 and their ds into `ds` (see the module docstring);
     inside `hstu_attention_triton._descriptor_scratch` (the descriptors are made on the device)."""
-    grid = (group_heads, triton.cdiv(longest, BLOCK_N), offsets.numel() - 1)
+    grid = (group_heads, triton.cdiv(longest, PROGRAM_ROWS), offsets.numel() - 1)
     _hstu_bwd_dkdv_gluon_kernel[grid](
         q, k, v, do, dk, dv, offsets, rab_keys, rab_base, ds,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
         do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         alpha, inv_den_const, ds_head_stride, head0,
-        D=q.shape[2], DEN_IS_LEN=den_is_len, BLOCK_M=BLOCK_M, NUM_STAGES=STAGES,
+        D=q.shape[2], DEN_IS_LEN=den_is_len, NUM_STAGES=STAGES,
         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip

@@ -1361,13 +1361,13 @@ class _HSTUAttention(torch.autograd.Function):
         if total == 0 or num_seqs == 0 or batch.longest == 0:
             return out.zero_()
         fwd, _, _ = _kernels(q, k, v)
+        gluon = _gluon(_FWD_IMPL, q, k, v, out)
         with _descriptor_scratch(q.device):
             for chunk in _chunks(batch, q):
                 rab, _, common = _launch_args(
                     q, v, batch, chunk, pos_w, time_w, max_seq_len, alpha, denominator, query_major=True
                 )
-                gluon = _gluon(_FWD_IMPL, q, k, v, out) if rab is not q else None
-                if gluon is not None:
+                if gluon is not None and rab is not q:  # a run with the bias buffer (q: its placeholder)
                     gluon.forward(
                         q, k, v, out, chunk.offsets, rab, chunk.rab_base, alpha=common["alpha"],
                         inv_den_const=common["inv_den_const"], den_is_len=common["DEN_IS_LEN"],
