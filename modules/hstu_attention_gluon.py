@@ -62,13 +62,19 @@ HEAD_DIMS = (64, 128)
 
 
 @gluon.jit
-def _key_start(rab_base, key, rows):
-    """Buffer offset of key `key`'s column (its first query) in a sequence's key-major bias/ds part:
-    `modules.hstu_attention_triton._rab_key_start` for one key."""
-    j = key.to(gl.int64)
-    full = j // _GROUP
-    part = j % _GROUP
-    return rab_base + j * rows - _GROUP * full * ((_GROUP // 2) * (full - 1) + part + 1)
+def _key_group_start(rab_base, rows, group):
+    """Offset of 64-key group `group`'s first entry (key and query 64 group) in a sequence's key-major
+    bias/ds part: each group g before it holds 64 columns of rows - 64 g queries
+    (`modules.hstu_attention_triton._rab_key_start`). Plain arithmetic (int64 in the kernels), so the tests
+    run it on Python ints against the layout."""
+    return rab_base + group * (_GROUP * rows - (_GROUP * _GROUP // 2) * (group - 1))
+
+
+@gluon.jit
+def _row_group_start(rab_base, group):
+    """Offset of 64-row group `group`'s first row in a sequence's query-major bias part: each group g
+    before it holds 64 rows of 64 (g + 1) keys (`modules.hstu_attention_triton._rab_row_start`)."""
+    return rab_base + (_GROUP * _GROUP // 2) * group * (group + 1)
 
 
 @gluon.jit
@@ -98,13 +104,14 @@ def _rows(
 
 
 @gluon.jit
-def _group_rectangle(buffer, rab_base, rows, first_key, tile_layout: gl.constexpr):
-    """TMA descriptor of the 64-key group starting at first_key: [64 keys, rows - first_key queries]."""
-    length = rows - first_key
+def _key_group_rectangle(buffer, rab_base, rows, group, tile_layout: gl.constexpr):
+    """TMA descriptor of 64-key group `group` of a sequence's key-major bias/ds part: [64 keys,
+    rows - 64 group queries], columns back to back."""
+    length = rows - _GROUP * group
+    start = _key_group_start(rab_base, rows.to(gl.int64), group.to(gl.int64))
     return tma.make_tensor_descriptor(
-        buffer + _key_start(rab_base, first_key, rows), [_GROUP, length], [length, 1], [_GROUP, _GROUP],
-        tile_layout,
-    )  # fmt: skip
+        buffer + start, [_GROUP, length], [length, 1], [_GROUP, _GROUP], tile_layout
+    )
 
 
 @gluon.jit
@@ -138,8 +145,8 @@ def _consumer(shared, ds_desc, ds_bufs, out, GROUP: gl.constexpr):
     """One warpgroup: dk and dv of the 64 keys of group GROUP (0 or 1) of the program's key block.
 
     Per step: s^T and dp^T issued together; the bias tile read while they run; SiLU work on s^T once it is
-    done (dp^T may still run); dv += p^T do issued, then ds from dp^T, dk += ds^T q issued, and the ds tile
-    stored (two staging buffers, so a TMA store may still read the previous step's). Steps wholly before
+    done (dp^T may still run); dv += p^T do issued, then ds from dp^T, its tile stored (two staging buffers,
+    so a TMA store may still read the previous step's), and dk += ds^T q issued. Steps wholly before
     the group's first key (the diagonal step of group 1, the only step it skips) only release their stage,
     so the steps that store alternate between the staging buffers.
     """
@@ -191,13 +198,14 @@ def _consumer(shared, ds_desc, ds_bufs, out, GROUP: gl.constexpr):
             dv = warpgroup_mma(p_op, do_s, dv, is_async=True)
             dpt = warpgroup_mma_wait(1, deps=[dpt])
             ds = (dpt * dsilu2).to(dtype)  # 2 ds, as the Triton kernel stores it
-            ds_op = gl.convert_layout(ds, operand)
-            dk = warpgroup_mma(ds_op, q_s, dk, is_async=True)
             ds_buf = ds_bufs.index(step % 2)
             tma.store_wait(1)  # the store that last read this staging buffer is done
             ds_buf.store(ds)
             fence_async_shared()
             tma.async_copy_shared_to_global(ds_desc, [0, m0 - first_key], ds_buf)
+            # issued after the store reads ds: registers feeding a running wgmma must not be touched
+            ds_op = gl.convert_layout(ds, operand)
+            dk = warpgroup_mma(ds_op, q_s, dk, is_async=True)
             dv, dk, _, _ = warpgroup_mma_wait(0, deps=[dv, dk, p_op, ds_op])  # operands live until done
         mbarrier.arrive(empty.index(stage), count=1)
     tma.store_wait(0)
@@ -247,12 +255,13 @@ def _hstu_bwd_dkdv_gluon_kernel(
     v_desc = _rows(V, seq_start, seq_len, h, stride_vt, stride_vh, D, BLOCK_N, key_layout)
     # Group 1 of a sequence's last key block may start past its last column: its descriptors then name
     # group 0's rectangle (real memory, finite values), which its idle consumer never uses.
-    first1 = gl.where(n0 + _GROUP < seq_len, n0 + _GROUP, n0)
+    group0 = n0 // _GROUP
+    group1 = gl.where(n0 + _GROUP < seq_len, group0 + 1, group0)
     ds_head = DS + hh.to(gl.int64) * ds_head_stride
-    bias0 = _group_rectangle(RAB, rab_base, rows, n0, tile_layout)
-    bias1 = _group_rectangle(RAB, rab_base, rows, first1, tile_layout)
-    ds0 = _group_rectangle(ds_head, rab_base, rows, n0, tile_layout)
-    ds1 = _group_rectangle(ds_head, rab_base, rows, first1, tile_layout)
+    bias0 = _key_group_rectangle(RAB, rab_base, rows, group0, tile_layout)
+    bias1 = _key_group_rectangle(RAB, rab_base, rows, group1, tile_layout)
+    ds0 = _key_group_rectangle(ds_head, rab_base, rows, group0, tile_layout)
+    ds1 = _key_group_rectangle(ds_head, rab_base, rows, group1, tile_layout)
 
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], key_layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], key_layout)
@@ -444,14 +453,14 @@ def _hstu_fwd_gluon_kernel(
 
 @gluon.jit
 def _row_group_rectangle(buffer, rab_base, rows, group, tile_layout: gl.constexpr):
-    """TMA descriptor of 64-row group `group` of a sequence's query-major bias buffer part:
+    """TMA descriptor of 64-row group `group` of a sequence's query-major bias part:
     [min(64, rows - 64 group) rows, 64 (group + 1) keys], rows back to back."""
     width = _GROUP * (group + 1)
-    start = rab_base + (_GROUP * _GROUP // 2) * group.to(gl.int64) * (group + 1)
+    height = gl.minimum(rows - _GROUP * group, _GROUP)
+    start = _row_group_start(rab_base, group.to(gl.int64))
     return tma.make_tensor_descriptor(
-        buffer + start, [gl.minimum(rows - _GROUP * group, _GROUP), width], [width, 1], [_GROUP, _GROUP],
-        tile_layout,
-    )  # fmt: skip
+        buffer + start, [height, width], [width, 1], [_GROUP, _GROUP], tile_layout
+    )
 
 
 def usable(q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> str | None:

@@ -527,6 +527,41 @@ def test_gpu_launch_path_matches_naive_oracle(
         assert_close(a.grad, b.grad, f"grad {name}", rtol, atol)
 
 
+def test_gluon_rectangles_cover_their_groups_of_the_bias_buffers():
+    """The Gluon kernels' TMA rectangles: 64-key group G of a sequence's key-major bias/ds part ([64 keys,
+    rows - 64 G queries], dk/dv) and its query-major 64-row group G ([rows, 64 (G + 1) keys], forward) hold
+    exactly that group's pairs, where the stated layout (and so the fill kernel) puts them. Their start
+    offsets are plain arithmetic, run here on Python ints."""
+    from modules import hstu_attention_gluon as gluon
+
+    base, align = 4096, hstu_triton._RAB_ALIGN
+    for length in (1, 8, 63, 64, 65, 129, 200, 257):
+        query_major, key_major = naive_layouts(length)
+        rows = -(-length // hstu_triton._RAB_ROW_PAD) * hstu_triton._RAB_ROW_PAD
+        for group in range(-(-length // align)):
+            first = align * group
+            start = int(getattr(v := gluon._key_group_start.fn(base, rows, group), "value", v)) - base
+            height = rows - first
+            got = {
+                (first + m, first + k): start + k * height + m for k in range(align) for m in range(height)
+            }
+            assert got == {pair: at for pair, at in key_major.items() if pair[1] // align == group}, (
+                length,
+                group,
+            )
+            start = int(getattr(v := gluon._row_group_start.fn(base, group), "value", v)) - base
+            width = align * (group + 1)
+            got = {
+                (first + r, c): start + r * width + c
+                for r in range(min(align, rows - first))
+                for c in range(width)
+            }
+            assert got == {pair: at for pair, at in query_major.items() if pair[0] // align == group}, (
+                length,
+                group,
+            )
+
+
 def test_gluon_dkdv_says_what_it_needs():
     """`hstu_attention_gluon.usable` names the first requirement a call misses (the Triton dk/dv then runs):
     16-bit inputs, equal head dims of 64 or 128, TMA-aligned rows, an sm_90 GPU."""
