@@ -6,9 +6,14 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from trainer.config_io import ConfigError
-
 _MEMORY = re.compile(r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message names the key and where it came from.
+
+    Defined here, the lowest layer that raises it, so `data_shards` imports nothing of `trainer`;
+    `trainer.config_io` re-exports it."""
 
 
 @dataclass(kw_only=True)
@@ -51,7 +56,7 @@ class DataConfig:
     temp_dir: str = ""
     """Scratch folder for intermediate Parquet and DuckDB spill files; empty = next to the output."""
     overwrite: bool = False
-    """Replace an existing dataset directory of the same name (atomically)."""
+    """Replace an existing dataset directory of the same name (the old one is kept if publishing fails)."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):

@@ -140,7 +140,10 @@ def iter_line_blocks(
                         dec = zlib.decompressobj(wbits=31)
                         data += dec.decompress(rest)
                 except zlib.error as err:
-                    stats.skip("corrupt_gzip", path, line_no, f"stream unreadable after this line ({err})")
+                    # the last good line is the last whole one still pending (yielded below)
+                    last = line_no + pending.count(b"\n") - 1
+                    where = "after this line" if last > 0 else "from its start"
+                    stats.skip("corrupt_gzip", path, last, f"stream unreadable {where} ({err})")
                     broken = True
                     data = b""
             else:
@@ -304,23 +307,19 @@ def iter_literal_records(
             yield line_no, obj
 
 
-def get_str(
-    rec: dict, key: str, path: str | os.PathLike, line_no: int, stats: SkipStats, *, required: bool = True
-) -> str | None:
+def get_str(rec: dict, key: str, path: str | os.PathLike, line_no: int, stats: SkipStats) -> str | None:
     """A non-empty string field (ints are accepted as ids and converted), else a counted skip and None."""
     value = rec.get(key)
     if value is None:
-        if required:
-            stats.skip(f"missing_field:{key}", path, line_no)
+        stats.skip(f"missing_field:{key}", path, line_no)
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        if required:
-            stats.skip(f"wrong_type:{key}", path, line_no, f"expected a string, got {type(value).__name__}")
+        stats.skip(f"wrong_type:{key}", path, line_no, f"expected a string, got {type(value).__name__}")
         return None
     value = value.strip()
-    if not value and required:
+    if not value:
         stats.skip(f"empty_field:{key}", path, line_no)
         return None
     return value
@@ -328,7 +327,8 @@ def get_str(
 
 def get_number(rec: dict, key: str, path: str | os.PathLike, line_no: int, stats: SkipStats) -> float | None:
     """A numeric field (bools and strings are wrong types), else a counted skip and None; NaN and infinities
-    are returned as they are, for the caller's range check."""
+    are returned as they are, for the caller's range check. An int too large for a float is a wrong type,
+    as Arrow's float64 parse of the same line makes it."""
     value = rec.get(key)
     if value is None:
         stats.skip(f"missing_field:{key}", path, line_no)
@@ -336,19 +336,36 @@ def get_number(rec: dict, key: str, path: str | os.PathLike, line_no: int, stats
     if isinstance(value, bool) or not isinstance(value, int | float):
         stats.skip(f"wrong_type:{key}", path, line_no, f"expected a number, got {type(value).__name__}")
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        stats.skip(
+            f"wrong_type:{key}", path, line_no, f"a {value.bit_length()}-bit integer overflows a float"
+        )
+        return None
 
 
 def text_of(value: Any) -> str:
-    """Flatten a metadata value (string, list of strings, nested lists, numbers) into one clean string."""
-    if value is None or isinstance(value, bool):
-        return ""
+    """Flatten a metadata value (string, nested lists or dicts, numbers) into one clean string.
+
+    Walked with an explicit stack, not recursion, so any nesting `json.loads` accepts flattens without a
+    RecursionError.
+    """
     if isinstance(value, str):
         return " ".join(value.split())
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, list | tuple):
-        return " ".join(t for t in (text_of(v) for v in value) if t)
-    if isinstance(value, dict):
-        return " ".join(t for t in (text_of(v) for v in value.values()) if t)
-    return ""
+    parts: list[str] = []
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v is None or isinstance(v, bool):
+            continue
+        if isinstance(v, str):
+            if text := " ".join(v.split()):
+                parts.append(text)
+        elif isinstance(v, int | float):
+            parts.append(str(v))
+        elif isinstance(v, list | tuple):
+            stack.extend(reversed(v))
+        elif isinstance(v, dict):
+            stack.extend(reversed(v.values()))
+    return " ".join(parts)

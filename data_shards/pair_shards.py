@@ -18,10 +18,11 @@ orders train pairs by a seeded hash (a global shuffle that never holds the pairs
 
 Items are indexed 0..N-1 in sorted key order (as `PairCorpus.item_keys`); line = the review's line in its
 file, or its row number for a table (header = row 1). Shards are gzipped tars (gzip mtime 0) written by
-`threads` processes. The folder appears atomically (built in `<dataset_dir>.tmp`, then renamed) and is
-byte-identical for the same input and config. A folder of an older `pair_format` is refused with a request
-to prepare it again. `PairStream` reads one rank's train shards for training (same number of batches on
-every rank, a deterministic order per epoch, resumable at any batch).
+`threads` processes. The folder is built in `<dataset_dir>.tmp` and renamed into place (never partial; see
+`prepare.publish_folder` for replacing one) and is byte-identical for the same input and config. A folder of
+an older `pair_format` is refused with a request to prepare it again. `PairStream` reads one rank's train
+shards for training (same number of batches on every rank, a deterministic order per epoch, resumable at any
+batch).
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ class PairsConfig:
     temp_dir: str = ""
     """prepare: scratch folder for Parquet batches and DuckDB spill files; empty = next to dataset_dir."""
     overwrite: bool = False
-    """prepare: replace an existing dataset_dir (atomically)."""
+    """prepare: replace an existing dataset_dir (by rename, never partial)."""
     shuffle_buffer: int = 10_000
     """training from dataset_dir: pairs in each rank's seeded shuffle buffer (on top of the prepared global
     shuffle and a per-epoch shard order)."""

@@ -1,9 +1,10 @@
-"""`prepare(config) -> Path`: raw files to a complete dataset directory, published atomically.
+"""`prepare(config) -> Path`: raw files to a complete dataset directory, published by rename.
 
 Stages: a source reader validates lines into Parquet (skips counted by reason), DuckDB dedups, filters and
 assembles sequences out of core, shards are streamed into a temporary sibling directory, the manifest is
 written last, and the directory is renamed into place. A failure at any point removes the temporary directory,
-so `<root>/<name>/` either is complete or does not exist.
+so `<root>/<name>/` is never partial: it is the complete new dataset, or the old one (overwrite; absent for
+the instant between the two renames of `publish_folder`), or does not exist.
 """
 
 from __future__ import annotations
@@ -34,18 +35,27 @@ def cpu_seconds() -> float:
 
 
 def publish_folder(tmp: Path, final: Path, overwrite: bool) -> None:
-    """Rename the finished `tmp` folder to `final`; an existing `final` is replaced only when `overwrite`."""
-    if final.exists():
-        if not overwrite:
-            raise DataError(
-                f"{final} already exists: set data.overwrite=true to replace it, or pick data.name"
-            )
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.rename(final, old)
+    """Rename the finished `tmp` folder to `final`; an existing `final` is replaced only when `overwrite`.
+
+    A new `final` appears in one rename. Replacing takes two (old aside, new in): between them `final` is
+    briefly absent, and if the second fails the old folder is renamed back, so `final` is never partial.
+    """
+    if not final.exists():
         os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    if not overwrite:
+        raise DataError(f"{final} already exists: set data.overwrite=true to replace it, or pick data.name")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.rename(final, old)
+    try:
         os.rename(tmp, final)
+    except BaseException:
+        try:
+            os.rename(old, final)
+        except OSError as err:
+            raise DataError(f"replacing {final} failed and its old copy is left at {old}: {err}") from err
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare(cfg: DataConfig) -> Path:

@@ -128,7 +128,8 @@ def preprocess(con: duckdb.DuckDBPyConnection, cfg: DataConfig, src: SourceOutpu
     raw_n = sql_scalar(con, f"SELECT count(*) FROM {inter}")
     if raw_n == 0:
         raise DataError(
-            "no valid interaction in the input (see the skipped reasons above); check the file format"
+            f"{src.inputs[0].path}: no valid interaction (is it a data.source={cfg.source!r} file?); "
+            f"{stats.summary()}"
         )
     meta_rows = sql_scalar(con, f"SELECT count(*) FROM {sql_read_parquet(src.items)}")
     con.execute(

@@ -55,20 +55,12 @@ def tar_header(name: bytes, size: int) -> bytes:
     return name.ljust(100, b"\0") + _MODE_UID_GID + size_field + _MTIME + b"%06o\0 " % chksum + _TAIL
 
 
-_NPY_DESCR = {np.dtype("<i8"): "<i8", np.dtype("<f4"): "<f4", np.dtype("<i4"): "<i4", np.dtype("<f2"): "<f2"}
-
-
 def npy_header(descr: str, n: int) -> bytes:
     """The `np.save` (format 1.0) header of a 1-D array of `n` elements of dtype `descr` (e.g. ``<i8``)."""
     header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': ({n},), }}"
     pad = 64 - (10 + len(header) + 1) % 64
     header_b = (header + " " * (pad % 64) + "\n").encode("latin-1")
     return b"\x93NUMPY\x01\x00" + len(header_b).to_bytes(2, "little") + header_b
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    """`np.save` output (format 1.0) for a 1-D little-endian array, without the file machinery."""
-    return npy_header(_NPY_DESCR[arr.dtype], arr.shape[0]) + arr.tobytes()
 
 
 class TarShardWriter:

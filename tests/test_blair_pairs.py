@@ -211,6 +211,23 @@ def test_vectorised_review_cleaning_equals_python():
             assert clean_amazon_review(rec, "f", 1, SkipStats(), 4) == (rec["parent_asin"], text), rec
 
 
+def test_deeply_nested_metadata_is_flattened_on_every_path(tmp_path):
+    """Nesting json.loads accepts (400 lists) flattens to its text in load_pairs and prepare_pairs alike,
+    instead of a RecursionError naming no file."""
+    deep = "[" * 400 + json.dumps("a wireless mouse with silent clicks") + "]" * 400
+    other = json.dumps({"parent_asin": "A2", "title": "Keyboard with backlit keys and a wrist rest"})
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text(f'{{"parent_asin": "A1", "title": "Mouse", "description": {deep}}}\n{other}\n')
+    reviews = tmp_path / "reviews.jsonl"
+    reviews.write_text("".join(json.dumps({"parent_asin": f"A{1 + k % 2}", "title": f"review {k}",
+                                           "text": "works well, quiet and comfortable every day"}) + "\n"
+                               for k in range(20)))  # fmt: skip
+    cfg = _cfg(reviews, meta, tmp_path / "out")
+    corpus = load_pairs(cfg)
+    assert corpus.item_texts[0] == "Mouse a wireless mouse with silent clicks" and corpus.stats.total == 0
+    _check_same_pairs_as_load_pairs(cfg, prepare_pairs(cfg))
+
+
 def test_steam_shards_match_load_pairs(tmp_path):
     games = tmp_path / "steam_games.json"
     games.write_text(

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -22,7 +23,7 @@ from data_shards.io import DataError
 from data_shards.manifest import verify_shards
 from data_shards.prepare import prepare
 from data_shards.reader import SequenceLoader, iter_samples, iter_sequences
-from data_shards.shards import TarShardWriter, npy_bytes
+from data_shards.shards import TarShardWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures"
@@ -37,15 +38,6 @@ def _cfg(tmp_path: Path, raw: Path, **kw) -> DataConfig:
     kw.setdefault("users_per_shard", 6)
     kw.setdefault("name", "ds")
     return DataConfig(root=str(tmp_path / "out"), interactions=str(raw), min_item_interactions=2, **kw)
-
-
-@pytest.mark.parametrize(
-    "arr", [np.arange(7, dtype="<i8"), np.array([], dtype="<i8"), np.ones(33, dtype="<f4")]
-)
-def test_npy_bytes_equal_np_save(arr):
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    assert npy_bytes(arr) == buf.getvalue()
 
 
 def test_tar_writer_is_standard_tar(tmp_path):
@@ -103,8 +95,14 @@ def test_shard_round_trip(tmp_path, raw):
     ds = wds.WebDataset(str(first), shardshuffle=False, nodesplitter=wds.split_by_node)
     keys = [s["__key__"] for s in ds]
     assert keys == [s["__key__"] for s in iter_samples(first)]
-    sample = next(iter(ds))
-    assert np.load(io.BytesIO(sample["items.npy"]), allow_pickle=False).tolist() == seqs[0][1].tolist()
+    samples = list(ds)
+    assert np.load(io.BytesIO(samples[0]["items.npy"]), allow_pickle=False).tolist() == seqs[0][1].tolist()
+    for sample in samples:  # the hand-built .npy members are byte for byte what np.save writes
+        for member in ("items.npy", "timestamps.npy", "ratings.npy"):
+            buf = io.BytesIO()
+            np.save(buf, np.load(io.BytesIO(sample[member]), allow_pickle=False))
+            assert sample[member] == buf.getvalue()
+    sample = samples[0]
     assert json.loads(sample["meta.json"]) == {
         "user": 1,
         "user_id": (out / "user_ids.txt").read_text().split()[0],
@@ -148,6 +146,33 @@ def test_failure_midway_leaves_no_dataset(tmp_path, raw, monkeypatch):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["ds"]
     with pytest.raises(DataError, match="already exists"):
         prepare(_cfg(tmp_path, raw))
+
+
+def test_failed_replace_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """If renaming the new folder into place fails, the old one is renamed back (a failed restore is a
+    DataError naming where the old copy is), never stranded under a hidden name."""
+    real_rename = prepare_mod.os.rename
+    final, new = tmp_path / "ds", tmp_path / ".ds.tmp"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    new.mkdir()
+    failing = {new}
+
+    def rename(src, dst):
+        if Path(src) in failing:
+            raise OSError("disk full")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(prepare_mod.os, "rename", rename)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_mod.publish_folder(new, final, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.tmp", "ds"] and (final / "old.txt").exists()
+    old = tmp_path / f".ds.old-{prepare_mod.os.getpid()}"
+    failing.add(old)
+    with pytest.raises(
+        DataError, match=re.escape(f"replacing {final} failed and its old copy is left at {old}")
+    ):
+        prepare_mod.publish_folder(new, final, overwrite=True)
 
 
 def _cli(tmp_path: Path, toml: str, *overrides: str) -> subprocess.CompletedProcess:

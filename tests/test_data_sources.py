@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import data_shards.io as dio
 from data_shards.config import DataConfig
 from data_shards.id_maps import read_id_map
 from data_shards.io import DataError, SkipStats, iter_json_records, iter_literal_records
@@ -118,13 +119,19 @@ def test_amazon_orders_and_dedups_on_milliseconds(tmp_path):
 
 @pytest.mark.parametrize("arrow", [True, False])
 def test_amazon_absurd_timestamp_or_rating_is_a_counted_skip(tmp_path, monkeypatch, arrow):
-    """Timestamps beyond int64 ms or <= 0 and ratings that are no finite float32 are skips, never crashes;
-    the Arrow block path (file 1 parses in Arrow) and the per-line path count the same."""
+    """Timestamps beyond int64 ms or <= 0 and ratings that are no finite float32 (an int of 401 digits too)
+    are skips, never crashes; the Arrow block path (file 1 parses in Arrow) and the per-line path count the
+    same."""
     if not arrow:
         monkeypatch.setattr(amazon2023, "_arrow_parse", lambda block, schema: None)
     t = 1_600_000_000_000
     good = [_review(i, t + k * 1000) for k, i in enumerate("ABCD")]
-    parsed = [_review("A", 0, "V"), {"user_id": "V", "parent_asin": "A", "rating": -1e39, "timestamp": t}]
+    huge = b'{"user_id": "V", "parent_asin": "A", "rating": 1' + b"0" * 400 + b', "timestamp": 1600000000000}'
+    parsed = [
+        _review("A", 0, "V"),
+        {"user_id": "V", "parent_asin": "A", "rating": -1e39, "timestamp": t},
+        huge,
+    ]
     rejected = [
         b'{"user_id": "V", "parent_asin": "A", "rating": 5.0, "timestamp": 99999999999999999999999}',
         json.dumps(_review("A", 2**63, "V")).encode(),
@@ -133,7 +140,7 @@ def test_amazon_absurd_timestamp_or_rating_is_a_counted_skip(tmp_path, monkeypat
         b'{"user_id": "V", "parent_asin": "A", "rating": 5.0, "timestamp": ' + b"9" * 5000 + b"}",
     ]
     for name, bad, counts in (
-        ("1", parsed, {"bad_value:timestamp": 1, "wrong_type:rating": 1}),
+        ("1", parsed, {"bad_value:timestamp": 1, "wrong_type:rating": 2}),
         ("2", rejected, {"bad_value:timestamp": 2, "wrong_type:rating": 2, "malformed_json": 1}),
     ):
         reviews, meta = _amazon_files(tmp_path / name, good + bad, "ABCD")
@@ -202,6 +209,52 @@ def test_amazon_ids_with_control_characters_are_counted_skips(tmp_path, monkeypa
     assert [r["item_id"] for r in _rows(out.interactions)] == ["A", "B", "C", "D"]
     assert stats.counts == {"bad_value:user_id": 2, "bad_value:parent_asin": 1}
     assert stats.examples["bad_value:parent_asin"][0].startswith(f"{reviews}:6")
+
+
+@pytest.mark.parametrize("arrow", [True, False])
+def test_json_lines_that_are_no_object_are_not_an_object_on_both_paths(tmp_path, monkeypatch, arrow):
+    """A ``null`` line (which Arrow would read as a row of nulls) is not_an_object on the Arrow path too; a
+    record indented by a space is still read."""
+    if not arrow:
+        monkeypatch.setattr(amazon2023, "_arrow_parse", lambda block, schema: None)
+    t = 1_600_000_000_000
+    good = [_review(i, t + 1000 * k) for k, i in enumerate("ABC")]
+    indented = b" " + json.dumps(_review("D", t + 3000)).encode()
+    reviews, meta = _amazon_files(tmp_path / "raw", [*good, b"null", indented], "ABCD")
+    stats = SkipStats()
+    out = read_amazon2023(_cfg(tmp_path, source="amazon2023", interactions=str(reviews), items=str(meta)),
+                          tmp_path, stats)  # fmt: skip
+    assert [r["item_id"] for r in _rows(out.interactions)] == ["A", "B", "C", "D"]
+    assert stats.counts == {"not_an_object": 1}
+    assert stats.examples["not_an_object"] == [f"{reviews}:4: got NoneType"]
+
+
+def test_deeply_nested_metadata_is_flattened_not_a_crash(tmp_path):
+    """Nesting json.loads accepts (400 lists) flattens to its text instead of overflowing the stack."""
+    t = 1_600_000_000_000
+    reviews, meta = _amazon_files(tmp_path / "raw", [_review("A", t)], "")
+    meta.write_bytes(b'{"parent_asin": "A", "title": "T", "features": ' + b"[" * 400 + b'"deep"' + b"]" * 400
+                     + b"}\n")  # fmt: skip
+    stats = SkipStats()
+    out = read_amazon2023(_cfg(tmp_path, source="amazon2023", interactions=str(reviews), items=str(meta)),
+                          tmp_path, stats)  # fmt: skip
+    assert [(r["item_id"], r["text"]) for r in _rows(out.items)] == [("A", "T | deep")]
+    assert stats.total == 0
+
+
+def test_corrupt_gzip_names_the_last_line_read(tmp_path, monkeypatch):
+    """The corrupt_gzip example names the last whole line read before the damage, not the first line of the
+    data still pending when the stream broke."""
+    data = b"".join(b'{"n": %d, "pad": "%s"}\n' % (k, b"%064x" % (k * 2654435761)) for k in range(20000))
+    gz = bytearray(gzip.compress(data, mtime=0))
+    gz[len(gz) // 2 :] = bytes(b ^ 0xFF for b in gz[len(gz) // 2 :])  # zlib fails a few blocks later
+    path = tmp_path / "broken.jsonl.gz"
+    path.write_bytes(bytes(gz))
+    monkeypatch.setattr(dio, "READ_BYTES", 4096)  # the damage is found many reads after line 1
+    stats = SkipStats()
+    lines = sum(block.count(b"\n") for _, block in dio.iter_line_blocks(path, stats))
+    assert 1000 < lines < 15000 and stats.counts == {"corrupt_gzip": 1, "truncated_line": 1}
+    assert stats.examples["corrupt_gzip"][0].startswith(f"{path}:{lines}: stream unreadable after this line")
 
 
 def test_steam_and_movielens_ids_with_control_characters_are_counted_skips(tmp_path):
@@ -323,6 +376,28 @@ def test_movielens_dat_and_csv(tmp_path):
     texts = {r["item_id"]: r["text"] for r in _rows(out.items)}
     assert texts["20"] == "American President, The | 1995 | Comedy, Drama, Romance"
     assert texts["40"] == "Untitled" and stats.total == 0
+
+
+def test_movielens_files_without_a_header_keep_their_first_row(tmp_path):
+    """Line 1 is skipped only when it names the first column (``userId``, ``movieId``, recbole ``*:token``):
+    a file without a header keeps its first row."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "ratings.csv").write_text("1,10,4.0,100\n1,11,3.0,101\n")
+    (folder / "movies.csv").write_text("10,Movie A (1995),Comedy\n11,Movie B (1996),Drama\n")
+    (folder / "r.inter").write_text("1\t10\t4\t100\n")
+    (folder / "r.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\n10\tMovie A\t1995\n"
+    )
+    stats = SkipStats()
+    out = read_movielens(_cfg(tmp_path, interactions=str(folder / "ratings.csv")), tmp_path, stats)
+    assert [r["item_id"] for r in _rows(out.interactions)] == ["10", "11"]
+    assert [r["item_id"] for r in _rows(out.items)] == ["10", "11"]
+    (tmp_path / "inter").mkdir()
+    out = read_movielens(_cfg(tmp_path, interactions=str(folder / "r.inter")), tmp_path / "inter", stats)
+    assert [r["item_id"] for r in _rows(out.interactions)] == ["10"]
+    assert [r["text"] for r in _rows(out.items)] == ["Movie A | 1995"]
+    assert stats.total == 0
 
 
 def test_movielens_absurd_timestamp_or_rating_is_a_counted_skip(tmp_path):

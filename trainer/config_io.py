@@ -14,11 +14,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
+from data_shards.config import ConfigError  # defined in the lowest layer; `trainer` users import it from here
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user must fix; the message names the key and where it came from."""
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -32,7 +32,6 @@ from data_shards.io import (
     FileInfo,
     SkipStats,
     check_file,
-    count_newlines,
     decode_line,
     get_number,
     get_str,
@@ -70,6 +69,7 @@ MIN_ARROW_LINES = 64  # below this a rejected piece goes straight to Python
 # a line Python's `bytes.strip` empties: Arrow skips it, so its row count could still match the newlines
 _BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
 _BLANK_FIRST_LINE = re.compile(rb"[ \t\r\x0b\x0c]*\n")
+_OPEN_BRACE = ord("{")
 PARALLEL_MIN_BYTES = 32 << 20  # smaller files are validated in-process (starting workers costs more)
 _ARROW_THREADS = True
 
@@ -110,9 +110,15 @@ class _TableSink:
 
 
 def _arrow_parse(block: bytes, schema: pa.Schema) -> pa.Table | None:
-    """Arrow's parse of a block, or None if Arrow rejects it, the row count does not match the lines, or a
-    blank line (which Arrow skips) could hide two objects glued on one line: Python then counts each line."""
+    """Arrow's parse of a block, or None if Arrow rejects it, the row count does not match the lines, a
+    blank line (which Arrow skips) could hide two objects glued on one line, or a line does not start with
+    ``{`` (Arrow reads ``null`` as a row of nulls; Python counts it as ``not_an_object``): Python then counts
+    each line."""
     if _BLANK_FIRST_LINE.match(block) or _BLANK_LINE.search(block):
+        return None
+    raw = np.frombuffer(block, dtype=np.uint8)
+    newlines = np.flatnonzero(raw == 10)
+    if raw[0] != _OPEN_BRACE or (raw[newlines[newlines < len(raw) - 1] + 1] != _OPEN_BRACE).any():
         return None
     if not block.isascii():
         try:  # Arrow does not check fields it ignores: bad bytes anywhere on a line reject the line
@@ -129,7 +135,7 @@ def _arrow_parse(block: bytes, schema: pa.Schema) -> pa.Table | None:
         )
     except (pa.ArrowInvalid, UnicodeDecodeError, pa.ArrowNotImplementedError):
         return None
-    if table.num_rows != count_newlines(block):  # e.g. two objects glued on one line
+    if table.num_rows != len(newlines):  # e.g. two objects glued on one line
         return None
     return table
 

@@ -22,6 +22,15 @@ from data_shards.sources import (
 from data_shards.text import movielens_text
 
 _YEAR = re.compile(r"^(.*?)\s*\((\d{4})\)\s*$")
+# first column names of a header line (recbole `user_id:token`, MovieLens csv `userId`), lowercased
+_RATINGS_HEADER = {"user_id", "userid"}
+_ITEMS_HEADER = {"item_id", "movieid"}
+
+
+def _is_header(line_no: int, first_field: str, names: set[str]) -> bool:
+    """Whether this is line 1 naming the first column: only then is it skipped, so a header-less file keeps
+    its first row."""
+    return line_no == 1 and first_field.strip().partition(":")[0].lower() in names
 
 
 def recbole_ml100k() -> tuple[Path, Path]:
@@ -86,9 +95,9 @@ def read_movielens(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutpu
         text = _decode(raw, False, ratings, line_no, stats)
         if text is None:
             continue
-        if line_no == 1 and kind in ("inter", "csv"):
-            continue  # header
         parts = text.split(sep)
+        if _is_header(line_no, parts[0], _RATINGS_HEADER):
+            continue
         if len(parts) < 4:
             stats.skip("malformed_row", ratings, line_no, f"expected 4 fields, got {len(parts)}")
             continue
@@ -128,8 +137,8 @@ def read_movielens(cfg: DataConfig, work: Path, stats: SkipStats) -> SourceOutpu
     else:
         rows = _sep_rows(lines, items, stats, "\t" if ikind == "item" else "::", latin1_ok=ikind == "dat")
     for line_no, parts in rows:
-        if line_no == 1 and ikind in ("item", "csv"):
-            continue  # header
+        if _is_header(line_no, parts[0], _ITEMS_HEADER):
+            continue
         if len(parts) < 3:
             stats.skip("malformed_row", items, line_no, f"expected at least 3 fields, got {len(parts)}")
             continue
