@@ -13,7 +13,8 @@ class TextFusion(nn.Module):
 
     add: E_id + Linear(text_dim -> d)(T)  (HSTU-BLaIR); concat: Linear(d + text_dim -> d)([E_id; T]);
     gate: g * E_id + (1 - g) * P(T), g = sigmoid(Linear(2d -> d)([E_id; P(T)])); none: E_id.
-    The padding id 0 gets no text contribution (its text row is zero by construction).
+    The padding id 0's text row counts as zero: under add it keeps E_id[0] alone; under concat and gate the
+    layers' biases still reach it (nothing scores or attends to the padding id).
     """
 
     def __init__(self, *, mode: Fusion, embedding_dim: int, text_dim: int) -> None:
