@@ -1,7 +1,11 @@
 """BLaIR contrastive pretraining (review text <-> item metadata) with DeepSpeed ZeRO.
 
 torchrun --standalone --nproc-per-node=2 launch/blair.py --config launch/configs/blair_demo.toml
-deepspeed --num_gpus 8 launch/blair.py --config launch/configs/blair_amazon.toml blair.zero_stage=3
+deepspeed --num_gpus 8 launch/blair.py --config launch/configs/amazon_video_games.toml \\
+    run.name=amazon_video_games_blair blair.zero_stage=3
+
+The Amazon and Steam configs carry a [blair] section (pairs prepared first by launch/blair_pairs.py); a
+BLaIR run needs a run.name of its own, since the config's run folder belongs to launch/train.py.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ CPU_FUSED_OPTIMIZERS = ("exact_rowwise_adagrad", "exact_adagrad", "exact_sgd")
 class ShardingConfig:
     """Item-table sharding (TorchRec) and the fused optimizer that updates the ID table in backward."""
 
-    sharding_type: Literal["row_wise", "table_wise", "column_wise"] = "row_wise"
-    """How both item tables are split across ranks; row_wise scales to catalogs no rank can hold."""
+    sharding_type: str = "row_wise"
+    """How both item tables are split across ranks: only row_wise, whose contiguous row block per rank is
+    what evaluation and recommendation score the catalog from (and it scales to catalogs no rank holds)."""
     optimizer: FusedOptimizer = "exact_rowwise_adagrad"
     """Fused optimizer of the ID table; on CPU only exact_rowwise_adagrad, exact_adagrad, exact_sgd."""
     learning_rate: float = 0.05
@@ -31,9 +32,16 @@ class ShardingConfig:
     text_dtype: Literal["fp32", "fp16"] = "fp32"
     """Storage dtype of the frozen text table (fp16 halves its memory where the backend supports it)."""
     hbm_gb: float | None = None
-    """Per-GPU memory the planner may use; None: the device's reported total (CPU: host memory)."""
+    """Memory per rank the planner may use (GiB); None: the GPU's total, or on CPU the host's memory
+    shared evenly by the node's ranks."""
 
     def __post_init__(self) -> None:
+        if self.sharding_type != "row_wise":
+            raise ConfigError(
+                f"sharding.sharding_type={self.sharding_type!r} is not supported: evaluation and "
+                "recommendation score the catalog from each rank's contiguous block of rows, which only "
+                "row-wise sharding gives; set sharding.sharding_type='row_wise' (or leave it out)"
+            )
         if not self.learning_rate > 0:
             raise ConfigError(f"sharding.learning_rate must be > 0, got {self.learning_rate}")
         if not self.eps > 0:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.distributed.types import ShardingEnv
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
@@ -51,10 +51,9 @@ def shard_model(
     *,
     device: torch.device,
     pg: dist.ProcessGroup | None = None,
-    plan: ShardingPlan | None = None,
     batch_tokens: int | None = None,
 ) -> DistributedModelParallel:
-    """DMP over `model`: item tables sharded per plan with fused optimizers; dense parts data-parallel.
+    """DMP over `model`: item tables row-wise sharded with fused optimizers; dense parts data-parallel.
 
     Call after `dist.init_process_group`; the model may live on `meta`. On CPU only
     exact_rowwise_adagrad, exact_adagrad and exact_sgd are available (FBGEMM's CPU TBE).
@@ -76,11 +75,10 @@ def shard_model(
         for param in items.text_collection.parameters():
             param._optimizer_classes = [SGD]
             param._optimizer_kwargs = [{"lr": 0.0}]
-    if plan is None:
-        world = dist.get_world_size(pg)
-        local = int(torch.cuda.device_count()) if device.type == "cuda" else world
-        topology = default_topology(config, device, world, min(local, world) or world)
-        plan = make_plan(model, config, topology=topology, pg=pg, batch_tokens=batch_tokens)
+    world = dist.get_world_size(pg)
+    local = int(torch.cuda.device_count()) if device.type == "cuda" else world
+    topology = default_topology(config, device, world, min(local, world) or world)
+    plan = make_plan(model, config, topology=topology, pg=pg, batch_tokens=batch_tokens)
     return DistributedModelParallel(
         module=model, device=device, plan=plan, sharders=sharders(), env=ShardingEnv.from_process_group(pg)
     )
@@ -97,8 +95,7 @@ class LocalRows:
 def local_rows(model: nn.Module, table: str) -> LocalRows:
     """A writable view of this rank's rows of `table` (ID_TABLE or TEXT_TABLE); unsharded: all rows.
 
-    Row-wise sharding gives each rank one contiguous block; other sharding types are refused because a
-    rank would then hold whole rows of no contiguous id range.
+    Row-wise sharding (the only kind shard_model plans) gives each rank one contiguous block of whole rows.
     """
     if table not in (ID_TABLE, TEXT_TABLE):
         raise ValueError(f"local_rows: table must be {ID_TABLE!r} or {TEXT_TABLE!r}, got {table!r}")
@@ -107,14 +104,8 @@ def local_rows(model: nn.Module, table: str) -> LocalRows:
             continue
         if isinstance(value, torch.distributed._shard.sharded_tensor.ShardedTensor):
             shards = value.local_shards()
-            if len(shards) != 1 or shards[0].metadata.shard_offsets[1] != 0:
-                raise ValueError(
-                    f"local_rows: {table} is not row-wise sharded here ({len(shards)} local shards); "
-                    "set sharding.sharding_type='row_wise' to score the catalog shard by shard"
-                )
+            assert len(shards) == 1 and shards[0].tensor.shape[1] == value.size(1), f"{table} is not row-wise"
             shard = shards[0]
-            if shard.tensor.shape[1] != value.size(1):
-                raise ValueError(f"local_rows: {table} local shard has partial columns; use row_wise")
             return LocalRows(start=int(shard.metadata.shard_offsets[0]), weight=shard.tensor)
         return LocalRows(start=0, weight=value.data if isinstance(value, nn.Parameter) else value)
     raise ValueError(f"local_rows: no table {table!r} in the model (fusion='none' has no text table)")

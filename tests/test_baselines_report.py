@@ -7,12 +7,16 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
+from data_shards.batch import SequenceBatch
 from data_shards.config import DataConfig
 from data_shards.prepare import prepare
 from data_shards.reader import iter_sequences
 from data_shards.synthetic import generate_amazon
-from trainer.baselines import evaluate_popularity
+from modules.jagged import offsets_from_lengths
+from modules.retrieval import count_above_target
+from trainer.baselines import _popularity_ranks, evaluate_popularity
 from trainer.report import mean_std_table, metrics_table, paired_difference_table
 
 
@@ -63,6 +67,42 @@ def test_popularity_baseline_matches_naive_ranking(dataset):
     assert got.keys() == want.keys()
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=1e-12), key
+
+
+def test_popularity_ranks_from_sorted_scores_equal_full_catalog_scoring():
+    """Counting from the sorted scores ranks exactly as scoring the whole catalog per user does, also with
+    tied scores, repeated history items, a target inside its own history and a padding row (target 0)."""
+    gen = torch.Generator().manual_seed(0)
+    num_items, rows = 40, 64
+    scores = torch.randint(0, 6, (num_items + 1,), generator=gen).to(torch.float64)  # many ties
+    scores[0] = float("-inf")
+    lengths = torch.randint(1, 12, (rows,), generator=gen)
+    item_ids = torch.randint(1, num_items + 1, (int(lengths.sum()),), generator=gen)  # repeats likely
+    targets = torch.randint(1, num_items + 1, (rows,), generator=gen)
+    targets[3] = item_ids[int(lengths[:3].sum())]  # row 3's target is its own first history item
+    targets[-1] = 0
+    weights = torch.ones(rows)
+    weights[-1] = 0.0
+    batch = SequenceBatch(
+        users=torch.arange(1, rows + 1),
+        weights=weights,
+        lengths=lengths,
+        item_ids=item_ids,
+        timestamps=torch.zeros_like(item_ids),
+        query_times=torch.zeros_like(item_ids),
+        targets=targets,
+    )
+    got = _popularity_ranks(scores, torch.sort(scores[1:]).values, batch)
+    want = 1 + count_above_target(
+        torch.ones(rows, 1, dtype=torch.float64),
+        targets,
+        scores[targets],
+        scores[:, None],
+        row_start=0,
+        history_offsets=offsets_from_lengths(lengths),
+        history_ids=item_ids,
+    )
+    assert torch.equal(got, want)
 
 
 def test_report_tables():

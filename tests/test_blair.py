@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "blair"))
 
@@ -25,6 +27,10 @@ from modules.blair import (
     mlm_loss,
     pool,
 )
+from trainer.blair import FAULT_INJECTION_ENV, rank_mean
+from trainer.distributed import World
+
+from _runs import free_port
 
 
 def test_pool_mean_ignores_padding_and_cls_takes_first():
@@ -51,8 +57,8 @@ def test_info_nce_matches_hand_computation_and_masks_same_item():
     assert masked_loss <= loss + 1e-6
 
 
-def test_mask_tokens_never_masks_special_or_padding():
-    ids = torch.tensor([[2, 9, 10, 11, 12, 3, 0, 0]] * 64)
+def test_mask_tokens_never_masks_special_or_padding_and_splits_80_10_10():
+    ids = torch.tensor([[2, 9, 10, 11, 12, 3, 0, 0]] * 2000)
     att = (ids != 0).long()
     masked, labels = mask_tokens(
         ids,
@@ -66,9 +72,37 @@ def test_mask_tokens_never_masks_special_or_padding():
     special = (ids == 0) | (ids == 2) | (ids == 3)
     assert (labels[special] == -100).all() and torch.equal(masked[special], ids[special])
     picked = labels != -100
-    assert 0.3 < picked[~special].float().mean() < 0.7
-    assert torch.equal(labels[picked], ids[picked])
-    assert mlm_loss(torch.randn(picked.sum(), 20), labels[picked]).item() > 0
+    assert 0.47 < picked[~special].float().mean() < 0.53
+    assert torch.equal(labels[picked], ids[picked]) and torch.equal(masked[~picked], ids[~picked])
+    # Of the picked tokens 80% become [MASK], 10% a random token, 10% stay (a random draw may hit either).
+    to_mask = (masked[picked] == 4).float().mean()
+    kept = (masked[picked] == ids[picked]).float().mean()
+    assert abs(to_mask - (0.8 + 0.1 / 20)) < 0.02 and abs(kept - (0.1 + 0.1 / 20)) < 0.02
+
+
+def test_mlm_loss_is_cross_entropy_over_the_masked_positions_only():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 20, generator=gen)
+    labels = torch.full((3, 5), -100)
+    labels[0, 1], labels[2, 3], labels[2, 4] = 7, 0, 19
+    picked = labels != -100
+    want = torch.nn.functional.cross_entropy(logits[picked], labels[picked])
+    assert torch.allclose(mlm_loss(logits, labels), want, rtol=1e-6, atol=0)
+    assert mlm_loss(logits, torch.full((3, 5), -100)).item() == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA tensor: no GPU here")
+def test_rank_mean_runs_where_the_backend_has_no_cpu_collectives():
+    """NCCL has no CPU collectives. A 'cuda:gloo' group maps only CUDA tensors to a backend, so a statistic
+    reduced on the CPU fails here as under NCCL ("No backend type associated with device type cpu")."""
+    dist.init_process_group(
+        backend="cuda:gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        world = World(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cuda", 0))
+        assert rank_mean(torch.tensor([1.0, 0.5], device=world.device), world) == [1.0, 0.5]
+    finally:
+        dist.destroy_process_group()
 
 
 def test_tiny_bert_encoder_and_mlm_head(tmp_path):
@@ -213,8 +247,12 @@ def test_amazon_and_steam_pairs(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_two_rank_deepspeed_run_cross_rank_negatives_and_resume(tmp_path):
+def test_two_rank_deepspeed_run_cross_rank_negatives_and_exact_resume(tmp_path):
     encoder = H.make_tiny_bert(tmp_path / "bert", hidden=64)
+    # Dropout on: a resumed run must draw the same dropout masks as an uninterrupted one.
+    bert_config = json.loads((encoder / "config.json").read_text())
+    bert_config.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    (encoder / "config.json").write_text(json.dumps(bert_config))
     table = H.write_review_table(tmp_path / "reviews.csv", reviews_per_item=10)
     config = tmp_path / "blair.toml"
     config.write_text(f"""
@@ -244,21 +282,33 @@ profile_reviews_per_item = 1
 profile_columns = ["Title"]
 eval_fraction = 0.2
 """)
-    # First run stops at step 8 (a checkpoint), the second resumes from it and finishes the 12 steps.
-    H.torchrun("blair.py", ["--config", str(config), "blair.max_steps=8"])
-    run_dir = tmp_path / "runs" / "tiny"
-    first = json.loads((run_dir / "results.json").read_text())
-    assert first["logits_shape"] == [8, 16]  # local queries x GLOBAL keys: the other rank's negatives are in
-    assert first["world_size"] == 2 and first["global_batch"] == 16 and first["steps"] == 8
-    losses = first["losses"]
+    # An uninterrupted run, then one whose rank 1 is SIGKILLed after step 10: torchrun restarts the workers,
+    # which resume from the step-8 checkpoint and must retrace steps 9-12 exactly.
+    H.torchrun("blair.py", ["--config", str(config), "run.name=straight"])
+    straight = json.loads((tmp_path / "runs" / "straight" / "results.json").read_text())
+    assert straight["logits_shape"] == [8, 16]  # local queries x GLOBAL keys (the other rank's negatives)
+    assert straight["world_size"] == 2 and straight["global_batch"] == 16 and straight["steps"] == 12
+    losses = straight["losses"]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
-    assert first["mlm_head_initialised"] == []  # the tiny BERT was saved with its MLM head
-    H.torchrun("blair.py", ["--config", str(config)])
-    second = json.loads((run_dir / "results.json").read_text())
-    assert second["steps"] == 12 and second["steps_this_run"] == 4
-    assert second["before"] == first["before"]  # carried in the checkpoint, not re-measured
-    assert second["losses"][:8] == losses
-    assert second["recall@10_after"] >= second["recall@10_before"]
+    assert straight["mlm_head_initialised"] == []  # the tiny BERT was saved with its MLM head
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0", "--max-restarts=1", str(H.REPO / "launch" / "blair.py"),
+        "--config", str(config),
+    ]  # fmt: skip
+    # A separate rendezvous store per restart round (pytorch/pytorch#135712, as in tests/test_train.py).
+    env = {**H.torchrun_env(), FAULT_INJECTION_ENV: "1:10", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = subprocess.run(cmd, cwd=H.REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    assert "at step 8" in proc.stdout + proc.stderr, "the restarted workers did not resume from step 8"
+    run_dir = tmp_path / "runs" / "tiny"
+    resumed = json.loads((run_dir / "results.json").read_text())
+    assert resumed["steps"] == 12 and resumed["steps_this_run"] == 4
+    assert resumed["before"] == straight["before"]  # carried in the checkpoint, not re-measured
+    assert resumed["batch_fingerprints"] == straight["batch_fingerprints"]
+    assert resumed["losses"] == losses  # steps 9-12 included: same batches, masks, dropout and weights
+    assert resumed["after"] == straight["after"]
+    assert resumed["recall@10_after"] >= resumed["recall@10_before"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "encoder" / "config.json").is_file() and (
         run_dir / "encoder" / "modules.json"

@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+
+from _runs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +63,22 @@ def test_sharded_topk_and_ranks_equal_unsharded(result):
     # (on one CPU model the two agreed to the bit, on another they differed by 1.2e-7).
     assert result["topk_score_err"] <= 1e-6
     assert result["ranks"] == result["ref_ranks"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA tensor: no GPU here")
+def test_trainer_throughput_reduces_where_the_backend_has_no_cpu_collectives():
+    """NCCL has no CPU collectives. A 'cuda:gloo' group maps only CUDA tensors to a backend, so a throughput
+    reduced on the CPU fails here as under NCCL ("No backend type associated with device type cpu")."""
+    from trainer.hstu_trainer import HSTUTrainer
+
+    trainer = HSTUTrainer.__new__(HSTUTrainer)  # only what _throughput reads
+    trainer.device = torch.device("cuda", 0)
+    trainer.trained = {"steps": 4, "sequences": 64, "tokens": 640, "seconds": 2.0}
+    dist.init_process_group(
+        backend="cuda:gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        got = trainer._throughput()
+    finally:
+        dist.destroy_process_group()
+    assert got == {"steps_per_s": 2.0, "sequences_per_s": 32.0, "tokens_per_s": 320.0}

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from data_shards.batch import SequenceBatch
 from data_shards.reader import NO_TRUNCATION, SequenceLoader
 from modules.jagged import last_positions, offsets_from_lengths
 from modules.metrics import metric_names, metric_sums
-from modules.retrieval import count_above_target
 
 
 def popularity_scores(dataset_dir: str | Path, *, num_items: int, protocol: str) -> torch.Tensor:
@@ -49,7 +49,7 @@ def evaluate_popularity(
 ) -> dict[str, float]:
     """HR@K / NDCG@K / MRR of the popularity ranking on `split` (single process), whole history excluded."""
     scores = popularity_scores(dataset_dir, num_items=num_items, protocol=protocol)
-    rows = scores[:, None]
+    ranked = torch.sort(scores[1:]).values  # every user shares one ranking: sort the catalog once
     sums = torch.zeros(len(metric_names(ks)), dtype=torch.float64)
     count = 0.0
     loader = SequenceLoader(
@@ -61,16 +61,22 @@ def evaluate_popularity(
         protocol=protocol,
     )
     for batch in loader:
-        queries = torch.ones(batch.targets.numel(), 1, dtype=torch.float64)
-        above = count_above_target(
-            queries,
-            batch.targets,
-            scores[batch.targets],
-            rows,
-            row_start=0,
-            history_offsets=offsets_from_lengths(batch.lengths),
-            history_ids=batch.item_ids,
-        )
-        sums += metric_sums(above + 1, ks, batch.weights)
+        sums += metric_sums(_popularity_ranks(scores, ranked, batch), ks, batch.weights)
         count += float(batch.weights.sum())
     return {name: float(s) / max(count, 1.0) for name, s in zip(metric_names(ks), sums, strict=True)}
+
+
+def _popularity_ranks(scores: torch.Tensor, ranked: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
+    """[B] 1-based target ranks: items scoring strictly above the target, less the user's history items.
+
+    Exactly the ranks of scoring the whole catalog per user (modules/retrieval.count_above_target) at a cost
+    of O(history) per user: the padding id and the target never score above the target themselves, so only
+    the distinct history items above it are subtracted.
+    """
+    target_scores = scores[batch.targets]
+    above = ranked.numel() - torch.searchsorted(ranked, target_scores, right=True)
+    rows = torch.repeat_interleave(torch.arange(batch.batch_size), batch.lengths)
+    pairs = torch.unique(rows * scores.numel() + batch.item_ids)  # each (user, history item) once
+    rows, history = pairs // scores.numel(), pairs % scores.numel()
+    hidden = torch.bincount(rows[scores[history] > target_scores[rows]], minlength=batch.batch_size)
+    return above - hidden + 1

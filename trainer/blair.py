@@ -3,6 +3,8 @@
 Order of set-up: environment (DeepSpeed accelerator, extension cache) -> process group -> seeds -> pairs ->
 encoder (+ MLM head) -> optimizer/scheduler -> DeepSpeed engine -> resume -> Recall@K before -> loop ->
 Recall@K after -> checkpoint, HF encoder folder, results.json. Logs and TensorBoard come from rank 0 only.
+Batches, MLM masks and dropout are functions of (seed, rank, step), so a resumed run retraces the steps an
+uninterrupted one takes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +39,9 @@ from modules.blair import BlairEncoder, EncoderError, info_nce_loss, load_encode
 from trainer.config_io import ConfigError, save_config
 from trainer.distributed import World, init_distributed, logger
 from trainer.run_dir import claim_run_dir
+
+FAULT_INJECTION_ENV = "BLAIR_KILL_RANK_AT_STEP"
+"""Testing aid: "RANK:STEP" makes that rank SIGKILL itself after STEP on a run's first attempt."""
 
 # --------------------------------------------------------------------------- environment
 
@@ -82,6 +88,15 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def rank_mean(values: torch.Tensor, world: World) -> list[float]:
+    """The mean over ranks of `values` (on this rank's device: NCCL has no CPU collectives), as floats."""
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= world.world_size
+    return values.tolist()
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -243,9 +258,10 @@ def _fingerprint(batch: list[Pair]) -> int:
 # --------------------------------------------------------------------------- DeepSpeed
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
+def resolve_precision(precision: str, world: World) -> str:
+    """The precision DeepSpeed runs in on this world's device (the CPU path is fp32 only)."""
+    if world.device.type != "cuda":
+        if precision in ("bf16", "fp16") and world.is_main:
             logger.warning(
                 "precision %s requested on CPU: using fp32 (DeepSpeed's CPU path is fp32)", precision
             )
@@ -273,6 +289,12 @@ def deepspeed_config(cfg, *, precision: str) -> dict[str, Any]:
     elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 12}
     return ds
+
+
+def step_seeds(seed: int, rank: int, step: int) -> tuple[int, int]:
+    """(MLM-mask seed, torch seed for dropout) of one rank's step: a pure function, so resume is exact."""
+    mask, dropout = np.random.SeedSequence([seed, rank, step]).generate_state(2, np.uint64)
+    return int(mask), int(dropout)
 
 
 def linear_schedule(total_steps: int, warmup_ratio: float):
@@ -356,7 +378,7 @@ def train_blair(config) -> dict[str, Any]:
     seed = config.run.seed
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the MLM head's initialisation; each step reseeds dropout (`step_seeds`)
     started = time.perf_counter()
 
     # Pairs: streamed from a prepared folder (each rank its own shards), or the whole corpus in memory.
@@ -391,7 +413,7 @@ def train_blair(config) -> dict[str, Any]:
         lr=cfg.lr,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, cfg.warmup_ratio))
-    precision = resolve_precision(cfg.precision, world.device)
+    precision = resolve_precision(cfg.precision, world)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -448,8 +470,11 @@ def train_blair(config) -> dict[str, Any]:
         if batches is None or offset == 0:  # a new epoch, or the resumed one from its next batch
             batches = data.epoch_batches(epoch, offset)
         batch = next(batches)
-        # MLM masks depend on (seed, rank, step) only, so a resumed run masks as an uninterrupted one would
-        gen.manual_seed(int(np.random.SeedSequence([seed, world.rank, step]).generate_state(1, np.uint64)[0]))
+        # MLM masks and dropout depend on (seed, rank, step) only, so a resumed run (DeepSpeed saves no RNG
+        # state) masks and drops out as an uninterrupted one would
+        mask_seed, dropout_seed = step_seeds(seed, world.rank, step)
+        gen.manual_seed(mask_seed)
+        torch.manual_seed(dropout_seed)
         items = torch.tensor([p.item for p in batch], device=engine.device)
         q = tokenizer(
             [p.review for p in batch],
@@ -499,12 +524,10 @@ def train_blair(config) -> dict[str, Any]:
         step += 1
         steps_done += 1
         logits_shape = list(logits.shape)
-        # Rank-averaged numbers for logging (cheap: 3 scalars).
+        # Rank-averaged numbers for logging (cheap: 4 scalars).
         acc = (logits.argmax(1) == labels).float().mean()
-        stats = torch.stack([loss.detach().float(), nce.detach().float(), mlm.detach().float(), acc]).cpu()
-        if dist.is_initialized():
-            dist.all_reduce(stats)
-            stats /= world.world_size
+        stats = torch.stack([loss.detach().float(), nce.detach().float(), mlm.detach().float(), acc])
+        stats = rank_mean(stats, world)
         lr = engine.get_lr()[0]
         fingerprints = gather_no_grad(torch.tensor([_fingerprint(batch)], device=engine.device))
         results["history"].append(
@@ -529,6 +552,7 @@ def train_blair(config) -> dict[str, Any]:
             )  # fmt: skip
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
             _save_checkpoint(engine, ckpt_dir, step, results, world)
+        _maybe_inject_fault(world.rank, step)
     train_seconds = time.perf_counter() - t_loop
 
     t0 = time.perf_counter()
@@ -598,6 +622,15 @@ def _save_checkpoint(engine, ckpt_dir: Path, step: int, results: dict[str, Any],
         dist.barrier()
     if world.is_main:
         _purge_checkpoints(ckpt_dir, keep=tag)
+
+
+def _maybe_inject_fault(rank: int, step: int) -> None:
+    spec = os.environ.get(FAULT_INJECTION_ENV)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    kill_rank, kill_step = (int(x) for x in spec.split(":"))
+    if rank == kill_rank and step == kill_step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

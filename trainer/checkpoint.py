@@ -3,7 +3,9 @@
 Layout under `<run>/checkpoints/`: `step-000000120/` (DCP files + `train_state.json`), and `best/`
 (the same, for the best validation epoch). Every rank writes its own shards into `<name>.tmp/`; after a
 barrier rank 0 adds `train_state.json` and renames the folder, so a folder without `.tmp` is always
-complete. Multi-node runs need the run folder on a filesystem every node sees.
+complete. A run that starts over, or continues from an explicit older checkpoint, first moves the
+checkpoints that would outrank it to `<run>/checkpoints.previous/`. Multi-node runs need the run folder on a
+filesystem every node sees.
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ class CheckpointConfig:
     """When to checkpoint and what to resume from."""
 
     interval_steps: int = 0
-    """Save every this many optimizer steps (0: only at the end of each evaluated epoch)."""
+    """Also save every this many optimizer steps (0: only at each epoch's end and when training stops)."""
     keep_last: int = 2
     """Step checkpoints to keep; older ones are deleted. The best checkpoint is kept apart."""
     resume: str = "auto"
-    """`auto`: continue from this run's newest complete checkpoint if any; `never`; or a checkpoint path."""
+    """`auto`: continue from this run's newest complete checkpoint if any; `never`: start over (an earlier
+    run's checkpoints are moved to `checkpoints.previous/`); or a checkpoint path to continue from."""
 
     def __post_init__(self) -> None:
         if self.interval_steps < 0:
@@ -62,6 +65,11 @@ class CheckpointManager:
     @property
     def folder(self) -> Path:
         return self._folder
+
+    @property
+    def _previous(self) -> Path:
+        """Where `resolve_resume` sets aside checkpoints that must not outrank the run (one generation)."""
+        return self._folder.with_name(f"{self._folder.name}.previous")
 
     def save(self, name: str, stateful: dict[str, Stateful], train_state: dict[str, Any]) -> Path:
         """Write checkpoint `name` ("step-000000120" or "best") atomically on every rank."""
@@ -110,15 +118,49 @@ class CheckpointManager:
         return Path(found) if found else None
 
     def resolve_resume(self, resume: Literal["auto", "never"] | str) -> Path | None:
-        """Turn `checkpoint.resume` into the folder to load (None: start fresh)."""
-        if resume == "never":
-            return None
+        """Turn `checkpoint.resume` into the folder to load (None: start fresh).
+
+        Starting over, or continuing from an explicit checkpoint, sets aside this folder's checkpoints that
+        are not behind the one loaded: newer steps (and a newer `best`) would otherwise outrank the
+        continuing run in `latest()`, keep-last purging and the final test.
+        """
         if resume == "auto":
             return self.latest()
-        path = Path(resume)
-        if not (path / TRAIN_STATE_FILE).is_file():
-            raise ConfigError(f"checkpoint.resume={resume!r} is not a complete checkpoint folder")
+        path = None
+        if resume != "never":
+            path = Path(resume)
+            if not (path / TRAIN_STATE_FILE).is_file():
+                raise ConfigError(f"checkpoint.resume={resume!r} is not a complete checkpoint folder")
+            if self._previous.resolve() in path.resolve().parents:
+                raise ConfigError(
+                    f"checkpoint.resume={resume!r} lies in {self._previous}, which this run may replace: "
+                    "move that checkpoint out of it first"
+                )
+        if self._world.is_main:
+            self._set_aside(_resumed_step(self._folder, path))
+        barrier()
         return path
+
+    def _set_aside(self, resumed_step: int | None) -> None:
+        """Move checkpoints newer than `resumed_step` (all, when None) into `<folder>.previous/`."""
+        stale = [p for p in sorted(self._folder.iterdir()) if _is_newer(p, resumed_step)]
+        if not stale:
+            return
+        previous = self._previous
+        replaced = previous.exists()
+        if replaced:
+            shutil.rmtree(previous)
+        previous.mkdir()
+        for path in stale:
+            path.rename(previous / path.name)
+        logger.warning(
+            "checkpoint.resume: moved %s from %s to %s%s so they cannot outrank this run's checkpoints; "
+            "delete that folder when you no longer need it",
+            ", ".join(p.name for p in stale),
+            self._folder,
+            previous,
+            " (replacing what it held)" if replaced else "",
+        )
 
     def load(self, path: str | Path, stateful: dict[str, Stateful]) -> dict[str, Any]:
         """Restore every object in place from `path`; returns the saved train state."""
@@ -129,3 +171,25 @@ class CheckpointManager:
             obj.load_state_dict(state[key])
         logger.info("loaded checkpoint %s", path)
         return json.loads((path / TRAIN_STATE_FILE).read_text())
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The training step a complete checkpoint folder holds (None: not a complete checkpoint)."""
+    match = _STEP_DIR.match(path.name)
+    if match:
+        return int(match.group(1))
+    state = path / TRAIN_STATE_FILE
+    return int(json.loads(state.read_text())["step"]) if state.is_file() else None
+
+
+def _resumed_step(folder: Path, path: Path | None) -> int | None:
+    """The resumed checkpoint's step when it is one of `folder`'s (None: a fresh run, or another run's)."""
+    if path is None or path.resolve().parent != folder.resolve():
+        return None
+    return _checkpoint_step(path)
+
+
+def _is_newer(path: Path, resumed_step: int | None) -> bool:
+    """A complete checkpoint (step folder or `best`) that the continuing run must not see."""
+    step = _checkpoint_step(path)
+    return step is not None and (resumed_step is None or step > resumed_step)

@@ -122,7 +122,7 @@ def embed_items(config) -> dict[str, Any]:
 
     ranges = shard_ranges(num_items, cfg.items_per_shard)
     mine = [(s, r) for s, r in enumerate(ranges) if s % world.world_size == world.rank]
-    if world.world_size > len(ranges):
+    if world.is_main and world.world_size > len(ranges):
         logger.warning(
             "embed: %d ranks but only %d shard(s) of %d items: some ranks idle (lower embed.items_per_shard)",
             world.world_size,

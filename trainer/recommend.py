@@ -81,7 +81,7 @@ def trained_config(config: JobConfig, run_dir: Path) -> JobConfig:
         for key, value in dataclasses.asdict(getattr(config, section)).items()
         if dataclasses.asdict(getattr(saved, section))[key] != value
     ]
-    if changed:
+    if changed and (not dist.is_initialized() or dist.get_rank() == 0):
         logger.warning(
             "using the run's own %s (from %s); this command's config differs in: %s",
             ", ".join(TRAINED_SECTIONS),
