@@ -80,10 +80,11 @@ def require_cuda() -> None:
 
 
 def make_batch(num_seqs, min_len, max_len, *, heads, dqk, dv, max_seq_len, dtype, device, seed=0, log_gap=14):
-    """Random jagged batch: q/k/v [T, H, D], offsets [B+1], chronological timestamps, bias weights.
+    """Random jagged batch: q/k/v [T, H, D], offsets [B+1], chronological timestamps and their query times
+    (`query_times`), bias weights.
 
-    Gaps are exp(U(0, log_gap)) seconds: 14 gives 1 s to 14 days (about 1 day on average); 22 makes
-    sequences span more than 2**31 s, so the kernels take their int64 timestamp path.
+        Gaps are exp(U(0, log_gap)) seconds: 14 gives 1 s to 14 days (about 1 day on average); 22 makes
+        sequences span more than 2**31 s, so the kernels take their int64 timestamp path.
     """
     g = torch.Generator(device="cpu").manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (num_seqs,), generator=g)
@@ -98,10 +99,30 @@ def make_batch(num_seqs, min_len, max_len, *, heads, dqk, dv, max_seq_len, dtype
     pos_w = torch.randn(2 * max_seq_len - 1, generator=g) * 0.1
     time_w = torch.randn(129, generator=g) * 0.1
     cast = [x.to(device=device, dtype=dtype) for x in (q, k, v)]
-    return (*cast, offsets.to(device), ts.to(device), pos_w.to(device), time_w.to(device), lengths)
+    tq = query_times(ts, offsets)
+    return (
+        *cast,
+        offsets.to(device),
+        ts.to(device),
+        tq.to(device),
+        pos_w.to(device),
+        time_w.to(device),
+        lengths,
+    )
 
 
-def padded_reference(q, k, v, offsets, timestamps, pos_w, time_w, *, max_seq_len, alpha, denominator):
+def query_times(ts, offsets):
+    """Each position's next timestamp, and at a sequence's last position its target's, a day later."""
+    from modules.hstu_attention import next_timestamps
+
+    tq = next_timestamps(ts, offsets)
+    tq[offsets[1:][offsets[1:] > offsets[:-1]] - 1] += 86_400
+    return tq
+
+
+def padded_reference(
+    q, k, v, offsets, timestamps, query_times, pos_w, time_w, *, max_seq_len, alpha, denominator
+):
     """Padded pure-PyTorch HSTU attention ([B, H, N, N] scores), same math as the `reference` backend."""
     lengths = offsets[1:] - offsets[:-1]
     n = int(lengths.max())
@@ -110,11 +131,8 @@ def padded_reference(q, k, v, offsets, timestamps, pos_w, time_w, *, max_seq_len
     index = torch.where(valid, offsets[:-1, None] + pos[None, :], 0)
     vmask = valid[:, :, None, None].to(q.dtype)
     qp, kp, vp = q[index] * vmask, k[index] * vmask, v[index] * vmask  # [B, N, H, D]
-    is_last = torch.zeros_like(timestamps, dtype=torch.bool)
-    is_last[offsets[1:][lengths > 0] - 1] = True
-    tq_all = torch.where(is_last, timestamps, torch.cat([timestamps[1:], timestamps[-1:]]))
     ts = torch.where(valid, timestamps[index], 0)
-    tq = torch.where(valid, tq_all[index], 0)
+    tq = torch.where(valid, query_times[index], 0)
     scores = torch.einsum("bihd,bjhd->bhij", qp, kp) * alpha
     rel = pos[None, :] - pos[:, None] + (max_seq_len - 1)
     dt = (tq[:, :, None] - ts[:, None, :]).abs().clamp(min=1).to(torch.float32)
@@ -302,7 +320,7 @@ def check_cases(device: str, small: bool, all_configs: bool, variants: list[str]
     names = ("out", "dq", "dk", "dv", "d_pos_weights", "d_time_weights")
     for dtype, b, lo, hi, heads, dqk, dv, den, rtol, log_gap, every_config in cases:
         n = hi
-        q, k, v, offsets, ts, pos_w, time_w, lengths = make_batch(
+        q, k, v, offsets, ts, tq, pos_w, time_w, lengths = make_batch(
             b, lo, hi, heads=heads, dqk=dqk, dv=dv, max_seq_len=n, dtype=dtype, device=device, seed=b,
             log_gap=log_gap,
         )  # fmt: skip
@@ -310,10 +328,11 @@ def check_cases(device: str, small: bool, all_configs: bool, variants: list[str]
         offsets[1:] = lengths.to(device).cumsum(0)
         total = int(offsets[-1])
         q, k, v, ts = q[:total], k[:total], v[:total], ts[:total]
+        tq = query_times(ts, offsets)
         kw = dict(max_seq_len=n, alpha=1.0 / math.sqrt(dqk), denominator=den)
         grad = torch.randn(total, heads, dv, device=device, dtype=torch.float64)
         ref = [x.detach().double().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
-        expect = padded_reference(ref[0], ref[1], ref[2], offsets, ts, ref[3], ref[4], **kw)
+        expect = padded_reference(ref[0], ref[1], ref[2], offsets, ts, tq, ref[3], ref[4], **kw)
         expect.backward(grad)
         expected = [expect.detach()] + [r.grad for r in ref]
         runs = [(variant, None) for variant in variants]
@@ -329,7 +348,7 @@ def check_cases(device: str, small: bool, all_configs: bool, variants: list[str]
             progress.at = f"{variant} {label} {str(dtype).split('.')[-1]} L<={hi}"
             try:
                 with kernel_variant(variant), pinned:
-                    out = triton_hstu_attention(tri[0], tri[1], tri[2], offsets, ts, tri[3], tri[4], **kw)
+                    out = triton_hstu_attention(tri[0], tri[1], tri[2], offsets, ts, tq, tri[3], tri[4], **kw)
                     out.backward(grad.to(out.dtype))
             except Exception as err:  # one broken path must not hide the others' results from a GPU session
                 ok = False
@@ -519,7 +538,7 @@ def bench_shapes(
 
     heads, d = 4, 128
     for name, b, lo, hi in shapes:
-        q, k, v, offsets, ts, pos_w, time_w, lengths = make_batch(
+        q, k, v, offsets, ts, tq, pos_w, time_w, lengths = make_batch(
             b, lo, hi, heads=heads, dqk=d, dv=d, max_seq_len=hi, dtype=torch.bfloat16, device=device
         )
         fwd_flops, total_flops = causal_flops(lengths, heads, d, d)
@@ -527,16 +546,16 @@ def bench_shapes(
         leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
         grad = torch.randn_like(v)
         # One plan per batch, as HSTUEncoder shares it by its layers; its cost is printed on its own.
-        plan_ms = bench(lambda o=offsets, t=ts, n=hi: plan_triton_attention(o, t, max_seq_len=n))
-        plan = plan_triton_attention(offsets, ts, max_seq_len=hi)
+        plan_ms = bench(lambda o=offsets, t=ts, u=tq, n=hi: plan_triton_attention(o, t, u, max_seq_len=n))
+        plan = plan_triton_attention(offsets, ts, tq, max_seq_len=hi)
         kw = dict(max_seq_len=hi, alpha=alpha, denominator=float(hi), plan=plan)
 
-        def tri_fwd(leaves=leaves, offsets=offsets, ts=ts, kw=kw):
+        def tri_fwd(leaves=leaves, offsets=offsets, ts=ts, tq=tq, kw=kw):
             with torch.no_grad():
-                return triton_hstu_attention(*leaves[:3], offsets, ts, *leaves[3:], **kw)
+                return triton_hstu_attention(*leaves[:3], offsets, ts, tq, *leaves[3:], **kw)
 
-        def tri_step(leaves=leaves, offsets=offsets, ts=ts, kw=kw, grad=grad):
-            out = triton_hstu_attention(*leaves[:3], offsets, ts, *leaves[3:], **kw)
+        def tri_step(leaves=leaves, offsets=offsets, ts=ts, tq=tq, kw=kw, grad=grad):
+            out = triton_hstu_attention(*leaves[:3], offsets, ts, tq, *leaves[3:], **kw)
             torch.autograd.grad(out, leaves, grad)
 
         # SDPA: padded dense [B, H, N, d] causal softmax attention on the same real lengths.
@@ -554,9 +573,9 @@ def bench_shapes(
             out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
             torch.autograd.grad(out, (qp, kp, vp), gp)
 
-        def tri_step_frozen_bias(leaves=leaves, offsets=offsets, ts=ts, kw=kw, grad=grad):
+        def tri_step_frozen_bias(leaves=leaves, offsets=offsets, ts=ts, tq=tq, kw=kw, grad=grad):
             bias = [w.detach() for w in leaves[3:]]
-            out = triton_hstu_attention(*leaves[:3], offsets, ts, *bias, **kw)
+            out = triton_hstu_attention(*leaves[:3], offsets, ts, tq, *bias, **kw)
             torch.autograd.grad(out, leaves[:3], grad)
 
         def pinned(variant, fn):
@@ -584,12 +603,12 @@ def bench_shapes(
         if not skip_padded:
             ref_kw = dict(max_seq_len=hi, alpha=alpha, denominator=float(hi))
 
-            def ref_fwd(leaves=leaves, offsets=offsets, ts=ts, kw=ref_kw):
+            def ref_fwd(leaves=leaves, offsets=offsets, ts=ts, tq=tq, kw=ref_kw):
                 with torch.no_grad():
-                    return padded_reference(*leaves[:3], offsets, ts, *leaves[3:], **kw)
+                    return padded_reference(*leaves[:3], offsets, ts, tq, *leaves[3:], **kw)
 
-            def ref_step(leaves=leaves, offsets=offsets, ts=ts, kw=ref_kw, grad=grad):
-                out = padded_reference(*leaves[:3], offsets, ts, *leaves[3:], **kw)
+            def ref_step(leaves=leaves, offsets=offsets, ts=ts, tq=tq, kw=ref_kw, grad=grad):
+                out = padded_reference(*leaves[:3], offsets, ts, tq, *leaves[3:], **kw)
                 torch.autograd.grad(out, leaves, grad)
 
             rows.append(("padded_reference", ref_fwd, ref_step))
@@ -632,14 +651,14 @@ def run_profile_once() -> None:
     `ncu --profile-from-start off` (gpu_check.sh): only the three tuned kernels are profiled."""
     from modules.hstu_attention_triton import triton_hstu_attention
 
-    q, k, v, offsets, ts, pos_w, time_w, _ = make_batch(
+    q, k, v, offsets, ts, tq, pos_w, time_w, _ = make_batch(
         16, 2048, 4096, heads=4, dqk=128, dv=128, max_seq_len=4096, dtype=torch.bfloat16, device="cuda"
     )
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pos_w, time_w)]
     kw = dict(max_seq_len=4096, alpha=1.0 / math.sqrt(128), denominator=4096.0)
 
     def step():
-        out = triton_hstu_attention(*leaves[:3], offsets, ts, *leaves[3:], **kw)
+        out = triton_hstu_attention(*leaves[:3], offsets, ts, tq, *leaves[3:], **kw)
         torch.autograd.grad(out, leaves, torch.ones_like(out))
 
     step()

@@ -133,13 +133,15 @@ def run(cfg: StepConfig, attention: str, steps: int, device: str = "cuda") -> di
     total = int(offsets[-1])
     items = torch.randint(1, cfg.num_items + 1, (total,), generator=g).to(device)
     targets = torch.randint(1, cfg.num_items + 1, (total,), generator=g).to(device)
-    timestamps = (1_600_000_000 + torch.exp(torch.rand(total, generator=g) * 14).long().cumsum(0)).to(device)
+    timestamps = 1_600_000_000 + torch.exp(torch.rand(total + 1, generator=g) * 14).long().cumsum(0)
+    query_times = timestamps[1:].to(device)  # each position's target's time: the next event's
+    timestamps = timestamps[:-1].to(device)
     offsets = offsets.to(device)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16):
-            x = model["encoder"](model["table"](items), offsets, timestamps)
+            x = model["encoder"](model["table"](items), offsets, timestamps, query_times)
             negatives = torch.randint(1, cfg.num_items + 1, (cfg.negatives,), device=device)
             loss = sampled_softmax_loss(
                 x, targets, model["table"](targets), negatives, model["table"](negatives),

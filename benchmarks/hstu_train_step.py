@@ -45,7 +45,7 @@ def _real_batches(job: JobConfig, count: int, batch_size: int) -> list[tuple]:
     )
     out = []
     for batch in loader:
-        out.append((batch.item_ids, batch.lengths, batch.timestamps, batch.targets))
+        out.append((batch.item_ids, batch.lengths, batch.timestamps, batch.query_times, batch.targets))
         if len(out) == count:
             break
     return out
@@ -58,17 +58,17 @@ def _synthetic_batches(count: int, batch_size: int, num_items: int, max_len: int
         lengths = torch.randint(3, max_len + 1, (batch_size,), generator=g)
         total = int(lengths.sum())
         ids = torch.randint(1, num_items + 1, (total,), generator=g)
-        ts = torch.cumsum(torch.randint(1, 100000, (total,), generator=g), 0) + 9 * 10**8
+        times = torch.cumsum(torch.randint(1, 100000, (total + 1,), generator=g), 0) + 9 * 10**8
         targets = torch.randint(1, num_items + 1, (total,), generator=g)
-        out.append((ids, lengths, ts, targets))
+        out.append((ids, lengths, times[:-1], times[1:], targets))  # query times: the targets' (next) times
     return out
 
 
 def _step(model: GenerativeRecommender, loss_cfg: LossConfig, batch, num_items: int, g: torch.Generator):
-    ids, lengths, ts, targets = batch
+    ids, lengths, ts, tq, targets = batch
     offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
     negatives = sample_uniform_negatives(num_items, (loss_cfg.num_negatives,), generator=g)
-    outputs = model(ids, offsets, ts)
+    outputs = model(ids, offsets, ts, tq)
     loss = sampled_softmax_loss(
         outputs,
         targets,

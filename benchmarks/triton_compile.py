@@ -57,7 +57,7 @@ SCALARS = {
 }
 DIVISIBLE_SCALARS = {"ds_head_stride"}
 """Integer arguments always a multiple of 16 (the ds buffer's head stride: a multiple of 64 elements)."""
-INDEX_POINTERS = {"OFFSETS": "*i64", "TS": "*i32", "RAB_BASE": "*i64"}
+INDEX_POINTERS = {"OFFSETS": "*i64", "TS": "*i32", "TQ": "*i32", "RAB_BASE": "*i64"}
 """Timestamps travel as int32 offsets from each sequence's first one (int64 only for spans past 2**31)."""
 FP32_POINTERS = {"POS_W", "TIME_W", "DPOS", "DTIME"}
 """Bias weights stay fp32 under autocast; their gradients accumulate in fp32 buffers."""

@@ -24,6 +24,9 @@ class SequenceBatch:
     """[sum(lengths)] int64 jagged input items (most recent last)."""
     timestamps: torch.Tensor
     """[sum(lengths)] int64 unix seconds."""
+    query_times: torch.Tensor
+    """[sum(lengths)] int64: the time of the event each input position predicts, its target's (all: the next
+    input's, the last input's own at the end); HSTU's time bias measures gaps from it."""
     targets: torch.Tensor
     """train: [sum(lengths)] next item at each input position; valid/test: [B] held-out item; all: [0]."""
 
@@ -63,5 +66,6 @@ class SequenceBatch:
             lengths=self.lengths.clamp(max=max_len),
             item_ids=self.item_ids[keep],
             timestamps=self.timestamps[keep],
+            query_times=self.query_times[keep],
             targets=self.targets[keep] if per_position else self.targets,
         )

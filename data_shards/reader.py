@@ -259,15 +259,16 @@ class SequenceLoader:
         else:
             yield from stream
 
-    def _sample(self, items: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _sample(self, items: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(inputs, their timestamps, their query times, targets) of one user's sequence."""
         n, m = len(items), self.max_seq_len
         if self.split == "train":
             end = n - 2 if self.protocol == "loo3" else n - 1
-            return items[: end - 1][-m:], ts[: end - 1][-m:], items[1:end][-m:]
+            return items[: end - 1][-m:], ts[: end - 1][-m:], ts[1:end][-m:], items[1:end][-m:]
         if self.split == "all":
-            return items[-m:], ts[-m:], items[:0]
+            return items[-m:], ts[-m:], np.append(ts[1:], ts[-1:])[-m:], items[:0]
         pos = n - 2 if self.split == "valid" else n - 1
-        return items[:pos][-m:], ts[:pos][-m:], items[pos : pos + 1]
+        return items[:pos][-m:], ts[:pos][-m:], ts[1 : pos + 1][-m:], items[pos : pos + 1]
 
     def _collate(self, rows: list[tuple[int, np.ndarray, np.ndarray]], num_real: int) -> SequenceBatch:
         parts = [self._sample(items, ts) for _, items, ts in rows]
@@ -279,7 +280,8 @@ class SequenceLoader:
             lengths=torch.tensor([len(p[0]) for p in parts], dtype=torch.int64),
             item_ids=torch.from_numpy(np.concatenate([p[0] for p in parts]).astype(np.int64)),
             timestamps=torch.from_numpy(np.concatenate([p[1] for p in parts]).astype(np.int64)),
-            targets=torch.from_numpy(np.concatenate([p[2] for p in parts]).astype(np.int64)),
+            query_times=torch.from_numpy(np.concatenate([p[2] for p in parts]).astype(np.int64)),
+            targets=torch.from_numpy(np.concatenate([p[3] for p in parts]).astype(np.int64)),
         )
 
     def _batches(self) -> Iterator[SequenceBatch]:

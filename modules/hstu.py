@@ -38,9 +38,15 @@ class HSTULayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, offsets: Tensor, timestamps: Tensor, plan: AttentionPlan | TritonPlan | None = None
+        self,
+        x: Tensor,
+        offsets: Tensor,
+        timestamps: Tensor,
+        query_times: Tensor,
+        plan: AttentionPlan | TritonPlan | None = None,
     ) -> Tensor:
-        """x: [T, d], offsets: [B+1], timestamps: [T] -> [T, d]; `plan` shares attention indices."""
+        """x: [T, d], offsets: [B+1], timestamps and query times: [T] -> [T, d]; `plan` shares attention
+        indices."""
         c = self._config
         total, h = x.shape[0], c.num_heads
         normed = F.layer_norm(x, [c.embedding_dim], eps=c.layer_norm_eps)
@@ -51,6 +57,7 @@ class HSTULayer(nn.Module):
             v.reshape(total, h, c.v_dim),
             offsets,
             timestamps,
+            query_times,
             self.pos_weights,
             self.time_weights,
             max_seq_len=c.max_seq_len,
@@ -74,21 +81,23 @@ class HSTUEncoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(HSTULayer(config) for _ in range(config.num_blocks))
 
-    def forward(self, x: Tensor, offsets: Tensor, timestamps: Tensor) -> Tensor:
-        """x: [T, d] item vectors (oldest first per sequence), offsets: [B+1], timestamps: [T] -> [T, d]."""
+    def forward(self, x: Tensor, offsets: Tensor, timestamps: Tensor, query_times: Tensor) -> Tensor:
+        """x: [T, d] item vectors (oldest first per sequence), offsets: [B+1], timestamps: [T] (each item's),
+        query_times: [T] (the time of the event each position predicts: its target's) -> [T, d]."""
         c = self._config
         positions = positions_in_sequence(offsets, x.shape[0])
         h = x * math.sqrt(c.embedding_dim) + self.position(positions)
         h = self.dropout(h)
-        # The attention plan depends only on offsets/timestamps: build it once, share it by the layers.
+        # The attention plan depends only on offsets and times: build it once, share it by the layers.
         plan = plan_attention(
             offsets,
             timestamps,
+            query_times,
             max_seq_len=c.max_seq_len,
             num_time_buckets=c.num_time_buckets,
             backend=c.attention_backend,
             num_heads=c.num_heads,
         )
         for layer in self.layers:
-            h = layer(h, offsets, timestamps, plan)
+            h = layer(h, offsets, timestamps, query_times, plan)
         return F.normalize(h, p=2.0, dim=-1, eps=1e-6)

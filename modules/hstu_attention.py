@@ -2,8 +2,10 @@
 
 out[i] = sum_{j <= i, same sequence} SiLU(alpha * <q_i, k_j> + rab(i, j)) / den * v_j
 rab(i, j) = pos_weights[(j - i) + max_seq_len - 1] + time_weights[bucket(tq_i - t_j)]
-tq_i is the timestamp of position i + 1 of the same sequence (t_i at its last position), the research
-code's "next event time" convention; bucket(dt) = clamp(floor(ln(max(|dt|, 1)) / 0.301), 0, num_buckets).
+tq_i (`query_times`) is the time of the event position i predicts: the next position's timestamp, and at
+a sequence's last position its target's (the research code writes the target's timestamp after the
+history and reads each query's time one position on); bucket(dt) = clamp(floor(ln(max(|dt|, 1)) / 0.301),
+0, num_buckets).
 
 Backends: `reference` pads the whole batch to its longest sequence ([B, H, N, N] scores, the test oracle);
 `jagged` groups sequences of similar length, pads each group only to its own longest sequence and skips
@@ -13,13 +15,12 @@ modules/hstu_attention_triton.py and is imported only when asked for.
 Both CPU backends run from an `AttentionPlan`: the padded layout and, for every causal (i, j) pair of every
 sequence, its index into a [relative position, time bucket] bias table and its place in the padded scores;
 `triton` from a `TritonPlan` (lengths, bias-buffer layout, rebased timestamps: one host sync).
-A plan depends only on offsets and timestamps, so `HSTUEncoder` builds one per forward and every layer
+A plan depends only on offsets and times, so `HSTUEncoder` builds one per forward and every layer
 reuses it (`plan_attention`, then `hstu_attention(..., plan=plan)`); without one each call builds its own.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -46,6 +47,7 @@ def hstu_attention(
     v: Tensor,
     offsets: Tensor,
     timestamps: Tensor,
+    query_times: Tensor,
     pos_weights: Tensor,
     time_weights: Tensor,
     *,
@@ -58,13 +60,15 @@ def hstu_attention(
     """HSTU attention; q, k: [T, H, Dqk], v: [T, H, Dv], offsets: [B+1] int64 -> [T, H, Dv].
 
     Args:
-        timestamps: [T] int64 seconds, chronological within each sequence.
+        timestamps: [T] int64 seconds, chronological within each sequence (the keys' times).
+        query_times: [T] int64 seconds, the queries' times tq (`next_timestamps` when the time of each
+            sequence's next event is unknown).
         pos_weights: [2 * max_seq_len - 1] relative-position bias, shared by heads.
         time_weights: [num_time_buckets + 1] time-gap bias, shared by heads.
         denominator: divide SiLU scores by this constant (reference: max_seq_len), or None to divide
             by each sequence's own length.
-        plan: `plan_attention(offsets, timestamps, ...)` for this backend, to share its index work across
-            layers; None builds one for this call.
+        plan: `plan_attention(offsets, timestamps, query_times, ...)` for this backend, to share its index
+            work across layers; None builds one for this call.
     """
     if backend == "triton":
         from modules.hstu_attention_triton import triton_hstu_attention
@@ -75,6 +79,7 @@ def hstu_attention(
             v,
             offsets,
             timestamps,
+            query_times,
             pos_weights,
             time_weights,
             max_seq_len=max_seq_len,
@@ -86,12 +91,13 @@ def hstu_attention(
         raise ValueError(
             f"hstu_attention: unknown backend {backend!r}; use 'reference', 'jagged' or 'triton'"
         )
-    _check_inputs(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len)
+    _check_inputs(q, k, v, offsets, timestamps, query_times, pos_weights, time_weights, max_seq_len)
     num_buckets = time_weights.numel() - 1
     if plan is None:
         plan = plan_attention(
             offsets,
             timestamps,
+            query_times,
             max_seq_len=max_seq_len,
             num_time_buckets=num_buckets,
             backend=backend,
@@ -99,7 +105,12 @@ def hstu_attention(
         )
     else:
         _plan_for(plan, backend).check(
-            offsets, timestamps, max_seq_len=max_seq_len, num_time_buckets=num_buckets, backend=backend
+            offsets,
+            timestamps,
+            query_times,
+            max_seq_len=max_seq_len,
+            num_time_buckets=num_buckets,
+            backend=backend,
         )
     return _planned_attention(q, k, v, pos_weights, time_weights, plan, max_seq_len, alpha, denominator)
 
@@ -114,36 +125,9 @@ def _plan_for(plan, backend: str):
     return plan
 
 
-def time_bucket_formula(dt: Tensor, num_buckets: int) -> Tensor:
-    """Log-bucketed time gap: clamp(floor(ln(max(|dt|, 1)) / 0.301), 0, num_buckets), int64."""
-    x = torch.log(dt.abs().clamp(min=1).to(torch.float32)) / TIME_BUCKET_DIVISOR
-    return x.long().clamp(0, num_buckets)
-
-
-@functools.lru_cache(maxsize=8)
-def _bucket_boundaries(num_buckets: int) -> Tensor:
-    """boundaries[b - 1] = the smallest |dt| whose formula bucket is >= b (found by binary search)."""
-    bounds = []
-    for b in range(1, num_buckets + 1):
-        lo, hi = 1, 1 << 62
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if int(time_bucket_formula(torch.tensor([mid]), num_buckets)) >= b:
-                hi = mid
-            else:
-                lo = mid + 1
-        bounds.append(lo)
-    return torch.tensor(bounds, dtype=torch.int64)
-
-
-def time_bucket(dt: Tensor, num_buckets: int) -> Tensor:
-    """`time_bucket_formula` as one bucketize over exact integer boundaries (same result)."""
-    boundaries = _bucket_boundaries(num_buckets).to(dt.device)
-    return torch.bucketize(dt.abs(), boundaries, right=True)
-
-
-def query_timestamps(timestamps: Tensor, offsets: Tensor) -> Tensor:
-    """tq: each position's next timestamp within its sequence, its own at the sequence's last position."""
+def next_timestamps(timestamps: Tensor, offsets: Tensor) -> Tensor:
+    """Query times when no target's time is known: each position's next timestamp within its sequence,
+    its own at the sequence's last position."""
     if timestamps.numel() == 0:
         return timestamps
     nxt = torch.cat([timestamps[1:], timestamps[-1:]])
@@ -154,7 +138,7 @@ def query_timestamps(timestamps: Tensor, offsets: Tensor) -> Tensor:
 
 
 def check_attention_shapes(
-    q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len, *, who: str
+    q, k, v, offsets, timestamps, query_times, pos_weights, time_weights, max_seq_len, *, who: str
 ) -> None:
     """Shape checks shared by every backend (no host sync); `who` names the caller in the message."""
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
@@ -164,8 +148,9 @@ def check_attention_shapes(
         )
     if offsets.dim() != 1 or offsets.numel() < 1:
         raise ValueError(f"{who}: offsets must be [B+1], got {tuple(offsets.shape)}")
-    if timestamps.shape != (q.shape[0],):
-        raise ValueError(f"{who}: timestamps must be [T={q.shape[0]}], got {tuple(timestamps.shape)}")
+    for name, times in (("timestamps", timestamps), ("query_times", query_times)):
+        if times.shape != (q.shape[0],):
+            raise ValueError(f"{who}: {name} must be [T={q.shape[0]}], got {tuple(times.shape)}")
     if pos_weights.shape != (2 * max_seq_len - 1,):
         raise ValueError(
             f"{who}: pos_weights must be [2*max_seq_len-1={2 * max_seq_len - 1}], "
@@ -175,9 +160,18 @@ def check_attention_shapes(
         raise ValueError(f"{who}: time_weights must be [num_buckets+1], got {tuple(time_weights.shape)}")
 
 
-def _check_inputs(q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len) -> None:
+def _check_inputs(q, k, v, offsets, timestamps, query_times, pos_weights, time_weights, max_seq_len) -> None:
     check_attention_shapes(
-        q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len, who="hstu_attention"
+        q,
+        k,
+        v,
+        offsets,
+        timestamps,
+        query_times,
+        pos_weights,
+        time_weights,
+        max_seq_len,
+        who="hstu_attention",
     )
     first, last = offsets[[0, -1]].tolist()  # one sync
     if first != 0 or last != q.shape[0]:
@@ -239,6 +233,7 @@ class AttentionPlan:
     num_time_buckets: int
     offsets: Tensor
     timestamps: Tensor
+    query_times: Tensor
     max_len: int
     """Longest sequence in the batch (rows of the bias table)."""
     groups: list[_Group]
@@ -256,7 +251,14 @@ class AttentionPlan:
         return self._rows_by_heads[heads]
 
     def check(
-        self, offsets: Tensor, timestamps: Tensor, *, max_seq_len: int, num_time_buckets: int, backend: str
+        self,
+        offsets: Tensor,
+        timestamps: Tensor,
+        query_times: Tensor,
+        *,
+        max_seq_len: int,
+        num_time_buckets: int,
+        backend: str,
     ) -> None:
         """Raise ValueError unless this plan was built for exactly these inputs and settings."""
         want = (backend, max_seq_len, num_time_buckets)
@@ -266,29 +268,31 @@ class AttentionPlan:
                 f"hstu_attention: plan was built for (backend, max_seq_len, num_time_buckets)={have}, "
                 f"called with {want}; build it with plan_attention(...) for this call"
             )
-        same_offsets = offsets is self.offsets or (
-            offsets.shape == self.offsets.shape and torch.equal(offsets, self.offsets)
-        )
-        same_ts = timestamps is self.timestamps or (
-            timestamps.shape == self.timestamps.shape and torch.equal(timestamps, self.timestamps)
-        )
-        if not (same_offsets and same_ts):
+        planned = (self.offsets, self.timestamps, self.query_times)
+        if not all(map(same_tensor, (offsets, timestamps, query_times), planned)):
             raise ValueError(
-                "hstu_attention: plan was built for other offsets/timestamps; build one per batch with "
-                "plan_attention(offsets, timestamps, ...)"
+                "hstu_attention: plan was built for other offsets/times; build one per batch with "
+                "plan_attention(offsets, timestamps, query_times, ...)"
             )
+
+
+def same_tensor(given: Tensor, planned: Tensor) -> bool:
+    """`given` is the tensor a plan was built for, or equal to it."""
+    return given is planned or (given.shape == planned.shape and torch.equal(given, planned))
 
 
 def plan_attention(
     offsets: Tensor,
     timestamps: Tensor,
+    query_times: Tensor,
     *,
     max_seq_len: int,
     num_time_buckets: int,
     backend: Backend,
     num_heads: int = 1,
 ) -> AttentionPlan | TritonPlan:
-    """Padded layout and causal-pair bias indices for one batch (offsets [B+1], timestamps [T]); for
+    """Padded layout and causal-pair bias indices for one batch (offsets [B+1], timestamps and query times
+    [T]); for
     `triton`, the batch measured for its kernels (`modules.hstu_attention_triton.TritonPlan`).
 
     num_heads weighs the jagged grouping (a group saves heads x its padded elements) and pre-builds the
@@ -297,7 +301,7 @@ def plan_attention(
     if backend == "triton":
         from modules.hstu_attention_triton import plan_triton_attention
 
-        return plan_triton_attention(offsets, timestamps, max_seq_len=max_seq_len)
+        return plan_triton_attention(offsets, timestamps, query_times, max_seq_len=max_seq_len)
     if backend not in ("reference", "jagged"):
         raise ValueError(
             f"plan_attention: backend must be 'reference', 'jagged' or 'triton', got {backend!r}"
@@ -311,7 +315,6 @@ def plan_attention(
     seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), lengths, output_size=total)
     positions = torch.arange(total, device=device) - offsets[:-1][seq_of_token]
     inv_lengths = (1.0 / lengths.clamp(min=1).to(torch.float32))[seq_of_token][:, None]
-    tq = query_timestamps(timestamps, offsets)
 
     if backend == "reference":
         seqs = torch.nonzero(lengths).view(-1)
@@ -336,7 +339,14 @@ def plan_attention(
         rows = torch.where(pos[None, :] < g_lengths[:, None], g_starts[:, None] + pos[None, :], total)
         blocks = [
             _causal_pairs(
-                g_lengths, g_starts, a, min(a + block, n_max), tq, timestamps, num_time_buckets, num_heads
+                g_lengths,
+                g_starts,
+                a,
+                min(a + block, n_max),
+                query_times,
+                timestamps,
+                num_time_buckets,
+                num_heads,
             )
             for a in range(0, n_max, block)
         ]
@@ -348,6 +358,7 @@ def plan_attention(
         num_time_buckets=num_time_buckets,
         offsets=offsets,
         timestamps=timestamps,
+        query_times=query_times,
         max_len=max_len,
         groups=groups,
         out_rows=out_rows,
@@ -398,7 +409,7 @@ def _causal_pairs(
     r = (i + first).gather(0, pair_query).sub_(p)
     query_time = tq.index_select(0, seq_start + i)
     dt = query_time.gather(0, pair_query).sub_(ts.gather(0, key_token))
-    bias_index = r.mul_(num_buckets + 1).add_(_time_bucket_inplace(dt, num_buckets))
+    bias_index = r.mul_(num_buckets + 1).add_(time_bucket_(dt, num_buckets))
     block = _Block(start=start, stop=stop, bias_index=bias_index, bias_dest=dest)
     if heads > 1:  # scores [n * heads, rows, stop]: the same pairs, one matrix further per head
         area = (stop - start) * stop
@@ -407,8 +418,9 @@ def _causal_pairs(
     return block
 
 
-def _time_bucket_inplace(dt: Tensor, num_buckets: int) -> Tensor:
-    """`time_bucket_formula` with the same ops done in place where possible (overwrites dt)."""
+def time_bucket_(dt: Tensor, num_buckets: int) -> Tensor:
+    """Log-bucketed time gap, clamp(floor(ln(max(|dt|, 1)) / 0.301), 0, num_buckets) as int64, computed in
+    place where possible (overwrites dt)."""
     x = dt.abs_().clamp_(min=1).to(torch.float32).log_().div_(TIME_BUCKET_DIVISOR)
     return x.long().clamp_(0, num_buckets)
 

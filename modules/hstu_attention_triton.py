@@ -3,7 +3,7 @@
 Same math as `modules.hstu_attention.hstu_attention` (see that module's docstring):
 out[i] = sum_{j <= i, same sequence} SiLU(alpha * <q_i, k_j> + rab(i, j)) / den * v_j, with
 rab(i, j) = pos_weights[(j - i) + max_seq_len - 1] + time_weights[bucket(tq_i - t_j)], the bucket taken
-from the timestamps. Inputs bf16/fp16/fp32, accumulation fp32.
+from the query and key times. Inputs bf16/fp16/fp32, accumulation fp32.
 
 Where rab comes from: on the GPU, by default, one fill kernel writes rab(i, j) / 2 of every causal pair into a
 buffer (sum of L^2 / 2 entries in the inputs' dtype; row i padded to a multiple of 64 keys, a sequence's rows
@@ -74,7 +74,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime import _allocation
 
-from modules.hstu_attention import TIME_BUCKET_DIVISOR, check_attention_shapes
+from modules.hstu_attention import TIME_BUCKET_DIVISOR, check_attention_shapes, same_tensor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRET_BLOCK = 16
@@ -263,10 +263,10 @@ def _seq_info(OFFSETS, b, DEN_IS_LEN: tl.constexpr, inv_den_const):
 
 
 @triton.jit
-def _load_query_times(TS, seq_start, offs_m, seq_len):
-    """tq_i: timestamp of position i + 1 of the same sequence; t_i at the last position, and the last
-    position's for rows past the end (so they widen no bucket bounds). Needs seq_len >= 1."""
-    return tl.load(TS + seq_start + tl.minimum(offs_m + 1, seq_len - 1))
+def _load_query_times(TQ, seq_start, offs_m, seq_len):
+    """tq_i, and the last position's for rows past the end (so they widen no bucket bounds). Needs
+    seq_len >= 1."""
+    return tl.load(TQ + seq_start + tl.minimum(offs_m, seq_len - 1))
 
 
 @triton.jit
@@ -462,7 +462,8 @@ def _add_time_grad(DTIME, time_grad, scale, num_buckets, BLOCK_BUCKETS: tl.const
 
 @triton.jit
 def _hstu_rab_grad_kernel(
-    DS, RAB_BASE, OFFSETS, TS, DPOS, DTIME, ds_head_stride, inv_den_const, max_seq_len, num_buckets, len_key,
+    DS, RAB_BASE, OFFSETS, TS, TQ, DPOS, DTIME, ds_head_stride, inv_den_const, max_seq_len, num_buckets,
+    len_key,
     HEADS: tl.constexpr, DEN_IS_LEN: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -495,7 +496,7 @@ def _hstu_rab_grad_kernel(
         offs_n = offs_m - first_row
         queries, keys = offs_m[None, :], offs_n[:, None]
         ptrs = DS + _rab_key_start(rab_base, keys, rows) + queries
-        tq = _load_query_times(TS, seq_start, offs_m, seq_len)
+        tq = _load_query_times(TQ, seq_start, offs_m, seq_len)
         tk = tl.load(TS + seq_start + tl.minimum(offs_n, seq_len - 1))  # keys past the end: the last one's
         bucket = _time_bucket(tq[None, :], tk[:, None], num_buckets, FAST_MATH)
         b_lo, b_hi = _bucket_bounds(tq, tk, num_buckets, FAST_MATH)
@@ -512,7 +513,7 @@ def _hstu_rab_grad_kernel(
 
 @triton.jit
 def _hstu_rab_fill_kernel(
-    RAB, RAB_KEYS, RAB_BASE, OFFSETS, TS, POS_W, TIME_W, max_seq_len, num_buckets, len_key,
+    RAB, RAB_KEYS, RAB_BASE, OFFSETS, TS, TQ, POS_W, TIME_W, max_seq_len, num_buckets, len_key,
     QUERY_MAJOR: tl.constexpr, KEY_MAJOR: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_BUCKETS: tl.constexpr,
     TABLE_GATHER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
@@ -533,7 +534,7 @@ def _hstu_rab_fill_kernel(
     real = offs_m[:, None] < seq_len
     rab_base = tl.load(RAB_BASE + b)
     start = _rab_start(rab_base, offs_m[:, None])
-    tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
+    tq = _load_query_times(TQ, seq_start, offs_m, seq_len)[:, None]
     pos_row = (max_seq_len - 1) - offs_m[:, None]
     last_row = tl.minimum(m0 + BLOCK_R, rows) - 1
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
@@ -577,7 +578,7 @@ def _half_bias(
 
 @triton.jit
 def _hstu_fwd_kernel(
-    Q, K, V, OUT, OFFSETS, TS, POS_W, TIME_W, RAB, RAB_BASE,
+    Q, K, V, OUT, OFFSETS, TS, TQ, POS_W, TIME_W, RAB, RAB_BASE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     alpha, inv_den_const, max_seq_len, num_buckets, len_key,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -604,7 +605,7 @@ def _hstu_fwd_kernel(
     )
     last_key = tl.minimum(offs_m, seq_len - 1)[:, None]  # causal limit; rows past the end are never stored
     rab_base = tl.load(RAB_BASE + b)
-    tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
+    tq = _load_query_times(TQ, seq_start, offs_m, seq_len)[:, None]
     pos_row = (max_seq_len - 1) - last_key
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -633,7 +634,7 @@ def _hstu_fwd_kernel(
 
 @triton.jit
 def _hstu_bwd_dq_kernel(
-    Q, K, V, DO, DQ, OFFSETS, TS, POS_W, TIME_W, RAB, RAB_BASE,
+    Q, K, V, DO, DQ, OFFSETS, TS, TQ, POS_W, TIME_W, RAB, RAB_BASE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     alpha, inv_den_const, max_seq_len, num_buckets, len_key,
@@ -667,7 +668,7 @@ def _hstu_bwd_dq_kernel(
     do_half = (do.to(tl.float32) * 0.5).to(do.dtype)  # exact; dp / 2 meets 2 SiLU'(s) (`_dsilu2`)
     last_key = tl.minimum(offs_m, seq_len - 1)[:, None]
     rab_base = tl.load(RAB_BASE + b)
-    tq = _load_query_times(TS, seq_start, offs_m, seq_len)[:, None]
+    tq = _load_query_times(TQ, seq_start, offs_m, seq_len)[:, None]
     pos_row = (max_seq_len - 1) - last_key
     time_table = _time_table(TIME_W, num_buckets, BLOCK_BUCKETS)
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
@@ -753,7 +754,7 @@ def _hstu_bwd_dq_ds_kernel(
 
 @triton.jit
 def _hstu_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV_OUT, DQ, DPOS, DTIME, OFFSETS, TS, POS_W, TIME_W, RAB, RAB_BASE, DS,
+    Q, K, V, DO, DK, DV_OUT, DQ, DPOS, DTIME, OFFSETS, TS, TQ, POS_W, TIME_W, RAB, RAB_BASE, DS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     alpha, inv_den_const, max_seq_len, num_buckets, len_key, ds_head_stride, head0,
@@ -816,7 +817,7 @@ def _hstu_bwd_dkdv_kernel(
         rows = (seq_start + offs_m)[:, None]
         q = _rows_tile(q_src, m0, seq_len, stride_qt, DQK, BLOCK_M, BLOCK_DQK, TMA)
         do = _rows_tile(do_src, m0, seq_len, stride_dot, DV, BLOCK_M, BLOCK_DV, TMA)
-        tq = _load_query_times(TS, seq_start, offs_m, seq_len)[None, :]
+        tq = _load_query_times(TQ, seq_start, offs_m, seq_len)[None, :]
         # Causal only: keys past the end lie past every real row, and rows past the end have q = do = 0, so
         # their p and ds add nothing to dk and dv (their ds, zero, is stored up to the padded rows)
         valid = keys <= offs_m[None, :]  # [BLOCK_N(j), BLOCK_M(i)]
@@ -1128,7 +1129,7 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
 class TritonPlan:
     """One jagged batch as the kernels see it, measured with one host sync (`plan_triton_attention`).
 
-    It depends only on offsets, timestamps and max_seq_len, so `HSTUEncoder` builds one per forward and
+    It depends only on offsets, times and max_seq_len, so `HSTUEncoder` builds one per forward and
     every layer reuses it; a call without one builds its own, and with it a sync that stops the host from
     queueing the layers ahead of the GPU.
     """
@@ -1137,12 +1138,16 @@ class TritonPlan:
     """The caller's [B+1] offsets, to check a reused plan against."""
     timestamps: Tensor
     """The caller's [T] timestamps, likewise."""
+    query_times: Tensor
+    """The caller's [T] query times, likewise."""
     max_seq_len: int
     kernel_offsets: Tensor
     """[B+1] int64, contiguous."""
     longest: int
     kernel_timestamps: Tensor
     """Each sequence's timestamps minus its first one: int32, or int64 where a span passes 2**31 s."""
+    kernel_query_times: Tensor
+    """Its query times minus the same, in the same dtype."""
     rab_base: Tensor
     """[B] int64: where each sequence's rows start in the bias buffer."""
     rab_ends: tuple[int, ...]
@@ -1155,7 +1160,14 @@ class TritonPlan:
         return self.rab_ends[-1] if self.rab_ends else 0
 
     def check(
-        self, offsets: Tensor, timestamps: Tensor, *, max_seq_len: int, num_time_buckets: int, backend: str
+        self,
+        offsets: Tensor,
+        timestamps: Tensor,
+        query_times: Tensor,
+        *,
+        max_seq_len: int,
+        num_time_buckets: int,
+        backend: str,
     ) -> None:
         """Raise ValueError unless this plan was built for these inputs (any time-bucket count serves)."""
         if (backend, max_seq_len) != ("triton", self.max_seq_len):
@@ -1166,11 +1178,12 @@ class TritonPlan:
         for name, given, planned in (
             ("offsets", offsets, self.offsets),
             ("timestamps", timestamps, self.timestamps),
+            ("query_times", query_times, self.query_times),
         ):
-            if given is not planned and not (given.shape == planned.shape and torch.equal(given, planned)):
+            if not same_tensor(given, planned):
                 raise ValueError(
                     f"hstu_attention: plan was built for other {name}; build one per batch with "
-                    "plan_attention(offsets, timestamps, ...)"
+                    "plan_attention(offsets, timestamps, query_times, ...)"
                 )
 
 
@@ -1195,31 +1208,41 @@ def _require_cuda(x: Tensor) -> None:
         )
 
 
-def plan_triton_attention(offsets: Tensor, timestamps: Tensor, *, max_seq_len: int) -> TritonPlan:
-    """Validate offsets [B+1] against timestamps [T] and measure the batch for the kernels (one sync)."""
-    if offsets.dim() != 1 or offsets.numel() < 1 or timestamps.dim() != 1:
+def plan_triton_attention(
+    offsets: Tensor, timestamps: Tensor, query_times: Tensor, *, max_seq_len: int
+) -> TritonPlan:
+    """Validate offsets [B+1] against timestamps and query times [T] and measure the batch for the kernels
+    (one sync)."""
+    if (
+        offsets.dim() != 1
+        or offsets.numel() < 1
+        or timestamps.dim() != 1
+        or query_times.shape != timestamps.shape
+    ):
         raise ValueError(
-            f"triton_hstu_attention: offsets must be [B+1] and timestamps [T], got {tuple(offsets.shape)} "
-            f"and {tuple(timestamps.shape)}"
+            f"triton_hstu_attention: offsets must be [B+1], timestamps and query_times [T], got "
+            f"{tuple(offsets.shape)}, {tuple(timestamps.shape)} and {tuple(query_times.shape)}"
         )
     _require_cuda(offsets)
     total = timestamps.shape[0]
     kernel_offsets = offsets.to(torch.int64).contiguous()
-    ts = timestamps.to(torch.int64)
-    plan = functools.partial(TritonPlan, offsets, timestamps, max_seq_len, kernel_offsets)
+    ts, tq = timestamps.to(torch.int64), query_times.to(torch.int64)
+    plan = functools.partial(TritonPlan, offsets, timestamps, query_times, max_seq_len, kernel_offsets)
     if offsets.numel() == 1 or total == 0:
         no_rows = torch.zeros(offsets.numel() - 1, dtype=torch.int64, device=offsets.device)
-        return plan(0, ts.contiguous(), no_rows, (0,) * (offsets.numel() - 1))
+        return plan(0, ts.contiguous(), tq.contiguous(), no_rows, (0,) * (offsets.numel() - 1))
     lengths = kernel_offsets[1:] - kernel_offsets[:-1]
     # Each sequence's timestamps relative to its first one: the kernels only take differences within a
     # sequence, and these offsets fit int32 (half the per-pair integer work) unless a user spans 68 years.
     first = ts[kernel_offsets[:-1].clamp(0, total - 1)]
     # each token's sequence, by search rather than repeat_interleave, so malformed offsets reach the check
     token_seq = torch.searchsorted(kernel_offsets[1:], torch.arange(total, device=ts.device), right=True)
-    rel = ts - first[token_seq.clamp(max=first.numel() - 1)]
+    token_first = first[token_seq.clamp(max=first.numel() - 1)]
+    rel, rel_q = ts - token_first, tq - token_first
     rab_sizes = _rab_numel(lengths.clamp(min=0))
     rab_ends = rab_sizes.cumsum(0)
-    stats = [lengths.max(), lengths.min(), kernel_offsets[0], kernel_offsets[-1], rel.min(), rel.max()]
+    rel_min, rel_max = torch.minimum(rel.min(), rel_q.min()), torch.maximum(rel.max(), rel_q.max())
+    stats = [lengths.max(), lengths.min(), kernel_offsets[0], kernel_offsets[-1], rel_min, rel_max]
     values = torch.cat([torch.stack(stats), rab_ends]).tolist()
     (longest, shortest, head, tail, rel_min, rel_max), host_rab_ends = values[:6], tuple(values[6:])
     if head != 0 or tail != total or shortest < 0:
@@ -1231,8 +1254,8 @@ def plan_triton_attention(offsets: Tensor, timestamps: Tensor, *, max_seq_len: i
         raise ValueError(
             f"triton_hstu_attention: a sequence has {longest} tokens > max_seq_len={max_seq_len}"
         )
-    kernel_ts = rel.to(torch.int32) if rel_max - rel_min < 2**31 else rel
-    return plan(int(longest), kernel_ts, rab_ends - rab_sizes, host_rab_ends)
+    dtype = torch.int32 if rel_max - rel_min < 2**31 else torch.int64
+    return plan(int(longest), rel.to(dtype), rel_q.to(dtype), rab_ends - rab_sizes, host_rab_ends)
 
 
 @dataclass(frozen=True)
@@ -1324,9 +1347,9 @@ def _reduce_bias_grads(ds, batch: TritonPlan, chunk: _Chunk, dpos, dtime, heads:
     common: the attention kernels' named arguments (`_launch_args`)."""
     _, rab_grad, _ = _buffer_kernels()
     rab_grad[_row_grid(batch.longest, chunk.num_seqs, "BLOCK")](
-        ds, chunk.rab_base, chunk.offsets, batch.kernel_timestamps, dpos, dtime, chunk.rab_numel,
-        common["inv_den_const"], common["max_seq_len"], dtime.numel() - 1, common["len_key"], HEADS=heads,
-        DEN_IS_LEN=common["DEN_IS_LEN"], FAST_MATH=_fast_math(ds.dtype),
+        ds, chunk.rab_base, chunk.offsets, batch.kernel_timestamps, batch.kernel_query_times, dpos, dtime,
+        chunk.rab_numel, common["inv_den_const"], common["max_seq_len"], dtime.numel() - 1, common["len_key"],
+        HEADS=heads, DEN_IS_LEN=common["DEN_IS_LEN"], FAST_MATH=_fast_math(ds.dtype),
         BLOCK_BUCKETS=triton.next_power_of_2(dtime.numel()),
         **({"BLOCK": _INTERPRET_BLOCK} if _INTERPRET else {}),
     )  # fmt: skip
@@ -1342,7 +1365,8 @@ def _fill_rab(
     some = query_major if query_major is not None else key_major  # the pointer a missing one passes
     fill[_row_grid(_padded_len(batch.longest), chunk.num_seqs, "BLOCK_R")](
         some, some if key_major is None else key_major, chunk.rab_base, chunk.offsets,
-        batch.kernel_timestamps, pos_w, time_w, max_seq_len, time_w.numel() - 1, _len_key(batch.longest),
+        batch.kernel_timestamps, batch.kernel_query_times, pos_w, time_w, max_seq_len, time_w.numel() - 1,
+        _len_key(batch.longest),
         QUERY_MAJOR=query_major is not None, KEY_MAJOR=key_major is not None,
         FAST_MATH=_fast_math(some.dtype),
         BLOCK_BUCKETS=triton.next_power_of_2(time_w.numel()), TABLE_GATHER=_TABLE_GATHER is not False,
@@ -1375,9 +1399,10 @@ class _HSTUAttention(torch.autograd.Function):
                     )  # fmt: skip
                     continue
                 fwd[_grid(batch.longest, heads, chunk.num_seqs, "BLOCK_M")](
-                    q, k, v, out, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, rab,
-                    chunk.rab_base, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-                    v.stride(1), out.stride(0), out.stride(1), **common, **_blocks("BLOCK_M", "BLOCK_N"),
+                    q, k, v, out, chunk.offsets, batch.kernel_timestamps, batch.kernel_query_times, pos_w,
+                    time_w, rab, chunk.rab_base, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                    v.stride(0), v.stride(1), out.stride(0), out.stride(1), **common,
+                    **_blocks("BLOCK_M", "BLOCK_N"),
                 )  # fmt: skip
         return out
 
@@ -1476,8 +1501,9 @@ def _backward_run(
             )  # fmt: skip
         else:
             dkdv_kernel[_grid(batch.longest, group_heads, chunk.num_seqs, "BLOCK_N", _INTERPRET_DKDV_KEYS)](
-                q, k, v, do, dk, dv, dq_out, dpos, dtime, chunk.offsets, batch.kernel_timestamps, pos_w,
-                time_w, rab_keys, chunk.rab_base, q if ds is None else ds,  # q: a placeholder, never read
+                q, k, v, do, dk, dv, dq_out, dpos, dtime, chunk.offsets, batch.kernel_timestamps,
+                batch.kernel_query_times, pos_w, time_w, rab_keys, chunk.rab_base,
+                q if ds is None else ds,  # q: a placeholder, never read
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 dq_out.stride(0), dq_out.stride(1),
@@ -1499,7 +1525,8 @@ def _backward_run(
     if dq_acc is not None or dq_from_ds:
         return
     dq_kernel[_grid(batch.longest, heads, chunk.num_seqs, "BLOCK_M")](
-        q, k, v, do, dq, chunk.offsets, batch.kernel_timestamps, pos_w, time_w, rab, chunk.rab_base,
+        q, k, v, do, dq, chunk.offsets, batch.kernel_timestamps, batch.kernel_query_times, pos_w, time_w, rab,
+        chunk.rab_base,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         **common, **_blocks("BLOCK_M", "BLOCK_N"),
@@ -1559,6 +1586,7 @@ def triton_hstu_attention(
     v: Tensor,
     offsets: Tensor,
     timestamps: Tensor,
+    query_times: Tensor,
     pos_weights: Tensor,
     time_weights: Tensor,
     *,
@@ -1571,16 +1599,19 @@ def triton_hstu_attention(
 
     Differentiable in q, k, v, pos_weights and time_weights. Same arguments and math as
     `modules.hstu_attention.hstu_attention` (minus `backend`); `plan`: `plan_triton_attention(offsets,
-    timestamps, max_seq_len=...)`, shared by the calls on one batch (None: built for this call).
+    timestamps, query_times, max_seq_len=...)`, shared by the calls on one batch (None: built for this call).
     """
     check_attention_shapes(
-        q, k, v, offsets, timestamps, pos_weights, time_weights, max_seq_len, who="triton_hstu_attention"
-    )
+        q, k, v, offsets, timestamps, query_times, pos_weights, time_weights, max_seq_len,
+        who="triton_hstu_attention",
+    )  # fmt: skip
     _require_cuda(q)
     if plan is None:
-        plan = plan_triton_attention(offsets, timestamps, max_seq_len=max_seq_len)
+        plan = plan_triton_attention(offsets, timestamps, query_times, max_seq_len=max_seq_len)
     else:
-        plan.check(offsets, timestamps, max_seq_len=max_seq_len, num_time_buckets=0, backend="triton")
+        plan.check(
+            offsets, timestamps, query_times, max_seq_len=max_seq_len, num_time_buckets=0, backend="triton"
+        )
     k = _last_dim_contiguous(k.to(q.dtype))
     v = _last_dim_contiguous(v.to(q.dtype))
     q = _last_dim_contiguous(q)

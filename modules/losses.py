@@ -75,13 +75,11 @@ def sampled_softmax_loss(
     return _weighted_mean(losses, weights)
 
 
-def in_batch_log_q(ids: Tensor, item_counts: Tensor | None = None) -> Tensor:
-    """log of each candidate's sampling probability: from catalog counts [N+1] if given, else in-batch."""
-    if item_counts is not None:
-        probs = item_counts.to(torch.float64)[ids] / item_counts.to(torch.float64).sum()
-        return torch.log(probs.clamp(min=1e-30)).to(torch.float32)
-    _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
-    return torch.log(counts[inverse].to(torch.float32) / ids.numel())
+def log_sampling_probs(item_counts: Tensor) -> Tensor:
+    """log q(j) = log(count_j / total) per item [N+1] float32 (-inf where count_j = 0): the chance that a
+    positive drawn from the training targets is item j, which is how in-batch negatives are sampled."""
+    counts = item_counts.to(torch.float64)
+    return torch.log(counts / counts.sum()).to(torch.float32)
 
 
 @_fp32
@@ -91,20 +89,19 @@ def in_batch_softmax_loss(
     positive_vectors: Tensor,
     *,
     temperature: float,
-    log_q: Tensor | None = None,
+    log_q: Tensor,
     weights: Tensor | None = None,
 ) -> Tensor:
-    """Softmax over the batch's positives as negatives, logQ-corrected (Yi et al., RecSys 2019).
+    """Softmax over the batch's positives as negatives, logQ-corrected (Yi et al., RecSys 2019): log_q [n]
+    is each positive's `log_sampling_probs`, so popular items, drawn as negatives more often, are not
+    pushed away more for it.
 
     logit[i, j] = cos(q_i, p_j) / temperature - log_q[j]; columns j != i holding the same item as row i's
     positive are masked (accidental hits), so repeated items are not pushed away from themselves.
     """
     q = F.normalize(queries, dim=-1)
     p = F.normalize(positive_vectors, dim=-1)
-    logits = (q @ p.T) / temperature
-    if log_q is None:
-        log_q = in_batch_log_q(positive_ids)
-    logits = logits - log_q[None, :].to(logits.dtype)
+    logits = (q @ p.T) / temperature - log_q[None, :].to(torch.float32)
     n = positive_ids.numel()
     same = positive_ids[:, None] == positive_ids[None, :]
     same.fill_diagonal_(False)

@@ -28,9 +28,10 @@ class GenerativeRecommender(nn.Module):
         )
         self.encoder = HSTUEncoder(config)
 
-    def forward(self, item_ids: Tensor, offsets: Tensor, timestamps: Tensor) -> Tensor:
-        """Jagged history ids [T], offsets [B+1], timestamps [T] -> L2-normalised outputs [T, d]."""
-        return self.encoder(self.item_embedding(item_ids), offsets, timestamps)
+    def forward(self, item_ids: Tensor, offsets: Tensor, timestamps: Tensor, query_times: Tensor) -> Tensor:
+        """Jagged history ids [T], offsets [B+1], timestamps and query times [T] -> L2-normalised outputs
+        [T, d]."""
+        return self.encoder(self.item_embedding(item_ids), offsets, timestamps, query_times)
 
     def item_vectors(self, ids: Tensor) -> Tensor:
         """Fused item vectors (for positives, negatives and catalog scoring)."""

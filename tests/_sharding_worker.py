@@ -80,7 +80,7 @@ def main(out_dir: str) -> None:
         hist = torch.randint(1, NUM_ITEMS + 1, (int(offsets[-1]),), generator=g)
         targets = torch.randint(1, NUM_ITEMS + 1, (int(offsets[-1]),), generator=g)
         ts = torch.arange(int(offsets[-1])) * 3600
-        out = dmp(hist, offsets, ts)
+        out = dmp(hist, offsets, ts, ts + 3600)  # query time: the next event, an hour later
         negs = torch.randint(1, NUM_ITEMS + 1, (10,), generator=g)
         loss = sampled_softmax_loss(
             out, targets, inner.item_vectors(targets), negs, inner.item_vectors(negs), temperature=0.05

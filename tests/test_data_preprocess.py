@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from data_shards.config import DataConfig
+from data_shards.io import DataError
 from data_shards.prepare import prepare
 from data_shards.reader import SequenceLoader, iter_sequences
 
@@ -99,6 +100,18 @@ def test_paths_with_a_quote(tmp_path):
     assert [ts.tolist() for _, _, ts, _ in iter_sequences(out)] == [[1001, 1002, 1003, 1004, 1005]]
 
 
+def test_no_valid_interaction_names_the_file_and_the_skips(tmp_path):
+    """When every line is skipped, the error names the interaction file and why its lines were skipped."""
+    ratings = write_movielens_csv(tmp_path / "raw", [], 1)
+    ratings.write_text("userId,movieId,rating,timestamp\n1,1,good,100\n1,1\n")
+    cfg = DataConfig(root=str(tmp_path / "out"), name="ds", interactions=str(ratings))
+    with pytest.raises(DataError) as err:
+        prepare(cfg)
+    msg = str(err.value)
+    assert msg.startswith(f"{ratings}: no valid interaction (is it a data.source='movielens' file?)")
+    assert "wrong_type:rating: 1" in msg and f"e.g. {ratings}:3: expected 4 fields" in msg
+
+
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("split")
@@ -118,15 +131,17 @@ def _by_user(loader: SequenceLoader) -> dict[int, tuple[list, list, list]]:
                 continue
             inp = b.item_ids[off[r] : off[r + 1]].tolist()
             ts = b.timestamps[off[r] : off[r + 1]].tolist()
+            tq = b.query_times[off[r] : off[r + 1]].tolist()
             tgt = b.targets[off[r] : off[r + 1]].tolist() if loader.split == "train" else [int(b.targets[r])]
             assert int(b.users[r]) not in rows
-            rows[int(b.users[r])] = (inp, tgt, ts)
+            rows[int(b.users[r])] = (inp, tgt, ts, tq)
     return rows
 
 
 @pytest.mark.parametrize("protocol", ["loo3", "paper"])
 def test_splits(small_dataset, protocol):
     seqs = {u: s.tolist() for u, s, _, _ in iter_sequences(small_dataset)}
+    times = {u: t.tolist() for u, _, t, _ in iter_sequences(small_dataset)}
     assert len(seqs) == 12
     m = 4
     splits = ["train", "test"] + (["valid"] if protocol == "loo3" else [])
@@ -136,16 +151,21 @@ def test_splits(small_dataset, protocol):
         rows = _by_user(loader)
         assert sorted(rows) == sorted(seqs)
         for u, s in seqs.items():
-            n = len(s)
-            inp, tgt, ts = rows[u]
+            n, t = len(s), times[u]
+            inp, tgt, ts, tq = rows[u]
             if split == "train":
-                end = n - 2 if protocol == "loo3" else n - 1
-                assert inp == s[: end - 1][-m:] and tgt == s[1:end][-m:]
+                stop = (n - 2 if protocol == "loo3" else n - 1) - 1
+                assert inp == s[:stop][-m:] and tgt == s[1 : stop + 1][-m:]
             elif split == "valid":
-                assert inp == s[: n - 2][-m:] and tgt == [s[n - 2]]
+                stop = n - 2
+                assert inp == s[:stop][-m:] and tgt == [s[stop]]
             else:
-                assert inp == s[: n - 1][-m:] and tgt == [s[n - 1]]
-            assert 1 <= len(inp) <= m and len(ts) == len(inp)
+                stop = n - 1
+                assert inp == s[:stop][-m:] and tgt == [s[stop]]
+            assert 1 <= len(inp) <= m
+            # each input's query time is the time of the event it predicts: the next one (its target)
+            first = stop - len(inp)
+            assert ts == t[first:stop] and tq == t[first + 1 : stop + 1]
     with pytest.raises(ValueError, match="no validation split"):
         SequenceLoader(small_dataset, split="valid", batch_size=5, max_seq_len=m, protocol="paper")
 

@@ -74,6 +74,7 @@ def _naive_top_k(rec: Recommender, dataset: Path) -> tuple[list[list[int]], np.n
         lengths=torch.tensor([len(s) for _, s, _, _ in sequences]),
         item_ids=torch.from_numpy(np.concatenate([s for _, s, _, _ in sequences]).astype(np.int64)),
         timestamps=torch.from_numpy(np.concatenate([t for _, _, t, _ in sequences]).astype(np.int64)),
+        query_times=torch.from_numpy(np.concatenate([np.append(t[1:], t[-1:]) for _, _, t, _ in sequences])),
         targets=torch.empty(0, dtype=torch.int64),
     )
     model_batch = make_model_batch(

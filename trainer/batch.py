@@ -38,10 +38,14 @@ class ModelBatch(Pipelineable):
     """[B+1] row offsets into the history."""
     timestamps: Tensor
     """[T] history timestamps (seconds)."""
+    query_times: Tensor
+    """[T] the time of the event each position predicts (its target's; seconds)."""
     targets: Tensor
     """Training: [T] next item at every position. Evaluation: [B] the held-out item."""
     negatives: Tensor
     """[R] negatives shared by the batch, [T, R] per position, or [0] when the loss needs none."""
+    log_q: Tensor
+    """[T] float32 log sampling probability of each training target (the in-batch loss's logQ), else [0]."""
     weights: Tensor
     """[B] 1 for real rows, 0 for rows that only pad this rank's batch count."""
 
@@ -81,8 +85,10 @@ def make_model_batch(
     share_negatives: bool,
     with_text: bool,
     generator: torch.Generator | None,
+    log_q_table: Tensor | None = None,
 ) -> ModelBatch:
-    """Add uniform negatives (0 for none) drawn from `generator` and build the lookup KJTs."""
+    """Add uniform negatives (0 for none) drawn from `generator`, the targets' log q from `log_q_table`
+    ([N+1], in-batch loss) and build the lookup KJTs."""
     num_tokens = batch.item_ids.numel()
     if num_negatives == 0:
         negatives = torch.empty(0, dtype=torch.int64)
@@ -95,7 +101,9 @@ def make_model_batch(
         text_features=_ids_kjt(TEXT_FEATURE, ids) if with_text else None,
         offsets=offsets_from_lengths(batch.lengths),
         timestamps=batch.timestamps,
+        query_times=batch.query_times,
         targets=batch.targets,
         negatives=negatives,
+        log_q=torch.empty(0) if log_q_table is None else log_q_table[batch.targets],
         weights=batch.weights,
     )

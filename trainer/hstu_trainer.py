@@ -39,6 +39,7 @@ from trainer.config import JobConfig
 from trainer.config_io import ConfigError, save_config
 from trainer.distributed import World, barrier, destroy_distributed, init_distributed, logger
 from trainer.evaluate import evaluate
+from trainer.item_frequency import target_log_q
 from trainer.model_setup import build_sharded_model, open_dataset
 from trainer.monitor import Monitor, Throughput, check_finite_loss, memory_gib
 from trainer.run_dir import claim_run_dir
@@ -95,6 +96,15 @@ class HSTUTrainer:
                 "best-checkpoint selection) and the final model is tested"
             )
         self.test_loader = self._loader("test", config.eval.batch_size, NO_TRUNCATION)
+        self.log_q_table: torch.Tensor | None = None
+        if config.loss.kind == "in_batch":  # the logQ correction: each item's share of the training targets
+            self.log_q_table = target_log_q(
+                self.dataset_dir,
+                num_items=self.num_items,
+                max_seq_len=config.data.max_seq_len,
+                protocol=self.protocol,
+                world=world,
+            )
 
         # 3. model: item tables on meta (DMP allocates only this rank's shard), dense layers seeded alike
         tokens = config.train.batch_size * config.data.max_seq_len
@@ -256,6 +266,7 @@ class HSTUTrainer:
                 share_negatives=cfg.loss.share_negatives,
                 with_text=cfg.model.fusion != "none",
                 generator=generator,
+                log_q_table=self.log_q_table,
             )
 
     def _eval_batch(self, batch: SequenceBatch) -> ModelBatch:
@@ -472,17 +483,22 @@ class HSTUTrainer:
         return results
 
     def _throughput(self) -> dict[str, float]:
-        """Training speed of this launch, summed over ranks (evaluation and checkpoint time excluded)."""
-        totals = torch.tensor([self.trained["sequences"], self.trained["tokens"]], dtype=torch.float64)
-        seconds = torch.tensor([self.trained["seconds"]], dtype=torch.float64)
+        """Training speed of this launch, summed over ranks (evaluation and checkpoint time excluded).
+
+        The reduced tensors live on the trainer's device: NCCL has no CPU collectives.
+        """
+        counts = [self.trained["sequences"], self.trained["tokens"]]
+        totals = torch.tensor(counts, dtype=torch.float64, device=self.device)
+        seconds = torch.tensor([self.trained["seconds"]], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(totals)
             dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        elapsed = max(float(seconds), 1e-9)
+        sequences, tokens = totals.tolist()
+        elapsed = max(seconds.item(), 1e-9)
         return {
             "steps_per_s": self.trained["steps"] / elapsed,
-            "sequences_per_s": float(totals[0]) / elapsed,
-            "tokens_per_s": float(totals[1]) / elapsed,
+            "sequences_per_s": sequences / elapsed,
+            "tokens_per_s": tokens / elapsed,
         }
 
     def close(self) -> None:

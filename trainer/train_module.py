@@ -53,7 +53,7 @@ class RecommenderTrain(nn.Module):
         id_rows, text_rows = self.lookup(batch)
         with self.autocast(id_rows.device.type):
             history, _, _ = _split_fused(self, batch, id_rows, text_rows)
-            out = self.model.encoder(history, batch.offsets, batch.timestamps)
+            out = self.model.encoder(history, batch.offsets, batch.timestamps, batch.query_times)
         return out[last_positions(batch.offsets)].float()
 
 
@@ -83,7 +83,7 @@ def _loss(
     task: RecommenderTrain, batch: ModelBatch, id_rows: Tensor, text_rows: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     history, targets, negatives = _split_fused(task, batch, id_rows, text_rows)
-    outputs = task.model.encoder(history, batch.offsets, batch.timestamps)
+    outputs = task.model.encoder(history, batch.offsets, batch.timestamps, batch.query_times)
     weights = batch.weights.repeat_interleave(lengths_from_offsets(batch.offsets))
     cfg = task.loss_config
     if cfg.kind == "sampled_softmax":
@@ -98,6 +98,6 @@ def _loss(
         )
     else:
         loss = in_batch_softmax_loss(
-            outputs, batch.targets, targets, temperature=cfg.temperature, weights=weights
+            outputs, batch.targets, targets, temperature=cfg.temperature, log_q=batch.log_q, weights=weights
         )
     return loss, loss.detach()
