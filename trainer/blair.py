@@ -15,7 +15,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from data_shards.pair_shards import (
 from data_shards.pairs import load_pairs, resolve_path
 from modules.blair import BlairEncoder, EncoderError, info_nce_loss, load_encoder, mask_tokens, mlm_loss
 from trainer.config_io import ConfigError, save_config
-from trainer.distributed import World, init_distributed, logger
+from trainer.distributed import World, init_distributed, logger, maybe_inject_fault
 from trainer.run_dir import claim_run_dir
 
 FAULT_INJECTION_ENV = "BLAIR_KILL_RANK_AT_STEP"
@@ -552,7 +551,7 @@ def train_blair(config) -> dict[str, Any]:
             )  # fmt: skip
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
             _save_checkpoint(engine, ckpt_dir, step, results, world)
-        _maybe_inject_fault(world.rank, step)
+        maybe_inject_fault(FAULT_INJECTION_ENV, world.rank, step)
     train_seconds = time.perf_counter() - t_loop
 
     t0 = time.perf_counter()
@@ -622,15 +621,6 @@ def _save_checkpoint(engine, ckpt_dir: Path, step: int, results: dict[str, Any],
         dist.barrier()
     if world.is_main:
         _purge_checkpoints(ckpt_dir, keep=tag)
-
-
-def _maybe_inject_fault(rank: int, step: int) -> None:
-    spec = os.environ.get(FAULT_INJECTION_ENV)
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    kill_rank, kill_step = (int(x) for x in spec.split(":"))
-    if rank == kill_rank and step == kill_step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

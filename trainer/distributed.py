@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -94,6 +95,17 @@ def setup_logging(rank: int) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.propagate = False
+
+
+def maybe_inject_fault(env_var: str, rank: int, step: int) -> None:
+    """Testing aid: `env_var` = "RANK:STEP" makes that rank SIGKILL itself after STEP, on a run's first
+    attempt only (torchrun's restart then resumes it from its checkpoint)."""
+    spec = os.environ.get(env_var)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    kill_rank, kill_step = (int(x) for x in spec.split(":"))
+    if rank == kill_rank and step == kill_step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def barrier() -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import signal
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -37,7 +35,14 @@ from trainer.batch import ModelBatch, make_model_batch
 from trainer.checkpoint import CheckpointManager
 from trainer.config import JobConfig
 from trainer.config_io import ConfigError, save_config
-from trainer.distributed import World, barrier, destroy_distributed, init_distributed, logger
+from trainer.distributed import (
+    World,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+    logger,
+    maybe_inject_fault,
+)
 from trainer.evaluate import evaluate
 from trainer.item_frequency import target_log_q
 from trainer.model_setup import build_sharded_model, open_dataset
@@ -385,7 +390,7 @@ class HSTUTrainer:
             )
         if cfg.checkpoint.interval_steps and step % cfg.checkpoint.interval_steps == 0:
             self._save_step_checkpoint()
-        _maybe_inject_fault(self.world.rank, step)
+        maybe_inject_fault(FAULT_INJECTION_ENV, self.world.rank, step)
 
     def _save_step_checkpoint(self) -> None:
         if self._saved_step == self.state["step"]:
@@ -503,15 +508,6 @@ class HSTUTrainer:
 
     def close(self) -> None:
         self.monitor.close()
-
-
-def _maybe_inject_fault(rank: int, step: int) -> None:
-    spec = os.environ.get(FAULT_INJECTION_ENV)
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    kill_rank, kill_step = (int(x) for x in spec.split(":"))
-    if rank == kill_rank and step == kill_step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _hparams(cfg: JobConfig) -> dict[str, Any]:
